@@ -1,0 +1,644 @@
+"""FoveatedVLM: one visual token per frame, with the LLM choosing where each next frame is looked at.
+
+Public contract (the published model card):
+    model = FoveatedVLM(llm_name=..., dino_name=..., query_dim=384, visual_scale=0.14, deep_query=True)
+    model.load_state_dict(ckpt["model"])            # the published layout loads unchanged
+    out = model(frames=frames, input_ids=ids, attention_mask=am, loss_mask=lm, mode="coarse_fine")
+    out["loss"], out["logits"]
+
+Sequence layout. Every token has a logical position: with layout "video_first" (the published model)
+the T visual tokens come first and the whole chat text follows; with "prompt_first" the visual tokens
+are inserted after the first user message's content (before its <|im_end|>), so the queries can
+depend on the question. In the parallel modes real tokens are placed at their logical positions and
+all padding (pad frames, pad text) after them, so plain causal attention isolates padding and a real
+token's output never depends on how much padding its batch has.
+
+Loss. `logits[:, j]` predicts the text token after token j (from the sequence position just before
+that token, which is the last visual token where the video sits in between). The loss is the
+token-weighted mean of -log p over text tokens j >= 1 with loss_mask[j] = 1; labels of other tokens
+are -100. The first text token is never a target (it follows nothing but the video).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Model, DynamicCache
+
+from encoder import FoveatedEncoder, dino_state_from_hf
+
+MODES = ("coarse_only", "coarse_fine", "autoregressive")
+LAYOUTS = ("video_first", "prompt_first")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
+IGNORE_INDEX = -100
+
+
+def load_llm(name: str, pretrained: bool = True):
+    """(LLM in fp32 with SDPA attention, tokenizer) from a hub id, a folder, or a .gguf file."""
+    kwargs = {}
+    if str(name).endswith(".gguf"):
+        kwargs["gguf_file"] = Path(name).name
+        name = str(Path(name).parent)
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if pretrained:
+        llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+    else:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+        llm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return llm, tokenizer
+
+
+def pack_frames(samples, image_frames: int = 8):
+    """Per-sample frames -> (pixels [N, 3, H, W], frame_index [B, T]) for the packed forward input.
+
+    Each entry is None (text only), an image [3, H, W] (shown as `image_frames` visual tokens that
+    all read the one encoded frame) or a video [T, 3, H, W]. frame_index is -1 at padding.
+    """
+    pixels, rows = [], []
+    for i, s in enumerate(samples):
+        if s is None:
+            rows.append([])
+            continue
+        if s.dim() == 3:
+            s, repeat = s.unsqueeze(0), image_frames
+        elif s.dim() == 4:
+            repeat = 1
+        else:
+            raise ValueError(f"sample {i}: frames must be [3, H, W] or [T, 3, H, W], got {tuple(s.shape)}")
+        start = sum(p.shape[0] for p in pixels)
+        pixels.append(s)
+        rows.append([start] * repeat if repeat > 1 else list(range(start, start + s.shape[0])))
+    width = max((len(r) for r in rows), default=0)
+    index = torch.full((len(samples), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        index[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return (torch.cat(pixels) if pixels else None), index
+
+
+class _Visual:
+    """Which encoded frame each visual token reads.
+
+    pixels [N, 3, H, W]; token_frame [B, T] (pads point at frame 0); valid [B, T];
+    unique: no frame is read by two tokens, so per-token queries can be scattered into frame
+    order instead of copying K/V per token.
+    """
+
+    def __init__(self, pixels, token_frame, valid, unique):
+        self.pixels, self.token_frame, self.valid, self.unique = pixels, token_frame, valid, unique
+
+    @property
+    def num_tokens(self):
+        return self.valid.shape[1]
+
+
+class FoveatedVLM(nn.Module):
+    def __init__(self, llm_name: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+                 dino_name: str = "facebook/dinov2-small", query_dim: int = 384, visual_scale: float = 0.14,
+                 deep_query: bool = True, layout: str = "video_first", image_frames: int = 8,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, pretrained: bool = True):
+        """llm_name / dino_name: hub id or local folder (llm_name may also be a .gguf file).
+        pretrained=False reads only the backbones' configs and initialises them randomly."""
+        super().__init__()
+        if not deep_query:
+            raise ValueError("deep_query=False (the single shallow cross-attention) is not supported: "
+                             "its tokens barely depend on the query; use the deep query")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if image_frames < 1:
+            raise ValueError(f"image_frames must be >= 1, got {image_frames}")
+        self.llm, self.tokenizer = load_llm(llm_name, pretrained)
+        dino_config = AutoConfig.from_pretrained(dino_name)
+        self.encoder = FoveatedEncoder(dino_config, query_dim)
+        dino = Dinov2Model.from_pretrained(dino_name, dtype=torch.float32) if pretrained else Dinov2Model(dino_config)
+        self.encoder.dino.load_state_dict(dino_state_from_hf(dino.state_dict()))
+        del dino
+        llm_dim = self.llm.config.hidden_size
+        self.dino_to_llm = nn.Linear(dino_config.hidden_size, llm_dim)
+        self.llm_to_query = nn.Linear(llm_dim, query_dim)
+        # std 1: smaller queries give near-uniform attention at the start of training
+        self.q_static = nn.Parameter(torch.randn(1, query_dim))
+        self.q_init = nn.Parameter(torch.randn(1, query_dim))
+        self.visual_scale = visual_scale
+        self.layout = layout
+        self.image_frames = image_frames
+        self.system_prompt = system_prompt
+        self.settings = dict(query_dim=query_dim, visual_scale=visual_scale, deep_query=True, layout=layout,
+                             image_frames=image_frames, system_prompt=system_prompt)
+        self.dino_config = dino_config
+        tok = self.tokenizer
+        ids = lambda s: tok.convert_tokens_to_ids(s) if s in tok.get_vocab() else None  # noqa: E731
+        self._im_start, self._im_end = ids("<|im_start|>"), ids("<|im_end|>")
+        user = tok.encode("user", add_special_tokens=False)
+        self._user = user[0] if len(user) == 1 else None
+        stops = {self._im_end, tok.eos_token_id}
+        eos = self.llm.generation_config.eos_token_id if self.llm.generation_config is not None else None
+        stops.update(eos if isinstance(eos, list) else [eos])
+        self.stop_ids = sorted(s for s in stops if s is not None)
+
+    # ---- inputs ---------------------------------------------------------------------------------
+
+    def _visual(self, frames, frame_mask, frame_index, batch):
+        """Validate the frame inputs and describe which frame each visual token reads."""
+        if frames is None or frames.numel() == 0:
+            if frame_index is not None and frame_index.shape[1] > 0:
+                raise ValueError("frame_index given without frames")
+            return None
+        if frame_index is not None:
+            if frames.dim() != 4 or frames.shape[1] != 3:
+                raise ValueError(f"with frame_index, frames must be packed [N, 3, H, W]; got {tuple(frames.shape)}")
+            if frame_index.dim() != 2 or frame_index.shape[0] != batch:
+                raise ValueError(f"frame_index must be [B={batch}, T], got {tuple(frame_index.shape)}")
+            if frame_mask is not None:
+                raise ValueError("pass either frame_mask (with [B, T, 3, H, W] frames) or frame_index, not both")
+            valid = frame_index >= 0
+            return _Visual(frames, frame_index.clamp(min=0), valid, unique=False)
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
+        b, t = frames.shape[:2]
+        if b != batch:
+            raise ValueError(f"frames have batch size {b} but input_ids have {batch}")
+        if t == 0:
+            return None
+        if frame_mask is None:
+            index = torch.arange(b * t, device=frames.device).view(b, t)
+            return _Visual(frames.flatten(0, 1), index, torch.ones(b, t, dtype=torch.bool, device=frames.device), True)
+        if frame_mask.shape != (b, t):
+            raise ValueError(f"frame_mask must have shape {(b, t)}, got {tuple(frame_mask.shape)}")
+        frame_mask = frame_mask.bool()
+        # Encode real frames only. Boolean indexing syncs with the host once; the training collate
+        # sends packed frames (frame_index) instead.
+        pixels = frames[frame_mask]
+        if pixels.shape[0] == 0:
+            return None
+        index = (frame_mask.flatten().cumsum(0) - 1).clamp(min=0).view(b, t)
+        return _Visual(pixels, index, frame_mask, True)
+
+    def _layout(self, input_ids, attention_mask, vis, visual_pos):
+        """Logical positions of every text and visual token (see the module docstring)."""
+        b, s = input_ids.shape
+        tv = attention_mask.bool()
+        vv = vis.valid if vis is not None else torch.zeros(b, 0, dtype=torch.bool, device=input_ids.device)
+        n_text, n_vis = tv.sum(1), vv.sum(1)
+        rank = tv.long().cumsum(1) - 1
+        if self.layout == "video_first":
+            p = torch.zeros_like(n_text)
+        elif visual_pos is not None:
+            p = torch.minimum(visual_pos.to(n_text), n_text)
+        else:
+            p = self._find_visual_pos(input_ids, tv, rank)
+        after = rank >= p[:, None]
+        text_pos = rank + n_vis[:, None] * after
+        nxt = rank + 1
+        # logits of token j come from just before the next token's position (for the last real token,
+        # the next token is the one to generate): the last visual token if the video sits in between
+        pred_pos = nxt + n_vis[:, None] * (nxt >= p[:, None]) - 1
+        vis_pos = p[:, None] + vv.long().cumsum(1) - 1
+        return dict(tv=tv, vv=vv, n_text=n_text, n_vis=n_vis, p=p, rank=rank, text_pos=text_pos,
+                    pred_pos=pred_pos.clamp(min=0), vis_pos=vis_pos.clamp(min=0), length=n_text + n_vis,
+                    needs_vis=(nxt == p[:, None]) & (n_vis[:, None] > 0))
+
+    def _find_visual_pos(self, input_ids, tv, rank):
+        """Rank of the first <|im_end|> after the first '<|im_start|>user' (0 where there is none)."""
+        if self._im_start is None or self._user is None or self._im_end is None:
+            raise ValueError("layout 'prompt_first' needs a ChatML tokenizer or an explicit visual_pos")
+        ids = input_ids
+        starts = (ids[:, :-1] == self._im_start) & (ids[:, 1:] == self._user) & tv[:, :-1] & tv[:, 1:]
+        starts = F.pad(starts, (0, 1))
+        first_user = torch.where(starts.any(1), starts.long().argmax(1), ids.shape[1])
+        after = torch.arange(ids.shape[1], device=ids.device)[None] > first_user[:, None]
+        ends = (ids == self._im_end) & tv & after
+        end = ends.long().argmax(1)
+        return torch.where(ends.any(1), rank.gather(1, end[:, None])[:, 0], torch.zeros_like(end))
+
+    def _check_text(self, input_ids, attention_mask, loss_mask):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
+        for name, t in (("attention_mask", attention_mask), ("loss_mask", loss_mask)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+
+    # ---- visual tokens --------------------------------------------------------------------------
+
+    def _project(self, z):
+        return self.dino_to_llm(z) * self.visual_scale
+
+    def _static_tokens(self, vis, kv, return_attention):
+        """q_static through every encoded frame once, then shared by every token reading that frame."""
+        n = vis.pixels.shape[0]
+        out = self.encoder.query(self.q_static.expand(n, -1), kv, return_attention=return_attention)
+        z, attn = out if return_attention else (out, None)
+        take = lambda x: x[vis.token_frame]  # noqa: E731  [B, T, ...]
+        return take(z), (take(attn) if attn is not None else None)
+
+    def _query_tokens(self, queries, vis, kv, return_attention):
+        """Per-token queries [B, T, Dq] -> tokens [B, T, D]."""
+        b, t, dq = queries.shape
+        if vis.unique:
+            # scatter queries into frame order (pads go to a spare row): no K/V copy
+            n = vis.pixels.shape[0]
+            dest = torch.where(vis.valid, vis.token_frame, n).flatten()
+            q = queries.new_zeros(n + 1, dq).scatter(0, dest[:, None].expand(-1, dq), queries.flatten(0, 1))[:n]
+            out = self.encoder.query(q, kv, return_attention=return_attention)
+            z, attn = out if return_attention else (out, None)
+            return z[vis.token_frame], (attn[vis.token_frame] if attn is not None else None)
+        out = self.encoder.query(queries.flatten(0, 1), kv, vis.token_frame.flatten(), return_attention)
+        z, attn = out if return_attention else (out, None)
+        return z.view(b, t, -1), (attn.view(b, t, *attn.shape[1:]) if attn is not None else None)
+
+    def _fine_queries(self, h_vis):
+        """Hidden states at the visual tokens -> queries shifted by one frame (frame 0 gets q_init)."""
+        q = self.llm_to_query(h_vis)
+        return torch.cat([self.q_init.expand(q.shape[0], 1, -1).to(q.dtype), q[:, :-1]], dim=1)
+
+    def _visual_embeddings(self, mode, vis, kv, lay, text_emb, return_attention, queries=None):
+        """Visual token embeddings for the parallel modes, the fine queries, and attention maps."""
+        attn = {}
+        if mode == "coarse_fine" and queries is not None:
+            z, attn["dynamic"] = self._query_tokens(queries, vis, kv, return_attention)
+            return self._project(z), queries, attn
+        z, attn["static"] = self._static_tokens(vis, kv, return_attention)
+        emb = self._project(z)
+        if mode == "coarse_fine":
+            if self.layout == "video_first":  # the text comes after the video: the coarse pass skips it
+                h = self._llm(emb, torch.arange(emb.shape[1], device=emb.device).expand(emb.shape[0], -1))
+                h_vis = h
+            else:  # coarse pass over [question; coarse visual tokens]; the rest of the text is padding
+                coarse_lay = dict(lay, tv=lay["tv"] & (lay["rank"] < lay["p"][:, None]))
+                coarse_lay["length"] = coarse_lay["tv"].sum(1) + lay["n_vis"]
+                h = self._llm(*self._assemble(text_emb, emb, coarse_lay))
+                h_vis = _take(h, lay["vis_pos"])
+            queries = self._fine_queries(h_vis)
+            z, attn["dynamic"] = self._query_tokens(queries, vis, kv, return_attention)
+            emb = self._project(z)
+        return emb, queries, attn
+
+    # ---- LLM passes -----------------------------------------------------------------------------
+
+    def _assemble(self, text_emb, vis_emb, lay):
+        """Place real tokens at their logical positions and padding after them -> (seq, positions)."""
+        b, s, d = text_emb.shape
+        tv, vv, length = lay["tv"], lay["vv"], lay["length"]
+        text_slot = torch.where(tv, lay["text_pos"], length[:, None] + (~tv).long().cumsum(1) - 1)
+        pads_text = s - tv.sum(1)
+        vis_slot = torch.where(vv, lay["vis_pos"], (length + pads_text)[:, None] + (~vv).long().cumsum(1) - 1)
+        slot = torch.cat([text_slot, vis_slot], dim=1)
+        src = torch.cat([text_emb, vis_emb.to(text_emb.dtype)], dim=1)
+        seq = torch.zeros_like(src).scatter(1, slot[..., None].expand(-1, -1, d), src)
+        return seq, torch.arange(seq.shape[1], device=seq.device).expand(b, -1)
+
+    def _llm(self, embeds, positions, cache=None, mask=None):
+        out = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                             past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def _parallel(self, mode, input_ids, vis, kv, lay, return_attention, queries=None, cache=None):
+        """coarse_only / coarse_fine -> (hidden states predicting each next text token, queries, attention, all hidden)."""
+        text_emb = self.llm.get_input_embeddings()(input_ids)
+        if vis is None:
+            vis_emb, attn = text_emb.new_zeros(text_emb.shape[0], 0, text_emb.shape[2]), {}
+        else:
+            vis_emb, queries, attn = self._visual_embeddings(mode, vis, kv, lay, text_emb, return_attention, queries)
+        seq, pos = self._assemble(text_emb, vis_emb, lay)
+        h = self._llm(seq, pos, cache)
+        return _take(h, lay["pred_pos"]), queries, attn, h
+
+    def _autoregressive(self, input_ids, vis, kv, lay, return_attention, cache, queries=None):
+        """Prefix text (prompt_first), then frame by frame through the KV cache, then the rest of the text.
+
+        Physical cache order follows logical order for real tokens; padding slots are masked out and
+        every token gets its logical position, so batching never changes a real token's output.
+        `queries` [B, T, Dq] replace the LLM-chosen queries (teacher forcing).
+        """
+        text_emb = self.llm.get_input_embeddings()(input_ids)
+        b = input_ids.shape[0]
+        tv, rank, p = lay["tv"], lay["rank"], lay["p"]
+        keys = torch.zeros(b, 0, dtype=torch.bool, device=input_ids.device)  # which cache slots are real
+        h_prefix = None
+        if self.layout == "prompt_first":
+            h_prefix, keys = self._cached_step(text_emb, lay["text_pos"], tv & (rank < p[:, None]), keys, cache)
+        h_vis, used, attn = [], [], {"dynamic": []}
+        if vis is not None:
+            query = self.q_init.expand(b, -1)
+            for t in range(vis.num_tokens):
+                if queries is not None:
+                    query = queries[:, t]
+                used.append(query)
+                out = self.encoder.query(query, kv, vis.token_frame[:, t], return_attention)
+                z, a = out if return_attention else (out, None)
+                attn["dynamic"].append(a)
+                h, keys = self._cached_step(self._project(z)[:, None], lay["vis_pos"][:, t:t + 1],
+                                            vis.valid[:, t:t + 1], keys, cache)
+                h_vis.append(h)
+                query = self.llm_to_query(h[:, 0])
+        h_rest, keys = self._cached_step(text_emb, lay["text_pos"], tv & (rank >= p[:, None]), keys, cache)
+        h_text = h_rest if h_prefix is None else torch.where((rank < p[:, None])[..., None], h_prefix, h_rest)
+        if h_vis:
+            h_vis = torch.cat(h_vis, dim=1)
+            last = _take(h_vis, (lay["n_vis"] - 1).clamp(min=0)[:, None])
+            h_text = torch.where(lay["needs_vis"][..., None], last, h_text)
+            attn["dynamic"] = torch.stack(attn["dynamic"], 1) if return_attention else None
+            return h_text, torch.stack(used, 1), attn, keys
+        return h_text, None, {}, keys
+
+    def _cached_step(self, embeds, positions, valid, keys, cache):
+        """Append a chunk to the cache; a query sees earlier real slots and itself."""
+        past = keys.shape[1]
+        keys = torch.cat([keys, valid], dim=1)
+        q = embeds.shape[1]
+        k_idx = torch.arange(keys.shape[1], device=keys.device)
+        q_idx = past + torch.arange(q, device=keys.device)
+        causal = k_idx[None, :] <= q_idx[:, None]
+        mask = (keys[:, None, :] & causal[None]) | (k_idx[None, :] == q_idx[:, None])[None]
+        h = self._llm(embeds, positions, cache, mask[:, None])
+        return h, keys
+
+    # ---- public API -----------------------------------------------------------------------------
+
+    def forward(self, frames=None, input_ids=None, attention_mask=None, loss_mask=None, frame_mask=None,
+                mode: str = "coarse_fine", frame_index=None, visual_pos=None, queries=None,
+                return_attention: bool = False):
+        """Losses and next-token logits for a batch of (video, text) samples.
+
+        frames: [B, T, 3, H, W] ImageNet-normalised (optional frame_mask [B, T], real frames first),
+            or packed [N, 3, H, W] with frame_index [B, T] (-1 = padding; entries may repeat, e.g. an
+            image shown as 8 tokens is encoded once), or None / T = 0 for text only.
+        input_ids, attention_mask, loss_mask: [B, S]; real text contiguous (right or left padded).
+        visual_pos: [B] text rank where the video goes (prompt_first; found from the chat template
+            when omitted).
+        queries: [B, T, query_dim] used instead of the LLM-derived fine queries (coarse_fine and
+            autoregressive), e.g. to teacher-force or to intervene on where the model looks.
+        Returns loss (token-weighted mean), logits [B, S, V], logp_sum [B] (summed log-prob of the
+        loss tokens), num_tokens [B], queries [B, T, query_dim] (the fine queries used, or None),
+        and with return_attention the per-block attention of the static and dynamic queries,
+        [B, T, blocks, heads, 1 + patches].
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if input_ids is None:
+            raise ValueError("input_ids are required")
+        self._check_text(input_ids, attention_mask, loss_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        vis = self._visual(frames, frame_mask, frame_index, input_ids.shape[0])
+        kv = self.encoder.encode(vis.pixels) if vis is not None else None
+        lay = self._layout(input_ids, attention_mask, vis, visual_pos)
+        if queries is not None and (vis is None or queries.shape[:2] != vis.valid.shape):
+            raise ValueError(f"queries must be [B, T, query_dim] matching the visual tokens, got {tuple(queries.shape)}")
+        if mode == "autoregressive":
+            cache = DynamicCache(config=self.llm.config)
+            h_text, used, attn, _ = self._autoregressive(input_ids, vis, kv, lay, return_attention, cache, queries)
+        else:
+            h_text, used, attn, _ = self._parallel(mode, input_ids, vis, kv, lay, return_attention, queries)
+        logits = self.llm.lm_head(h_text)
+        out = dict(logits=logits, queries=used, **_token_loss(logits, input_ids, attention_mask, loss_mask))
+        if return_attention:
+            out["attention"] = attn
+        return out
+
+    def dpo_logps(self, frames, chosen_ids, chosen_attention_mask, chosen_loss_mask, rejected_ids,
+                  rejected_attention_mask, rejected_loss_mask, frame_mask=None, frame_index=None,
+                  mode: str = "coarse_fine"):
+        """Summed answer-token log-probs of the chosen and rejected replies, sharing one DINO encode
+        and one coarse pass (the prompt is taken from the chosen sequence); one LLM pass for both."""
+        if mode == "autoregressive" or mode not in MODES:
+            raise ValueError(f"dpo_logps supports modes coarse_only and coarse_fine, got {mode!r}")
+        for ids, am, lm in ((chosen_ids, chosen_attention_mask, chosen_loss_mask),
+                            (rejected_ids, rejected_attention_mask, rejected_loss_mask)):
+            self._check_text(ids, am, lm)
+        b = chosen_ids.shape[0]
+        if rejected_ids.shape[0] != b:
+            raise ValueError(f"chosen batch {b} != rejected batch {rejected_ids.shape[0]}")
+        s = max(chosen_ids.shape[1], rejected_ids.shape[1])
+        pad = lambda x, v: F.pad(x, (0, s - x.shape[1]), value=v)  # noqa: E731
+        ids = torch.cat([pad(chosen_ids, self.tokenizer.pad_token_id or 0), pad(rejected_ids, self.tokenizer.pad_token_id or 0)])
+        am = torch.cat([pad(chosen_attention_mask, 0), pad(rejected_attention_mask, 0)])
+        lm = torch.cat([pad(chosen_loss_mask, 0), pad(rejected_loss_mask, 0)])
+        vis = self._visual(frames, frame_mask, frame_index, b)
+        text_emb = self.llm.get_input_embeddings()(ids)
+        lay = self._layout(ids, am, _repeat_visual(vis, 2), None)
+        if vis is None:
+            vis_emb = text_emb.new_zeros(2 * b, 0, text_emb.shape[2])
+        else:
+            kv = self.encoder.encode(vis.pixels)
+            half = {k: v[:b] for k, v in lay.items()}
+            vis_emb, _, _ = self._visual_embeddings(mode, vis, kv, half, text_emb[:b], False)
+            vis_emb = vis_emb.repeat(2, 1, 1)
+        seq, pos = self._assemble(text_emb, vis_emb, lay)
+        logits = self.llm.lm_head(_take(self._llm(seq, pos), lay["pred_pos"]))
+        res = _token_loss(logits, ids, am, lm)
+        return dict(chosen_logps=res["logp_sum"][:b], rejected_logps=res["logp_sum"][b:],
+                    chosen_tokens=res["num_tokens"][:b], rejected_tokens=res["num_tokens"][b:])
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation in the LLM's chat template, with our system prompt unless the
+        conversation has its own."""
+        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, frames=None, prompt="", max_new_tokens: int = 128, mode: str = "autoregressive",
+                 temperature: float = 0.0, top_p: float = 1.0, stream: bool = False):
+        """Reply to `prompt` about `frames`.
+
+        prompt: a string, a list of chat messages, or a list of those (a batch).
+        frames: None, an image [3, H, W], a video [T, 3, H, W], a batch [B, T, 3, H, W], or a list
+            with one of None / image / video per prompt. Images are shown as `image_frames` tokens.
+        Returns the reply (a list for a batch), or with stream=True an iterator of text pieces
+        (single prompt only). Greedy when temperature == 0, else temperature + top-p sampling.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        conversations, batched = _conversations(prompt)
+        samples = _frames_per_sample(frames, len(conversations), batched)
+        if stream and batched:
+            raise ValueError("stream=True takes a single prompt")
+        steps = self._generate_steps(conversations, samples, max_new_tokens, mode, temperature, top_p)
+        if stream:
+            return self._stream_text(steps)
+        tokens = [[] for _ in conversations]
+        for step in steps:
+            for i, tok in enumerate(step):
+                if tok is not None:
+                    tokens[i].append(tok)
+        replies = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        return replies if batched else replies[0]
+
+    def _stream_text(self, steps):
+        ids, sent = [], ""
+        for step in steps:
+            if step[0] is None:
+                continue
+            ids.append(step[0])
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(sent):]
+                sent = text
+
+    @torch.no_grad()
+    def _generate_steps(self, conversations, samples, max_new_tokens, mode, temperature, top_p):
+        """Yield, per decoding step, each sample's new token id (None once it has stopped)."""
+        device = self.q_static.device
+        rows = [self.chat_ids(c) for c in conversations]
+        b, s = len(rows), max(len(r) for r in rows)
+        ids = torch.full((b, s), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        am = torch.zeros(b, s, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], am[i, : len(r)] = torch.tensor(r), 1
+        ids, am = ids.to(device), am.to(device)
+        pixels, index = pack_frames(samples, self.image_frames)
+        dtype = self.encoder.output_proj.weight.dtype
+        pixels = pixels.to(device, dtype) if pixels is not None else None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            vis = self._visual(pixels, None, index.to(device), b) if pixels is not None else None
+            kv = self.encoder.encode(vis.pixels) if vis is not None else None
+            lay = self._layout(ids, am, vis, None)
+            cache = DynamicCache(config=self.llm.config)
+            if mode == "autoregressive":
+                h_text, _, _, keys = self._autoregressive(ids, vis, kv, lay, False, cache)
+            else:
+                h_text, _, _, h = self._parallel(mode, ids, vis, kv, lay, False, cache=cache)
+                keys = torch.arange(h.shape[1], device=device)[None] < lay["length"][:, None]
+            last = _take(h_text, (lay["n_text"] - 1)[:, None])[:, 0]
+            logits = self.llm.lm_head(last)
+            pos = lay["length"]
+            stops = torch.tensor(self.stop_ids, device=device)
+            done = torch.zeros(b, dtype=torch.bool, device=device)
+            for _ in range(max_new_tokens):
+                tok = _sample(logits.float(), temperature, top_p)
+                done_before = done.clone()
+                done |= torch.isin(tok, stops)
+                flags = (done_before | done).tolist()
+                yield [None if f else t for f, t in zip(flags, tok.tolist())]
+                if bool(done.all()):
+                    return
+                emb = self.llm.get_input_embeddings()(tok[:, None])
+                h, keys = self._cached_step(emb, pos[:, None], torch.ones(b, 1, dtype=torch.bool, device=device),
+                                            keys, cache)
+                logits = self.llm.lm_head(h[:, 0])
+                pos = pos + 1
+
+    # ---- weights --------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts our layout and the published one: `_orig_mod.` / `module.` prefixes (torch.compile,
+        DDP) are stripped, DINO weights may use transformers-4 or -5 names, and a tied lm_head may be
+        absent."""
+        return super().load_state_dict(self._normalize_state(state_dict), strict=strict, assign=assign)
+
+    def _normalize_state(self, state):
+        out, dino = {}, {}
+        for key, value in state.items():
+            key = key.replace("_orig_mod.", "")
+            if key.startswith("module."):
+                key = key[len("module."):]
+            if key.startswith("encoder.dino."):
+                dino[key[len("encoder.dino."):]] = value
+            else:
+                out[key] = value
+        out.update({"encoder.dino." + k: v for k, v in dino_state_from_hf(dino).items()})
+        embed, head = "llm.model.embed_tokens.weight", "llm.lm_head.weight"
+        if self.llm.config.tie_word_embeddings and head not in out and embed in out:
+            out[head] = out[embed]
+        return out
+
+    def save_pretrained(self, directory):
+        """directory/config.json + model.safetensors, with the backbones' configs and the tokenizer
+        in llm/ and dino/, so that from_pretrained needs nothing else."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.llm.config.save_pretrained(directory / "llm")
+        self.tokenizer.save_pretrained(directory / "llm")
+        self.dino_config.save_pretrained(directory / "dino")
+        (directory / "config.json").write_text(json.dumps(dict(self.settings, format="fvlm"), indent=2))
+        state = self.state_dict()
+        if self.llm.config.tie_word_embeddings:
+            state.pop("llm.lm_head.weight", None)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory, **overrides):
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found (expected a folder written by save_pretrained)")
+        settings = json.loads(config_path.read_text())
+        if settings.pop("format", None) != "fvlm":
+            raise ValueError(f"{config_path} is not an fvlm config")
+        settings.update(overrides)
+        model = cls(llm_name=str(directory / "llm"), dino_name=str(directory / "dino"), pretrained=False, **settings)
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+def _take(x, index):
+    """x [B, L, D] gathered at index [B, K] -> [B, K, D]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _repeat_visual(vis, times):
+    if vis is None:
+        return None
+    return _Visual(vis.pixels, vis.token_frame.repeat(times, 1), vis.valid.repeat(times, 1), vis.unique)
+
+
+def _token_loss(logits, input_ids, attention_mask, loss_mask):
+    """Token-weighted CE over targets j >= 1 with loss_mask[j] = 1 (labels -100 elsewhere)."""
+    mask = attention_mask.bool() if loss_mask is None else loss_mask.bool() & attention_mask.bool()
+    labels = input_ids.masked_fill(~mask, IGNORE_INDEX)[:, 1:]
+    logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                            reduction="none")
+    logp_sum, num_tokens = logp.sum(1), (labels != IGNORE_INDEX).sum(1)
+    loss = -logp_sum.sum() / num_tokens.sum().clamp(min=1)
+    return dict(loss=loss, logp_sum=logp_sum, num_tokens=num_tokens)
+
+
+def _sample(logits, temperature, top_p):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1)[:, 0]
+
+
+def _conversations(prompt):
+    """prompt -> (list of message lists, batched?)."""
+    as_messages = lambda p: [{"role": "user", "content": p}] if isinstance(p, str) else list(p)  # noqa: E731
+    if isinstance(prompt, str):
+        return [as_messages(prompt)], False
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+        return [as_messages(prompt)], False
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return [as_messages(p) for p in prompt], True
+    raise ValueError("prompt must be a string, a list of chat messages, or a non-empty list of those")
+
+
+def _frames_per_sample(frames, batch, batched):
+    if frames is None:
+        return [None] * batch
+    if isinstance(frames, (list, tuple)):
+        if len(frames) != batch:
+            raise ValueError(f"{len(frames)} frame entries for {batch} prompts")
+        return list(frames)
+    if frames.dim() == 5:
+        if frames.shape[0] != batch:
+            raise ValueError(f"frames batch {frames.shape[0]} != {batch} prompts")
+        return list(frames)
+    if batched and batch != 1:
+        raise ValueError("for a batch of prompts pass frames as a list (one entry per prompt) or [B, T, 3, H, W]")
+    return [frames] * batch
+
