@@ -38,10 +38,12 @@ def tiny_dino_config(**overrides) -> Dinov2Config:
 def random_dino(seed=0, **overrides) -> Dinov2Model:
     torch.manual_seed(seed)
     model = Dinov2Model(tiny_dino_config(**overrides)).eval()
-    with torch.no_grad():  # non-trivial layer scales, position embeddings and CLS token
+    with torch.no_grad():  # non-trivial layer scales, embeddings and peaked (not uniform) attention
         for name, p in model.named_parameters():
             if "lambda1" in name or "position_embeddings" in name or "cls_token" in name:
                 p.normal_(0, 0.5)
+            elif ("q_proj" in name or "k_proj" in name) and name.endswith("weight"):
+                p.normal_(0, 0.3)
     return model
 
 
