@@ -1,0 +1,68 @@
+"""Time one coarse_fine forward+backward at real size (SmolLM2-135M + DINOv2-small architectures,
+random weights, built locally). CPU: fp32. CUDA: bf16 autocast over fp32 master weights, with
+samples/s and peak memory. Prints the median over --steps timed steps after --warmup."""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backbones import build_backbones  # noqa: E402
+from model import FoveatedVLM  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=None, help="default: 1 on CPU, 8 on CUDA")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--mode", default="coarse_fine")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--llm", default="smollm2-135m")
+    parser.add_argument("--dino", default="dinov2-small")
+    args = parser.parse_args()
+    logging.disable_progress_bar()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = args.batch or (8 if device.type == "cuda" else 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        llm_dir, dino_dir = build_backbones(tmp, llm=args.llm, dino=args.dino, weights=False)
+        model = FoveatedVLM(llm_name=llm_dir, dino_name=dino_dir, pretrained=False).to(device).train()
+    vocab = model.llm.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, args.tokens), device=device)
+    am = torch.ones_like(ids)
+    lm = torch.zeros_like(ids)
+    lm[:, args.tokens // 2:] = 1
+    frames = torch.randn(batch, args.frames, 3, args.size, args.size, device=device)
+    times = []
+    for step in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(frames=frames, input_ids=ids, attention_mask=am, loss_mask=lm, mode=args.mode)["loss"]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"device={device} params={params:.1f}M mode={args.mode} batch={batch} frames={args.frames} "
+          f"size={args.size} tokens={args.tokens} threads={torch.get_num_threads()}")
+    print(f"forward+backward: median {median:.3f}s over {len(times)} steps "
+          f"(min {min(times):.3f}s, max {max(times):.3f}s) -> {batch / median:.2f} samples/s")
+    if device.type == "cuda":
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
