@@ -167,8 +167,10 @@ class FoveatedVLM(nn.Module):
         if frame_mask.shape != (b, t):
             raise ValueError(f"frame_mask must have shape {(b, t)}, got {tuple(frame_mask.shape)}")
         frame_mask = frame_mask.bool()
-        # Encode real frames only. Boolean indexing syncs with the host once; the training collate
-        # sends packed frames (frame_index) instead.
+        # Encode real frames only. This path syncs with the host (boolean indexing, and the check);
+        # the training collate sends packed frames (frame_index) instead.
+        if (frame_mask[:, 1:] & ~frame_mask[:, :-1]).any():
+            raise ValueError("frame_mask must list each sample's real frames first (padding at the end)")
         pixels = frames[frame_mask]
         if pixels.shape[0] == 0:
             return None

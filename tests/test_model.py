@@ -362,9 +362,28 @@ def test_bad_input_is_a_clear_value_error(tiny_model):
         (dict(mode="fine_only"), "unknown mode"),
         (dict(loss_mask=batch["loss_mask"][:, :3]), "loss_mask must have the shape"),
         (dict(frame_index=torch.zeros(2, 3, dtype=torch.long)), "frame_index"),
+        (dict(frame_mask=batch["frame_mask"].flip(1)), "real frames first"),
     ]
     for change, message in bad:
         with pytest.raises(ValueError, match=message):
             tiny_model(**dict(batch, **change))
     with pytest.raises(ValueError, match="unknown mode"):
         tiny_model.generate(None, "hi", mode="fast")
+
+
+@torch.no_grad()
+def test_bfloat16_weights_and_cpu_autocast(tiny_backbones):
+    """The model card casts the whole model to bf16; training uses autocast over fp32 weights."""
+    model = make_model(tiny_backbones)
+    batch = make_batch(model, SAMPLES)
+    ref = model(**batch)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for mode in MODES:
+            out = model(**batch, mode=mode)
+            assert torch.isfinite(out["loss"]) and abs(out["loss"].item() - ref.item()) < 0.1 * ref.item(), mode
+    model.to(torch.bfloat16)
+    half = dict(batch, frames=batch["frames"].to(torch.bfloat16))
+    for mode in MODES:
+        out = model(**half, mode=mode)
+        assert torch.isfinite(out["loss"]) and abs(out["loss"].item() - ref.item()) < 0.1 * ref.item(), mode
+    assert isinstance(model.generate(video(2, 1).to(torch.bfloat16), "Hi", max_new_tokens=3), str)
