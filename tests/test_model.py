@@ -387,3 +387,15 @@ def test_bfloat16_weights_and_cpu_autocast(tiny_backbones):
         out = model(**half, mode=mode)
         assert torch.isfinite(out["loss"]) and abs(out["loss"].item() - ref.item()) < 0.1 * ref.item(), mode
     assert isinstance(model.generate(video(2, 1).to(torch.bfloat16), "Hi", max_new_tokens=3), str)
+
+
+@pytest.mark.parametrize("mode", ["coarse_only", "coarse_fine"])
+def test_packed_training_forward_is_one_graph_without_host_syncs(tiny_model, mode):
+    """torch.compile sees the whole training forward (packed frames) as one graph: no host syncs,
+    no data-dependent Python branching."""
+    batch = make_batch(tiny_model, SAMPLES[:2])
+    index = torch.tensor([[0, 1, 2, -1, -1], [3, 4, 5, 6, 7]])
+    packed = dict(batch, frames=torch.cat([SAMPLES[0][0], SAMPLES[1][0]]), frame_index=index, frame_mask=None)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(tiny_model.train())(**packed, mode=mode)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
