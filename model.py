@@ -414,7 +414,8 @@ class FoveatedVLM(nn.Module):
             raise ValueError(f"chosen batch {b} != rejected batch {rejected_ids.shape[0]}")
         s = max(chosen_ids.shape[1], rejected_ids.shape[1])
         pad = lambda x, v: F.pad(x, (0, s - x.shape[1]), value=v)  # noqa: E731
-        ids = torch.cat([pad(chosen_ids, self.tokenizer.pad_token_id or 0), pad(rejected_ids, self.tokenizer.pad_token_id or 0)])
+        pad_id = self.tokenizer.pad_token_id or 0
+        ids = torch.cat([pad(chosen_ids, pad_id), pad(rejected_ids, pad_id)])
         am = torch.cat([pad(chosen_attention_mask, 0), pad(rejected_attention_mask, 0)])
         lm = torch.cat([pad(chosen_loss_mask, 0), pad(rejected_loss_mask, 0)])
         vis = self._visual(frames, frame_mask, frame_index, b)
