@@ -128,7 +128,7 @@ class FoveatedEncoder(nn.Module):
 
     def query(self, queries: torch.Tensor, kv, frame_ids: torch.Tensor | None = None,
               return_attention: bool = False):
-        """queries [M, query_dim] -> tokens [M, dim] (and attention [M, blocks, heads, 1+patches]).
+        """queries [M, query_dim] -> (tokens [M, dim], attention [M, blocks, heads, 1+patches] or None).
 
         Query m reads frame `frame_ids[m]` of `kv`; without `frame_ids`, query m reads frame m
         (then M must equal the number of encoded frames, and no K/V is copied).
@@ -150,9 +150,7 @@ class FoveatedEncoder(nn.Module):
             x = x + blk.proj(a.transpose(1, 2).reshape(x.shape)) * blk.ls1
             x = x + blk.ffn(blk.norm2(x)) * blk.ls2
         z = self.output_proj(dino.norm(x)).squeeze(1)
-        if return_attention:
-            return z, torch.stack(attn, dim=1)
-        return z
+        return z, (torch.stack(attn, dim=1) if return_attention else None)
 
 
 def _slice(bias, start, stop):

@@ -229,8 +229,7 @@ class FoveatedVLM(nn.Module):
     def _static_tokens(self, vis, kv, return_attention):
         """q_static through every encoded frame once, then shared by every token reading that frame."""
         n = vis.pixels.shape[0]
-        out = self.encoder.query(self.q_static.expand(n, -1), kv, return_attention=return_attention)
-        z, attn = out if return_attention else (out, None)
+        z, attn = self.encoder.query(self.q_static.expand(n, -1), kv, return_attention=return_attention)
         take = lambda x: x[vis.token_frame]  # noqa: E731  [B, T, ...]
         return take(z), (take(attn) if attn is not None else None)
 
@@ -242,11 +241,9 @@ class FoveatedVLM(nn.Module):
             n = vis.pixels.shape[0]
             dest = torch.where(vis.valid, vis.token_frame, n).flatten()
             q = queries.new_zeros(n + 1, dq).scatter(0, dest[:, None].expand(-1, dq), queries.flatten(0, 1))[:n]
-            out = self.encoder.query(q, kv, return_attention=return_attention)
-            z, attn = out if return_attention else (out, None)
+            z, attn = self.encoder.query(q, kv, return_attention=return_attention)
             return z[vis.token_frame], (attn[vis.token_frame] if attn is not None else None)
-        out = self.encoder.query(queries.flatten(0, 1), kv, vis.token_frame.flatten(), return_attention)
-        z, attn = out if return_attention else (out, None)
+        z, attn = self.encoder.query(queries.flatten(0, 1), kv, vis.token_frame.flatten(), return_attention)
         return z.view(b, t, -1), (attn.view(b, t, *attn.shape[1:]) if attn is not None else None)
 
     def _fine_queries(self, h_vis):
@@ -264,8 +261,7 @@ class FoveatedVLM(nn.Module):
         emb = self._project(z)
         if mode == "coarse_fine":
             if self.layout == "video_first":  # the text comes after the video: the coarse pass skips it
-                h = self._llm(emb, torch.arange(emb.shape[1], device=emb.device).expand(emb.shape[0], -1))
-                h_vis = h
+                h_vis = self._llm(emb, torch.arange(emb.shape[1], device=emb.device).expand(emb.shape[0], -1))
             else:  # coarse pass over [question; coarse visual tokens]; the rest of the text is padding
                 coarse_lay = dict(lay, tv=lay["tv"] & (lay["rank"] < lay["p"][:, None]))
                 coarse_lay["length"] = coarse_lay["tv"].sum(1) + lay["n_vis"]
@@ -327,8 +323,7 @@ class FoveatedVLM(nn.Module):
                 if queries is not None:
                     query = queries[:, t]
                 used.append(query)
-                out = self.encoder.query(query, kv, vis.token_frame[:, t], return_attention)
-                z, a = out if return_attention else (out, None)
+                z, a = self.encoder.query(query, kv, vis.token_frame[:, t], return_attention)
                 attn["dynamic"].append(a)
                 h, keys = self._cached_step(self._project(z)[:, None], lay["vis_pos"][:, t:t + 1],
                                             vis.valid[:, t:t + 1], keys, cache)
@@ -386,6 +381,8 @@ class FoveatedVLM(nn.Module):
         vis = self._visual(frames, frame_mask, frame_index, input_ids.shape[0])
         kv = self.encoder.encode(vis.pixels) if vis is not None else None
         lay = self._layout(input_ids, attention_mask, vis, visual_pos)
+        if queries is not None and mode == "coarse_only":
+            raise ValueError("queries= replaces the fine queries; coarse_only has none")
         if queries is not None and (vis is None or queries.shape[:2] != vis.valid.shape):
             raise ValueError(f"queries must be [B, T, query_dim] matching the visual tokens, got {tuple(queries.shape)}")
         if mode == "autoregressive":

@@ -86,7 +86,7 @@ def test_query_matches_naive_reference(size):
     enc = build_encoder(hf)
     pixels, query = torch.randn(4, 3, *size), torch.randn(4, 24)
     with torch.no_grad():
-        z = enc.query(query, enc.encode(pixels))
+        z, _ = enc.query(query, enc.encode(pixels))
         ref = reference_query(hf, enc, pixels, query)
     torch.testing.assert_close(z, ref, atol=1e-5, rtol=1e-5)
 
@@ -98,12 +98,13 @@ def test_frame_ids_gather_and_attention_weights():
     frame_ids = torch.tensor([2, 0, 2, 1, 1])
     with torch.no_grad():
         kv = enc.encode(pixels)
-        z = enc.query(query, kv, frame_ids)
+        z, none = enc.query(query, kv, frame_ids)
         z_attn, attn = enc.query(query, kv, frame_ids, return_attention=True)
-        one_by_one = torch.stack([enc.query(query[i:i + 1], enc.encode(pixels[f:f + 1]))[0]
+        one_by_one = torch.stack([enc.query(query[i:i + 1], enc.encode(pixels[f:f + 1]))[0][0]
                                   for i, f in enumerate(frame_ids.tolist())])
     torch.testing.assert_close(z, one_by_one, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(z_attn, z, atol=1e-5, rtol=1e-5)
+    assert none is None
     assert attn.shape == (5, 3, 4, 5)  # [queries, blocks, heads, 1 + patches]
     torch.testing.assert_close(attn.sum(-1), torch.ones(5, 3, 4))
 
@@ -114,7 +115,7 @@ def test_different_queries_give_clearly_different_tokens():
     pixels = torch.randn(6, 3, 28, 28)
     with torch.no_grad():
         kv = enc.encode(pixels)
-        za, zb = enc.query(torch.randn(6, 24), kv), enc.query(torch.randn(6, 24), kv)
+        (za, _), (zb, _) = enc.query(torch.randn(6, 24), kv), enc.query(torch.randn(6, 24), kv)
         _, attn_a = enc.query(torch.randn(6, 24), kv, return_attention=True)
         _, attn_b = enc.query(torch.randn(6, 24), kv, return_attention=True)
     cos = F.cosine_similarity(za, zb, dim=-1)

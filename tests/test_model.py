@@ -62,19 +62,19 @@ def reference_losses(model, frames, ids, lm):
         return per[mask[0, 1:].bool()].mean()
 
     pad = torch.zeros(1, T, dtype=torch.long)
-    z = proj(enc.query(model.q_static.expand(T, -1), kv))[None]
+    z = proj(enc.query(model.q_static.expand(T, -1), kv)[0])[None]
     h = llm.model(inputs_embeds=torch.cat([z, text], 1)).last_hidden_state
     coarse_only = shifted_ce(llm.lm_head(h), torch.cat([pad, ids], 1), torch.cat([pad.float(), lm], 1))
 
     queries = model.llm_to_query(llm.model(inputs_embeds=z).last_hidden_state)
     queries = torch.cat([model.q_init[None], queries[:, :-1]], 1)
-    z_fine = proj(enc.query(queries[0], kv))[None]
+    z_fine = proj(enc.query(queries[0], kv)[0])[None]
     h = llm.model(inputs_embeds=torch.cat([z_fine, text], 1)).last_hidden_state
     coarse_fine = shifted_ce(llm.lm_head(h[:, T:]), ids, lm)
 
     cache, q = None, model.q_init
     for t in range(T):
-        z_t = proj(enc.query(q, [(k[t:t + 1], v[t:t + 1]) for k, v in kv]))[None]
+        z_t = proj(enc.query(q, [(k[t:t + 1], v[t:t + 1]) for k, v in kv])[0])[None]
         out = llm.model(inputs_embeds=z_t, past_key_values=cache, use_cache=True)
         cache, q = out.past_key_values, model.llm_to_query(out.last_hidden_state[:, -1])
     h_text = llm.model(inputs_embeds=text, past_key_values=cache).last_hidden_state
@@ -105,7 +105,7 @@ def test_prompt_first_matches_a_naive_concatenation(tiny_backbones):
     p = ids.index(model._im_end)  # the first <|im_end|> closes the system turn...
     p = ids.index(model._im_end, p + 1)  # ...the second one the user turn: the video goes before it
     enc, llm = model.encoder, model.llm
-    z = model.dino_to_llm(enc.query(model.q_static.expand(3, -1), enc.encode(frames))) * model.visual_scale
+    z = model.dino_to_llm(enc.query(model.q_static.expand(3, -1), enc.encode(frames))[0]) * model.visual_scale
     text = llm.get_input_embeddings()(ids_t)[0]
     h = llm.model(inputs_embeds=torch.cat([text[:p], z, text[p:]])[None]).last_hidden_state[0]
     logits = llm.lm_head(h)
@@ -363,6 +363,7 @@ def test_bad_input_is_a_clear_value_error(tiny_model):
         (dict(loss_mask=batch["loss_mask"][:, :3]), "loss_mask must have the shape"),
         (dict(frame_index=torch.zeros(2, 3, dtype=torch.long)), "frame_index"),
         (dict(frame_mask=batch["frame_mask"].flip(1)), "real frames first"),
+        (dict(mode="coarse_only", queries=torch.zeros(2, 5, 24)), "coarse_only has none"),
     ]
     for change, message in bad:
         with pytest.raises(ValueError, match=message):
