@@ -1,0 +1,187 @@
+"""Decoding images and videos into uint8 frames at the model's resolution, and the uniform frame
+sampling rule shared by training, shard building and benchmarks.
+
+Frames stay uint8 [T, 3, S, S] until they reach the model (the encoder normalises them), which keeps
+worker-to-GPU traffic at a quarter of float32. JPEGs decode through torchvision's libjpeg-turbo
+`decode_jpeg` when torchvision is installed, through Pillow otherwise; videos through decord when it
+is installed, through PyAV otherwise (decord is unmaintained and x86-64 only).
+"""
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+try:  # optional: faster JPEG decoding
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    decode_jpeg = None
+try:  # optional: seeking video decoder
+    import decord
+except ImportError:  # pragma: no cover - depends on the environment
+    decord = None
+
+RESIZE_MODES = ("squash", "crop", "pad")
+PAD_COLOR = (124, 116, 104)  # ImageNet mean: padding normalises to ~0
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class MediaError(Exception):
+    """An image or video that cannot be decoded; the sample is skipped."""
+
+
+def sample_frame_indices(num_frames: int, max_frames: int, fps: float | None = None,
+                         target_fps: float | None = None) -> list[int]:
+    """Indices of the frames to keep: evenly spread over the whole clip (the centre of each of k
+    equal segments), k = min(num_frames, max_frames, and with target_fps the clip's duration times
+    target_fps, at least 1). Empty for a clip without frames."""
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if num_frames <= 0:
+        return []
+    k = min(num_frames, max_frames)
+    if target_fps and fps and fps > 0:
+        k = min(k, max(1, round(num_frames / fps * target_fps)))
+    return [min(num_frames - 1, int((i + 0.5) * num_frames / k)) for i in range(k)]
+
+
+def resize(frames: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> [..., 3, size, size]. squash: stretch to the square (keeps all content);
+    crop: centre square of the short side (loses the edges); pad: fit inside and pad with the ImageNet
+    mean colour (keeps content and aspect)."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    h, w = frames.shape[-2:]
+    if mode == "squash":
+        out_h, out_w = size, size
+    elif mode == "crop":
+        scale = size / min(h, w)
+        out_h, out_w = max(size, round(h * scale)), max(size, round(w * scale))
+    else:
+        scale = size / max(h, w)
+        out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
+    x = frames.reshape(-1, 3, h, w)
+    if (out_h, out_w) != (h, w):
+        x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+    if mode == "crop":
+        top, left = (out_h - size) // 2, (out_w - size) // 2
+        x = x[..., top: top + size, left: left + size]
+    elif mode == "pad" and (out_h, out_w) != (size, size):
+        canvas = torch.tensor(PAD_COLOR, dtype=torch.uint8).view(1, 3, 1, 1).repeat(x.shape[0], 1, size, size)
+        top, left = (size - out_h) // 2, (size - out_w) // 2
+        canvas[..., top: top + out_h, left: left + out_w] = x
+        x = canvas
+    return x.reshape(*frames.shape[:-3], 3, size, size).contiguous()
+
+
+def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+
+
+def decode_image(data: bytes, size: int | None = None, mode: str = "squash") -> torch.Tensor:
+    """Image bytes -> uint8 [3, size, size] (or the original size when size is None)."""
+    try:
+        if decode_jpeg is not None and data[:3] == b"\xff\xd8\xff":
+            img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        else:
+            pil = Image.open(io.BytesIO(data))
+            if size is not None and pil.format == "JPEG":
+                pil.draft("RGB", (size, size))  # decode at a reduced DCT scale when much larger
+            img = _pil_to_tensor(pil)
+    except Exception as e:  # decoders raise many types on corrupt data
+        raise MediaError(f"undecodable image ({type(e).__name__}: {e})") from e
+    if img.shape[-1] == 0 or img.shape[-2] == 0:
+        raise MediaError("empty image")
+    return resize(img, size, mode) if size is not None else img
+
+
+def encode_jpeg(image, quality: int = 90) -> bytes:
+    """uint8 [3, H, W] tensor, [H, W, 3] array or PIL image -> JPEG bytes (Pillow, deterministic)."""
+    if isinstance(image, torch.Tensor):
+        image = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_video(data: bytes, max_frames: int, size: int | None = None, mode: str = "squash",
+                 target_fps: float | None = None) -> torch.Tensor:
+    """Video bytes -> uint8 [T, 3, size, size], T uniformly sampled frames (sample_frame_indices).
+    Raises MediaError for undecodable videos and videos without frames."""
+    if decord is not None:
+        try:
+            frames = _decord_frames(data, max_frames, target_fps)
+        except MediaError:
+            raise
+        except Exception:  # decord failing on a container PyAV may still read
+            frames = _pyav_frames(data, max_frames, target_fps)
+    else:
+        frames = _pyav_frames(data, max_frames, target_fps)
+    return resize(frames, size, mode) if size is not None else frames
+
+
+def _decord_frames(data, max_frames, target_fps):
+    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    n = len(reader)
+    index = sample_frame_indices(n, max_frames, reader.get_avg_fps(), target_fps)
+    if not index:
+        raise MediaError("video has no frames")
+    batch = reader.get_batch(index).asnumpy()
+    reader.seek(0)  # releases decord's frame buffers (its get_batch memory growth)
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+
+def _pyav_frames(data, max_frames, target_fps):
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise MediaError("file has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 0)
+            n = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+        index = sample_frame_indices(n, max_frames, fps, target_fps)
+        frames, decoded = _pyav_pick(data, index)
+        if len(frames) < len(index):
+            # The container over-reported its length (or its tail is damaged): sample again over
+            # the frames that do decode.
+            frames, _ = _pyav_pick(data, sample_frame_indices(decoded, max_frames, fps, target_fps))
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"undecodable video ({type(e).__name__}: {e})") from e
+    if not frames:
+        raise MediaError("video has no decodable frames")
+    return torch.stack(frames)
+
+
+def _pyav_pick(data, index):
+    """Decode sequentially, keeping the frames at `index`; returns (frames, frames decoded)."""
+    import av
+
+    wanted, frames, i = set(index), [], -1
+    if not wanted:
+        return [], 0
+    last = max(wanted)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
+            if i >= last:
+                break
+    return frames, i + 1
+
+
+def frame_extension_index(ext: str) -> int | None:
+    """`000.jpg` -> 0 for numbered frame members; None for anything else."""
+    stem, _, kind = ext.partition(".")
+    return int(stem) if stem.isdigit() and kind in IMAGE_EXTENSIONS else None
+
