@@ -17,6 +17,10 @@ from transformers import Dinov2Config
 from transformers.activations import ACT2FN
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class DinoBlock(nn.Module):
     """Weights of one pre-norm ViT block. q, k and v are one fused matrix (one GEMM for patches)."""
 
@@ -96,9 +100,13 @@ class FoveatedEncoder(nn.Module):
         # No bias: a bias would dominate small queries and make attention query-independent.
         self.query_input_proj = nn.Linear(query_dim, d, bias=False)
         self.output_proj = nn.Linear(d, d)
+        # uint8 -> ImageNet-normalised, on the frames' device (buffers: no per-call host copies)
+        self.register_buffer("pixel_mean", 255 * torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", 255 * torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
 
     def encode(self, pixels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """pixels [N, 3, H, W] ImageNet-normalised -> per block (K, V), each [N, heads, 1+patches, head_dim].
+        """pixels [N, 3, H, W] (uint8 RGB, or float ImageNet-normalised) -> per block (K, V), each
+        [N, heads, 1+patches, head_dim].
 
         The last block only needs its K/V: its patch attention, patch MLP and the final patch norm
         are never read by the query, so they are not computed.
@@ -106,6 +114,8 @@ class FoveatedEncoder(nn.Module):
         if pixels.dim() != 4:
             raise ValueError(f"encode expects pixels [N, 3, H, W], got shape {tuple(pixels.shape)}")
         dino, d = self.dino, self.dim
+        if pixels.dtype == torch.uint8:  # frames travel as uint8 until here (a quarter of the bytes)
+            pixels = (pixels.float() - self.pixel_mean.float()) / self.pixel_std.float()
         x = dino.patch_embed(pixels.to(dino.patch_embed.weight.dtype))
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Model, DynamicCache
 
+from collate import IGNORE_INDEX, pack_frames, pad_rows
 from encoder import FoveatedEncoder, dino_state_from_hf
+from tokenization import DEFAULT_SYSTEM_PROMPT, chat_ids
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
 LAYOUTS = ("video_first", "prompt_first")
-DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
-IGNORE_INDEX = -100
 
 
 def load_llm(name: str, pretrained: bool = True):
@@ -48,33 +48,6 @@ def load_llm(name: str, pretrained: bool = True):
         config = AutoConfig.from_pretrained(name, **kwargs)
         llm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     return llm, tokenizer
-
-
-def pack_frames(samples, image_frames: int = 8):
-    """Per-sample frames -> (pixels [N, 3, H, W], frame_index [B, T]) for the packed forward input.
-
-    Each entry is None (text only), an image [3, H, W] (shown as `image_frames` visual tokens that
-    all read the one encoded frame) or a video [T, 3, H, W]. frame_index is -1 at padding.
-    """
-    pixels, rows = [], []
-    for i, s in enumerate(samples):
-        if s is None:
-            rows.append([])
-            continue
-        if s.dim() == 3:
-            s, repeat = s.unsqueeze(0), image_frames
-        elif s.dim() == 4:
-            repeat = 1
-        else:
-            raise ValueError(f"sample {i}: frames must be [3, H, W] or [T, 3, H, W], got {tuple(s.shape)}")
-        start = sum(p.shape[0] for p in pixels)
-        pixels.append(s)
-        rows.append([start] * repeat if repeat > 1 else list(range(start, start + s.shape[0])))
-    width = max((len(r) for r in rows), default=0)
-    index = torch.full((len(samples), width), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        index[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return (torch.cat(pixels) if pixels else None), index
 
 
 class _Visual:
@@ -436,10 +409,7 @@ class FoveatedVLM(nn.Module):
     def chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation in the LLM's chat template, with our system prompt unless the
         conversation has its own."""
-        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
-            messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_ids(self.tokenizer, messages, self.system_prompt, add_generation_prompt)
 
     def generate(self, frames=None, prompt="", max_new_tokens: int = 128, mode: str = "autoregressive",
                  temperature: float = 0.0, top_p: float = 1.0, stream: bool = False):
@@ -484,15 +454,13 @@ class FoveatedVLM(nn.Module):
         """Yield, per decoding step, each sample's new token id (None once it has stopped)."""
         device = self.q_static.device
         rows = [self.chat_ids(c) for c in conversations]
-        b, s = len(rows), max(len(r) for r in rows)
-        ids = torch.full((b, s), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        am = torch.zeros(b, s, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], am[i, : len(r)] = torch.tensor(r), 1
-        ids, am = ids.to(device), am.to(device)
+        b = len(rows)
+        ids = pad_rows(rows, self.tokenizer.pad_token_id or 0).to(device)
+        am = pad_rows([[1] * len(r) for r in rows], 0).to(device)
         pixels, index = pack_frames(samples, self.image_frames)
-        dtype = self.encoder.output_proj.weight.dtype
-        pixels = pixels.to(device, dtype) if pixels is not None else None
+        if pixels is not None:  # uint8 frames stay uint8 (the encoder normalises them)
+            dtype = pixels.dtype if pixels.dtype == torch.uint8 else self.encoder.output_proj.weight.dtype
+            pixels = pixels.to(device, dtype)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             vis = self._visual(pixels, None, index.to(device), b) if pixels is not None else None
             kv = self.encoder.encode(vis.pixels) if vis is not None else None

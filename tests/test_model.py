@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_model
-from model import MODES, pack_frames
+from collate import pack_frames
+from model import MODES
 
 SIZE = 28  # tiny frames: 2x2 patches + CLS with the test DINO
 

@@ -1,0 +1,102 @@
+"""Batching: pack frames, pad text and DPO pairs, and group variable-length samples under a budget.
+
+A batch carries frames packed, not padded: `frames` [N, 3, H, W] uint8 holds each distinct frame
+once (an image shown as `image_frames` visual tokens is stored, and encoded by DINO, once) and
+`frame_index` [B, T] says which frame each visual token reads, -1 marking padding (so the frame mask
+is `frame_index >= 0`). Text is right-padded; `labels` are the input ids with -100 wherever the
+loss mask is 0, for users who prefer labels (the model reads `loss_mask`).
+"""
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def pack_frames(samples, image_frames: int = 8):
+    """Per-sample frames -> (pixels [N, 3, H, W], frame_index [B, T]) for the packed forward input.
+
+    Each entry is None (text only), an image [3, H, W] (shown as `image_frames` visual tokens that
+    all read the one encoded frame) or a video [T, 3, H, W]. frame_index is -1 at padding.
+    """
+    pixels, rows, start = [], [], 0
+    for i, s in enumerate(samples):
+        if s is None:
+            rows.append([])
+            continue
+        if s.dim() == 3:
+            pixels.append(s.unsqueeze(0))
+            rows.append([start] * image_frames)
+        elif s.dim() == 4:
+            pixels.append(s)
+            rows.append(list(range(start, start + s.shape[0])))
+        else:
+            raise ValueError(f"sample {i}: frames must be [3, H, W] or [T, 3, H, W], got {tuple(s.shape)}")
+        start += pixels[-1].shape[0]
+    index = pad_rows(rows, -1)
+    return (torch.cat(pixels) if pixels else None), index
+
+
+def pad_rows(rows, value: int) -> torch.Tensor:
+    """Lists of ints -> [len(rows), longest] long tensor, right-padded with value."""
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def pad_text(ids, masks, pad_id: int, prefix: str = "") -> dict:
+    """input_ids / attention_mask / loss_mask / labels [B, S] from per-sample id and mask lists."""
+    input_ids = pad_rows(ids, pad_id)
+    attention_mask = pad_rows([[1] * len(r) for r in ids], 0)
+    loss_mask = pad_rows(masks, 0)
+    labels = input_ids.masked_fill(loss_mask == 0, IGNORE_INDEX)
+    return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention_mask,
+            f"{prefix}loss_mask": loss_mask, f"{prefix}labels": labels}
+
+
+def collate(samples, pad_id: int, image_frames: int = 8) -> dict:
+    """Samples {frames, input_ids, loss_mask, key, source} (DPO samples: chosen_* and rejected_*
+    instead of input_ids/loss_mask) -> one batch. Both replies of a DPO pair share the frames."""
+    frames, frame_index = pack_frames([s["frames"] for s in samples], image_frames)
+    batch = dict(frames=frames, frame_index=frame_index, keys=[s["key"] for s in samples],
+                 sources=[s["source"] for s in samples])
+    if "chosen_ids" in samples[0]:
+        for side in ("chosen", "rejected"):
+            batch.update(pad_text([s[f"{side}_ids"] for s in samples], [s[f"{side}_mask"] for s in samples],
+                                  pad_id, prefix=f"{side}_"))
+    else:
+        batch.update(pad_text([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id))
+    return batch
+
+
+def sample_cost(sample, image_frames: int = 8) -> tuple[int, int, int]:
+    """(frames DINO encodes, sequence length incl. visual tokens, rows in the batch) of a sample."""
+    f = sample["frames"]
+    frames = 0 if f is None else (1 if f.dim() == 3 else f.shape[0])
+    visual = 0 if f is None else (image_frames if f.dim() == 3 else f.shape[0])
+    if "chosen_ids" in sample:
+        return frames, visual + max(len(sample["chosen_ids"]), len(sample["rejected_ids"])), 2
+    return frames, visual + len(sample["input_ids"]), 1
+
+
+def budget_batches(samples, max_batch_size: int, max_frames: int | None = None, max_tokens: int | None = None,
+                   image_frames: int = 8):
+    """Group a sample stream into lists, in order: at most max_batch_size samples, at most max_frames
+    encoded frames and at most max_tokens padded sequence positions (rows x longest) per batch.
+    Without the two budgets this is fixed-size batching. A sample over the budget on its own forms
+    a batch alone (never dropped)."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    batch, frames, longest, rows = [], 0, 0, 0
+    for s in samples:
+        f, length, r = sample_cost(s, image_frames)
+        fits = (len(batch) < max_batch_size
+                and (max_frames is None or frames + f <= max_frames)
+                and (max_tokens is None or (rows + r) * max(longest, length) <= max_tokens))
+        if batch and not fits:
+            yield batch
+            batch, frames, longest, rows = [], 0, 0, 0
+        batch.append(s)
+        frames, longest, rows = frames + f, max(longest, length), rows + r
+    if batch:
+        yield batch
