@@ -79,17 +79,17 @@ def sample_cost(sample, image_frames: int = 8) -> tuple[int, int, int]:
     return frames, visual + len(sample["input_ids"]), 1
 
 
-def budget_batches(samples, max_batch_size: int, max_frames: int | None = None, max_tokens: int | None = None,
-                   image_frames: int = 8):
-    """Group a sample stream into lists, in order: at most max_batch_size samples, at most max_frames
+def budget_batches(items, max_batch_size: int, max_frames: int | None = None, max_tokens: int | None = None,
+                   image_frames: int = 8, get_sample=lambda item: item):
+    """Group a stream of items (get_sample(item) is the sample) into lists, in order: at most max_batch_size samples, at most max_frames
     encoded frames and at most max_tokens padded sequence positions (rows x longest) per batch.
     Without the two budgets this is fixed-size batching. A sample over the budget on its own forms
     a batch alone (never dropped)."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     batch, frames, longest, rows = [], 0, 0, 0
-    for s in samples:
-        f, length, r = sample_cost(s, image_frames)
+    for s in items:
+        f, length, r = sample_cost(get_sample(s), image_frames)
         fits = (len(batch) < max_batch_size
                 and (max_frames is None or frames + f <= max_frames)
                 and (max_tokens is None or (rows + r) * max(longest, length) <= max_tokens))

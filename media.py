@@ -33,6 +33,10 @@ class MediaError(Exception):
     """An image or video that cannot be decoded; the sample is skipped."""
 
 
+class EmptyVideo(MediaError):
+    """A video container without a single decodable frame."""
+
+
 def sample_frame_indices(num_frames: int, max_frames: int, fps: float | None = None,
                          target_fps: float | None = None) -> list[int]:
     """Indices of the frames to keep: evenly spread over the whole clip (the centre of each of k
@@ -130,7 +134,7 @@ def _decord_frames(data, max_frames, target_fps):
     n = len(reader)
     index = sample_frame_indices(n, max_frames, reader.get_avg_fps(), target_fps)
     if not index:
-        raise MediaError("video has no frames")
+        raise EmptyVideo("video has no frames")
     batch = reader.get_batch(index).asnumpy()
     reader.seek(0)  # releases decord's frame buffers (its get_batch memory growth)
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
@@ -157,7 +161,7 @@ def _pyav_frames(data, max_frames, target_fps):
     except Exception as e:
         raise MediaError(f"undecodable video ({type(e).__name__}: {e})") from e
     if not frames:
-        raise MediaError("video has no decodable frames")
+        raise EmptyVideo("video has no decodable frames")
     return torch.stack(frames)
 
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Model, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Model, DynamicCache
 
 from collate import IGNORE_INDEX, pack_frames, pad_rows
 from encoder import FoveatedEncoder, dino_state_from_hf
-from tokenization import DEFAULT_SYSTEM_PROMPT, chat_ids
+from tokenization import DEFAULT_SYSTEM_PROMPT, chat_ids, hub_location, load_tokenizer
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
 LAYOUTS = ("video_first", "prompt_first")
@@ -37,11 +37,8 @@ LAYOUTS = ("video_first", "prompt_first")
 
 def load_llm(name: str, pretrained: bool = True):
     """(LLM in fp32 with SDPA attention, tokenizer) from a hub id, a folder, or a .gguf file."""
-    kwargs = {}
-    if str(name).endswith(".gguf"):
-        kwargs["gguf_file"] = Path(name).name
-        name = str(Path(name).parent)
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    tokenizer = load_tokenizer(name)
+    name, kwargs = hub_location(name)
     if pretrained:
         llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
     else:

@@ -11,9 +11,26 @@ tokenizer's offsets, so they are exact for any template that renders a conversat
 concatenation of its turns (checked; other templates raise).
 """
 
+from pathlib import Path
+
 STAGES = ("alignment", "sft", "dpo")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."  # the published model's
 ROLES = ("system", "user", "assistant")
+
+
+def hub_location(name) -> tuple[str, dict]:
+    """A hub id, a folder, or a .gguf file -> (name, from_pretrained kwargs)."""
+    if str(name).endswith(".gguf"):
+        return str(Path(name).parent), {"gguf_file": Path(name).name}
+    return str(name), {}
+
+
+def load_tokenizer(name):
+    """The tokenizer of a hub id, a model folder, or a .gguf file."""
+    from transformers import AutoTokenizer
+
+    folder, kwargs = hub_location(name)
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 class SampleError(ValueError):
