@@ -9,6 +9,7 @@ is installed, through PyAV otherwise (decord is unmaintained and x86-64 only).
 
 import io
 
+import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -141,15 +142,13 @@ def _decord_frames(data, max_frames, target_fps):
 
 
 def _pyav_frames(data, max_frames, target_fps):
-    import av
-
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
-                raise MediaError("file has no video stream")
+                raise EmptyVideo("file has no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or 0)
-            n = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+            n = stream.frames or _count_packets(container, stream)
         index = sample_frame_indices(n, max_frames, fps, target_fps)
         frames, decoded = _pyav_pick(data, index)
         if len(frames) < len(index):
@@ -158,6 +157,8 @@ def _pyav_frames(data, max_frames, target_fps):
             frames, _ = _pyav_pick(data, sample_frame_indices(decoded, max_frames, fps, target_fps))
     except MediaError:
         raise
+    except av.error.EOFError as e:  # the file ends before its first frame
+        raise EmptyVideo(f"video ends before its first frame ({e})") from e
     except Exception as e:
         raise MediaError(f"undecodable video ({type(e).__name__}: {e})") from e
     if not frames:
@@ -165,10 +166,19 @@ def _pyav_frames(data, max_frames, target_fps):
     return torch.stack(frames)
 
 
+def _count_packets(container, stream) -> int:
+    """Frame count by demuxing (no decoding), for containers that do not store it (mkv, webm)."""
+    n = 0
+    try:
+        for packet in container.demux(stream):
+            n += bool(packet.size)
+    except av.error.FFmpegError:  # a damaged tail ends the count
+        pass
+    return n
+
+
 def _pyav_pick(data, index):
     """Decode sequentially, keeping the frames at `index`; returns (frames, frames decoded)."""
-    import av
-
     wanted, frames, i = set(index), [], -1
     if not wanted:
         return [], 0
@@ -176,11 +186,19 @@ def _pyav_pick(data, index):
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
+        decoded = container.decode(stream)
+        while i < last:
+            try:
+                frame = next(decoded)
+            except StopIteration:
+                break
+            except av.error.FFmpegError:
+                if i < 0:
+                    raise
+                break  # a damaged tail: the frames before it are the video
+            i += 1
             if i in wanted:
                 frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
-            if i >= last:
-                break
     return frames, i + 1
 
 
