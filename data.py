@@ -190,7 +190,8 @@ class _SourceReader:
 
 
 class ShardStream(IterableDataset):
-    """Batches (collate.collate dicts plus a '_state' entry that Loader strips) from sources.
+    """Batches (collate.collate dicts plus a '_state' entry that Loader strips; a worker's exact pass
+    ends with a state-only item carrying its last skip counts) from sources.
 
     batch_size caps samples per batch; max_batch_frames / max_batch_tokens add a budget on encoded
     frames and on padded sequence positions (collate.budget_batches). rank / world_size default to
@@ -222,12 +223,21 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (physical + self.worker_offset) % workers
-        pairs = (pair for pair in self.samples(worker, workers) if pair[0] is not None)
-        for group in budget_batches(pairs, self.batch_size, self.max_batch_frames, self.max_batch_tokens,
+        last = {}
+
+        def usable():
+            for sample, state in self.samples(worker, workers):
+                last["state"] = state
+                if sample is not None:
+                    yield sample, state
+
+        for group in budget_batches(usable(), self.batch_size, self.max_batch_frames, self.max_batch_tokens,
                                     self.spec.image_frames, get_sample=lambda pair: pair[0]):
             batch = collate([sample for sample, _ in group], self.pad_id, self.spec.image_frames)
             batch["_state"] = group[-1][1]
             yield batch
+        if last:  # the end of an exact pass: report the skips after the last batch
+            yield {"_state": last["state"]}
 
     def initial_state(self, worker: int) -> dict:
         return {"worker": worker, "positions": {}, "mix_draws": 0,
@@ -293,6 +303,7 @@ class Loader:
         self.stream, self.num_workers = stream, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.states, self.next_worker = {}, 0
+        self.past = {"seen": {}, "skipped": {}}  # counts of finished exact passes
 
     def __iter__(self):
         self.stream.worker_offset = self.next_worker
@@ -303,16 +314,18 @@ class Loader:
         for batch in loader:
             state = batch.pop("_state")
             self.states[state["worker"]] = state
-            self.next_worker = (state["worker"] + 1) % max(1, self.num_workers)
-            yield batch
+            if batch:  # not the state-only item that ends a worker's exact pass
+                self.next_worker = (state["worker"] + 1) % max(1, self.num_workers)
+                yield batch
         if not self.stream.resampled:  # a full pass: the next one is a new epoch
+            self.past = self.counts()
             self.states, self.next_worker = {}, 0
             self.stream.epoch += 1
 
     def counts(self) -> dict:
         """{'seen': {source: n}, 'skipped': {source: {reason: n}}} over this rank's consumed stream."""
         seen, skipped = Counter(), defaultdict(Counter)
-        for state in self.states.values():
+        for state in [self.past, *self.states.values()]:
             seen.update(state["seen"])
             for name, reasons in state["skipped"].items():
                 skipped[name].update(reasons)
@@ -321,7 +334,8 @@ class Loader:
     def state_dict(self) -> dict:
         return {"rank": self.stream.rank, "world_size": self.stream.world_size, "num_workers": self.num_workers,
                 "seed": self.stream.seed, "epoch": self.stream.epoch, "sources": [s.name for s in self.stream.sources],
-                "next_worker": self.next_worker, "workers": {str(k): v for k, v in self.states.items()}}
+                "next_worker": self.next_worker, "workers": {str(k): v for k, v in self.states.items()},
+                "past": self.past}
 
     def load_state_dict(self, state: dict):
         mine = self.state_dict()
@@ -331,7 +345,7 @@ class Loader:
                                  f"{mine[key]!r}; resuming needs the same data setup")
         self.stream.epoch = state["epoch"]
         self.states = {int(k): v for k, v in state["workers"].items()}
-        self.next_worker = state["next_worker"]
+        self.next_worker, self.past = state["next_worker"], state["past"]
 
 
 FRAME_BINS = ((1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, None))

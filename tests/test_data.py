@@ -1,0 +1,254 @@
+"""The shard stream: exactly-once coverage over ranks x workers, mixing ratios, resume without
+replay, bad samples skipped and counted (never crashing, never losing valid ones), and `data.py stats`."""
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import av
+import pytest
+import torch
+
+import data
+from data import Loader, SampleSpec, ShardStream, Source
+from media import encode_jpeg
+from shards import ShardWriter
+from test_media import write_video
+
+SPEC = SampleSpec(stage="sft", frame_size=28, max_frames=4, max_text_tokens=200, image_frames=2)
+JPEG = encode_jpeg(torch.randint(0, 256, (3, 20, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+
+
+def conversation(key, source="toy"):
+    return {"messages": [{"role": "user", "content": f"Question {key}?"},
+                         {"role": "assistant", "content": f"Answer {key}."}], "source": source}
+
+
+def write_shards(directory, count, per_shard, prefix="s", source="toy"):
+    """Samples cycling through text-only, image, 1..6 frames; returns the keys."""
+    keys = []
+    with ShardWriter(directory, prefix=prefix, max_samples=per_shard) as w:
+        for i in range(count):
+            key = f"{prefix}{i:04d}"
+            files = {"json": conversation(key, source)}
+            if i % 3 == 1:
+                files["jpg"] = JPEG
+            elif i % 3 == 2:
+                files.update({f"{j:03d}.jpg": JPEG for j in range(1 + i % 6)})
+            w.write(key, files)
+            keys.append(key)
+    return keys
+
+
+def keys_of(stream, worker, workers):
+    return [s["key"] for s, _ in stream.samples(worker, workers) if s is not None]
+
+
+@pytest.fixture(scope="module")
+def toy_shards(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("toy")
+    return directory, write_shards(directory, 7 * 5 - 2, 5)  # 7 shards, the last one short
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_exact_mode_reads_every_sample_exactly_once(toy_shards, smollm2_tokenizer, world_size, workers):
+    directory, keys = toy_shards
+    source = Source.from_patterns("toy", directory)
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world_size):
+            stream = ShardStream([source], SPEC, smollm2_tokenizer, batch_size=4, resampled=False, epoch=epoch,
+                                 rank=rank, world_size=world_size)
+            for w in range(workers):
+                seen += keys_of(stream, w, workers)
+        assert sorted(seen) == keys  # text-only samples included
+
+
+def test_epochs_reshuffle_shards(toy_shards, smollm2_tokenizer):
+    source = Source.from_patterns("toy", toy_shards[0])
+    orders = [keys_of(ShardStream([source], SPEC, smollm2_tokenizer, 4, resampled=False, epoch=e, rank=0,
+                                  world_size=1), 0, 1) for e in (0, 1)]
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+
+
+def test_dataloader_workers_cover_the_data_once(toy_shards, smollm2_tokenizer):
+    directory, keys = toy_shards
+    stream = ShardStream([Source.from_patterns("toy", directory)], SPEC, smollm2_tokenizer, batch_size=3,
+                         resampled=False, rank=0, world_size=1)
+    loader = Loader(stream, num_workers=2)
+    batches = list(loader)
+    got = [k for b in batches for k in b["keys"]]
+    assert sorted(got) == keys
+    text_rows = [b["frame_index"][i] for b in batches for i, k in enumerate(b["keys"]) if int(k[1:]) % 3 == 0]
+    assert text_rows and all((r == -1).all() for r in text_rows)  # text-only samples reach the batches
+    assert loader.counts()["seen"] == {"toy": len(keys)}
+    assert sorted(k for b in loader for k in b["keys"]) == keys  # the next pass is a new epoch
+
+
+def test_mixture_ratios_and_text_share(tmp_path, smollm2_tokenizer):
+    for name in "abt":
+        write_shards(tmp_path / name, 30, 10, prefix=name)
+    a = Source.from_patterns("a", tmp_path / "a", weight=3)
+    b = Source.from_patterns("b", tmp_path / "b", weight=1)
+    t = Source.from_patterns("t", tmp_path / "t", text=True)
+    spec = SampleSpec(frame_size=28, max_frames=2, image_frames=2)
+    stream = ShardStream([a, b, t], spec, smollm2_tokenizer, batch_size=8, rank=0, world_size=2, seed=3)
+    assert stream.probabilities == pytest.approx({"a": 0.645, "b": 0.215, "t": 0.14})
+    n = 2500
+    draws = [s["key"][0] for s, _ in zip((s for s, _ in stream.samples(0, 1)), range(n))]
+    share = {k: v / n for k, v in Counter(draws).items()}
+    # binomial standard deviations are <= 0.01 at n = 2500
+    assert share["t"] == pytest.approx(0.14, abs=0.03) and share["a"] == pytest.approx(0.645, abs=0.03)
+    other_rank = ShardStream([a, b, t], spec, smollm2_tokenizer, batch_size=8, rank=1, world_size=2, seed=3)
+    assert keys_of_first(other_rank, 50) != keys_of_first(stream, 50)
+
+
+def keys_of_first(stream, n):
+    out = []
+    for s, _ in stream.samples(0, 1):
+        if s is not None:
+            out.append(s["key"])
+        if len(out) == n:
+            return out
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_without_replay(toy_shards, smollm2_tokenizer, resampled, workers):
+    source = Source.from_patterns("toy", toy_shards[0])
+
+    def loader():
+        stream = ShardStream([source], SPEC, smollm2_tokenizer, batch_size=3, max_batch_frames=8,
+                             resampled=resampled, seed=5, rank=0, world_size=1)
+        return Loader(stream, num_workers=workers)
+
+    reference = []
+    for batch in loader():
+        reference.append(batch["keys"])
+        if len(reference) == 9:
+            break
+    first = loader()
+    for i, batch in enumerate(first):
+        assert batch["keys"] == reference[i]
+        if i == 4:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    resumed = loader()
+    resumed.load_state_dict(state)
+    after = [b["keys"] for b, _ in zip(resumed, range(4))]
+    assert after == reference[5:9]
+
+
+def test_resume_refuses_a_different_setup(toy_shards, smollm2_tokenizer):
+    source = Source.from_patterns("toy", toy_shards[0])
+    a = Loader(ShardStream([source], SPEC, smollm2_tokenizer, 3, rank=0, world_size=1), num_workers=0)
+    next(iter(a))
+    b = Loader(ShardStream([source], SPEC, smollm2_tokenizer, 3, rank=0, world_size=1), num_workers=2)
+    with pytest.raises(ValueError, match="num_workers"):
+        b.load_state_dict(a.state_dict())
+
+
+def empty_video(tmp_path):
+    buf = io.BytesIO()
+    with av.open(io.BytesIO(write_video(tmp_path / "v.mp4", 3))) as src, av.open(buf, "w", format="matroska") as out:
+        out.add_stream_from_template(src.streams.video[0])
+        out.start_encoding()
+    return buf.getvalue()
+
+
+@pytest.fixture
+def broken_shards(tmp_path):
+    """Two shards: every kind of bad sample between good ones, and a tar cut off in its third sample."""
+    good, bad = [], Counter()
+    long_answer = " ".join(["word"] * 300)
+    cases = [
+        ("bad_json", {"json": b"{not json"}),
+        ("missing_fields", {"json": {"source": "toy"}}),
+        ("missing_fields", {"json": {"messages": [{"role": "user", "content": "no answer"}]}}),
+        ("missing_json", {"jpg": JPEG}),
+        ("bad_image", {"json": conversation("x"), "jpg": b"\xff\xd8\xffnot a jpeg"}),
+        ("bad_image", {"json": conversation("x"), "000.jpg": JPEG, "001.jpg": b"garbage"}),
+        ("bad_video", {"json": conversation("x"), "mp4": b"\x00\x00\x00\x18ftypmp42" + bytes(64)}),
+        ("empty_video", {"json": conversation("x"), "mkv": empty_video(tmp_path)}),
+        ("mixed_media", {"json": conversation("x"), "jpg": JPEG, "000.jpg": JPEG}),
+        ("text_too_long", {"json": {"messages": [{"role": "user", "content": "?"},
+                                                 {"role": "assistant", "content": long_answer}]}}),
+    ]
+    with ShardWriter(tmp_path / "shards", max_samples=100) as w:
+        for i, (reason, files) in enumerate(cases):
+            w.write(f"good{i}", {"json": conversation(f"good{i}"), "000.jpg": JPEG, "001.jpg": JPEG})
+            good.append(f"good{i}")
+            w.write(f"bad{i}", files)
+            bad[reason] += 1
+        w.write("video", {"json": conversation("video"), "mp4": write_video(tmp_path / "ok.mp4", 12, fps=4)})
+        good.append("video")
+    with ShardWriter(tmp_path / "cut", prefix="cut") as w:
+        for i in range(4):
+            w.write(f"cut{i}", {"json": conversation(f"cut{i}"), "jpg": JPEG})
+    path = tmp_path / "cut" / "cut-00000.tar"
+    with tarfile.open(path) as tar:
+        cut = tar.getmember("cut2.jpg").offset_data + 10  # inside the third sample's image
+    (tmp_path / "shards" / "shard-00001.tar").write_bytes(path.read_bytes()[:cut])
+    good += ["cut0", "cut1"]
+    bad["corrupt_shard"] += 1
+    return tmp_path / "shards", sorted(good), dict(bad)
+
+
+def test_bad_samples_are_skipped_counted_and_good_ones_kept(broken_shards, smollm2_tokenizer, caplog):
+    directory, good, bad = broken_shards
+    stream = ShardStream([Source.from_patterns("mixed", directory)], SPEC, smollm2_tokenizer, batch_size=4,
+                         resampled=False, rank=0, world_size=1)
+    loader = Loader(stream)
+    with caplog.at_level("WARNING", logger="fvlm.data"):
+        got = sorted(k for b in loader for k in b["keys"])
+    assert got == good
+    assert loader.counts()["skipped"] == {"mixed": bad}, (loader.counts(), bad)
+    assert len(caplog.records) == len(bad)  # logged once per reason
+
+
+def test_a_mostly_broken_source_is_an_error(tmp_path, smollm2_tokenizer):
+    with ShardWriter(tmp_path) as w:
+        for i in range(80):
+            w.write(f"k{i}", {"json": conversation(f"k{i}") if i % 4 == 0 else b"{"})
+    stream = ShardStream([Source.from_patterns("junk", tmp_path)], SPEC, smollm2_tokenizer, batch_size=2,
+                         resampled=False, rank=0, world_size=1)
+    with pytest.raises(RuntimeError, match="'junk'"):
+        list(Loader(stream))
+
+
+def test_dpo_samples_stream_as_pairs(tmp_path, smollm2_tokenizer):
+    with ShardWriter(tmp_path) as w:
+        for i in range(3):
+            w.write(f"p{i}", {"json": {"messages": [{"role": "user", "content": "Which way?"}], "chosen": "Left.",
+                                       "rejected": "Up and away.", "source": "pairs"}, "jpg": JPEG})
+    spec = SampleSpec(stage="dpo", frame_size=28, image_frames=2)
+    batch = next(iter(Loader(ShardStream([Source.from_patterns("p", tmp_path)], spec, smollm2_tokenizer, 3,
+                                         resampled=False, rank=0, world_size=1))))
+    assert batch["frames"].shape == (3, 3, 28, 28) and batch["frame_index"].tolist() == [[0, 0], [1, 1], [2, 2]]
+    chosen = batch["chosen_input_ids"][0][batch["chosen_loss_mask"][0].bool()]
+    assert smollm2_tokenizer.decode(chosen) == "Left.<|im_end|>"
+    assert batch["rejected_input_ids"].shape[1] > batch["chosen_input_ids"].shape[1]
+
+
+def test_stats_cli(broken_shards, toy_shards, smollm2_tokenizer, tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    smollm2_tokenizer.save_pretrained(tok_dir)
+    directory, good, bad = broken_shards
+    args = ["stats", str(directory), str(toy_shards[0]), str(toy_shards[0] / "s-0000[0-2].tar"),
+            "--workers", "2", "--world-size", "2", "--max-frames", "4", "--frame-size", "28",
+            "--max-text-tokens", "200", "--tokenizer", str(tok_dir)]
+    stats = data.main(args)
+    toy = len(toy_shards[1])
+    assert stats["samples"] == len(good) + toy + 15 and stats["read"] == stats["samples"] + sum(bad.values())
+    assert stats["per_source"] == {"toy": stats["samples"]}
+    assert sum(stats["per_rank"]) == stats["samples"]
+    assert stats["duplicate_keys"] == 15  # the first three toy shards were named twice
+    assert stats["skipped"] == {str(directory): bad}
+    # 6-frame toy samples are capped at --max-frames 4: nothing above 4 frames
+    assert set(stats["frames"]) <= {"text only", "image", "1 frame", "2-4 frames"}
+    assert stats["frames"]["2-4 frames"] > 0 and stats["frames"]["text only"] > 0
+    assert stats["text_tokens"]["max"] >= stats["text_tokens"]["median"] > 0
+    printed = capsys.readouterr().out
+    assert "duplicate keys: 15" in printed and "bad_json 1" in printed

@@ -1,0 +1,117 @@
+"""Frame sampling edge cases and decoding (both video decoders, damaged and empty videos, images)."""
+
+import io
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import media
+from media import EmptyVideo, MediaError, decode_image, decode_video, encode_jpeg, sample_frame_indices
+
+DECODERS = ["pyav"] + (["decord"] if media.decord is not None else [])
+BLOCK = 16  # frame i carries the brightness 6 * i in its top-left 16x16 block; the rest is noise
+
+
+def write_video(path, n, fps=10, faststart=False):
+    rng = np.random.RandomState(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n):
+            a = rng.randint(0, 256, (48, 64, 3)).astype(np.uint8)
+            a[:BLOCK, :BLOCK] = 6 * i
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path.read_bytes()
+
+
+def frame_numbers(frames):
+    return [round(f[:, 2:BLOCK - 2, 2:BLOCK - 2].float().mean().item() / 6) for f in frames]
+
+
+@pytest.fixture
+def decoder(request, monkeypatch):
+    if request.param == "pyav":
+        monkeypatch.setattr(media, "decord", None)
+    return request.param
+
+
+@pytest.mark.parametrize("n, k, expected", [
+    (0, 8, []),
+    (5, 8, [0, 1, 2, 3, 4]),
+    (1, 8, [0]),
+    (8, 8, list(range(8))),
+    (100, 4, [12, 37, 62, 87]),
+])
+def test_sample_frame_indices(n, k, expected):
+    assert sample_frame_indices(n, k) == expected
+
+
+def test_sample_frame_indices_spread_and_fps():
+    index = sample_frame_indices(1000, 64)
+    gaps = {b - a for a, b in zip(index, index[1:])}
+    assert len(index) == 64 and gaps <= {15, 16} and abs(index[0] - (999 - index[-1])) <= 1
+    assert len(sample_frame_indices(300, 64, fps=30, target_fps=1.0)) == 10  # a 10 s clip at 1 fps
+    assert len(sample_frame_indices(300, 4, fps=30, target_fps=1.0)) == 4
+    assert len(sample_frame_indices(10, 64, fps=30, target_fps=1.0)) == 1  # shorter than a second
+    assert len(sample_frame_indices(300, 64, fps=0, target_fps=1.0)) == 64  # unknown rate: count only
+    with pytest.raises(ValueError):
+        sample_frame_indices(10, 0)
+
+
+@pytest.mark.parametrize("decoder", DECODERS, indirect=True)
+def test_decode_video_samples_uniformly(tmp_path, decoder):
+    data = write_video(tmp_path / "v.mp4", 40)
+    frames = decode_video(data, 8)
+    assert frames.shape == (8, 3, 48, 64) and frames.dtype == torch.uint8
+    assert frame_numbers(frames) == sample_frame_indices(40, 8)
+    assert decode_video(data, 64, size=28).shape == (40, 3, 28, 28)
+    assert frame_numbers(decode_video(data, 64, target_fps=1.0)) == sample_frame_indices(40, 4)  # 4 s
+
+
+@pytest.mark.parametrize("decoder", DECODERS, indirect=True)
+def test_damaged_tail_samples_over_the_frames_that_decode(tmp_path, decoder):
+    data = write_video(tmp_path / "v.mp4", 40, faststart=True)  # header first: it still claims 40 frames
+    cut = data[: int(len(data) * 0.6)]
+    numbers = frame_numbers(decode_video(cut, 8))
+    assert len(numbers) == 8 and numbers == sorted(set(numbers))
+    assert 16 <= numbers[-1] < 26  # spread over the ~24 decodable frames, not the claimed 40
+
+
+@pytest.mark.parametrize("decoder", DECODERS, indirect=True)
+def test_empty_and_garbage_videos(tmp_path, decoder):
+    source = write_video(tmp_path / "v.mp4", 5)
+    buf = io.BytesIO()
+    with av.open(io.BytesIO(source)) as src, av.open(buf, "w", format="matroska") as out:
+        out.add_stream_from_template(src.streams.video[0])
+        out.start_encoding()  # a header, no frames
+    with pytest.raises(EmptyVideo):
+        decode_video(buf.getvalue(), 8)
+    with pytest.raises(MediaError) as e:
+        decode_video(b"\x00\x00\x00\x18ftypmp42" + bytes(500), 8)
+    assert not isinstance(e.value, EmptyVideo)
+
+
+def test_decode_image_resize_modes():
+    img = torch.zeros(3, 60, 120, dtype=torch.uint8)
+    img[0] = 255  # red everywhere, a green square in the middle
+    img[:, 20:40, 50:70] = torch.tensor([0, 255, 0], dtype=torch.uint8).view(3, 1, 1)
+    png = io.BytesIO()
+    from PIL import Image
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(png, format="PNG")
+    for data in (png.getvalue(), encode_jpeg(img, quality=95)):
+        assert decode_image(data).shape == (3, 60, 120)
+        squash, crop, pad = (decode_image(data, 30, mode) for mode in ("squash", "crop", "pad"))
+        assert squash.shape == crop.shape == pad.shape == (3, 30, 30)
+        assert pad[:, :5].float().sub(torch.tensor(media.PAD_COLOR).view(3, 1, 1)).abs().max() < 8  # letterbox
+        assert pad[0, 15, 2] > 200 and crop[0, 2, 2] > 200  # red content kept at the sides
+        green = lambda x: (x[1] > 150).float().mean().item()  # noqa: E731
+        assert green(crop) > green(squash) > green(pad) > 0  # crop zooms in, pad shrinks
+    with pytest.raises(MediaError):
+        decode_image(b"\xff\xd8\xff" + bytes(100), 30)
+    with pytest.raises(ValueError):
+        decode_image(png.getvalue(), 30, "zoom")
