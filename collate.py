@@ -81,8 +81,9 @@ def sample_cost(sample, image_frames: int = 8) -> tuple[int, int, int]:
 
 def budget_batches(items, max_batch_size: int, max_frames: int | None = None, max_tokens: int | None = None,
                    image_frames: int = 8, get_sample=lambda item: item):
-    """Group a stream of items (get_sample(item) is the sample) into lists, in order: at most max_batch_size samples, at most max_frames
-    encoded frames and at most max_tokens padded sequence positions (rows x longest) per batch.
+    """Group a stream of items (get_sample(item) is the sample) into lists, in order: at most
+    max_batch_size samples, at most max_frames encoded frames and at most max_tokens padded sequence
+    positions (rows x longest) per batch.
     Without the two budgets this is fixed-size batching. A sample over the budget on its own forms
     a batch alone (never dropped)."""
     if max_batch_size < 1:

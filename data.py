@@ -467,7 +467,8 @@ def format_stats(s: dict) -> str:
     lines += ["text tokens: " + ", ".join(f"{k} {v}" for k, v in s["text_tokens"].items()),
               f"duplicate keys: {s['duplicate_keys']}, duplicate texts: {s['duplicate_texts']}",
               "skipped:" + ("" if s["skipped"] else " none")]
-    lines += [f"  {name}: " + ", ".join(f"{r} {n}" for r, n in reasons.items()) for name, reasons in s["skipped"].items()]
+    lines += [f"  {name}: " + ", ".join(f"{r} {n}" for r, n in reasons.items())
+              for name, reasons in s["skipped"].items()]
     return "\n".join(lines)
 
 

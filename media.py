@@ -13,7 +13,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 try:  # optional: faster JPEG decoding
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -24,7 +24,7 @@ try:  # optional: seeking video decoder
 except ImportError:  # pragma: no cover - depends on the environment
     decord = None
 
-RESIZE_MODES = ("squash", "crop", "pad")
+RESIZE_MODES = ("squash", "crop", "pad", "short")
 PAD_COLOR = (124, 116, 104)  # ImageNet mean: padding normalises to ~0
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -49,20 +49,21 @@ def sample_frame_indices(num_frames: int, max_frames: int, fps: float | None = N
         return []
     k = min(num_frames, max_frames)
     if target_fps and fps and fps > 0:
-        k = min(k, max(1, round(num_frames / fps * target_fps)))
+        k = min(k, max(1, int(num_frames / fps * target_fps + 0.5)))
     return [min(num_frames - 1, int((i + 0.5) * num_frames / k)) for i in range(k)]
 
 
 def resize(frames: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> [..., 3, size, size]. squash: stretch to the square (keeps all content);
-    crop: centre square of the short side (loses the edges); pad: fit inside and pad with the ImageNet
-    mean colour (keeps content and aspect)."""
+    """uint8 [..., 3, H, W] -> [..., 3, size, size]. squash: stretch to the square (keeps all
+    content); crop: centre square of the short side (loses the edges); pad: fit inside and pad with
+    the ImageNet mean colour (keeps content and aspect). short: short side to `size`, aspect kept
+    (not square; for storing frames in shards)."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     h, w = frames.shape[-2:]
     if mode == "squash":
         out_h, out_w = size, size
-    elif mode == "crop":
+    elif mode in ("crop", "short"):
         scale = size / min(h, w)
         out_h, out_w = max(size, round(h * scale)), max(size, round(w * scale))
     else:
@@ -79,10 +80,16 @@ def resize(frames: torch.Tensor, size: int, mode: str = "squash") -> torch.Tenso
         top, left = (size - out_h) // 2, (size - out_w) // 2
         canvas[..., top: top + out_h, left: left + out_w] = x
         x = canvas
-    return x.reshape(*frames.shape[:-3], 3, size, size).contiguous()
+    return x.reshape(*frames.shape[:-2], *x.shape[-2:]).contiguous()
 
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent areas onto white: charts and documents are drawn for a white page
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
     return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
 
 
@@ -90,7 +97,8 @@ def decode_image(data: bytes, size: int | None = None, mode: str = "squash") -> 
     """Image bytes -> uint8 [3, size, size] (or the original size when size is None)."""
     try:
         if decode_jpeg is not None and data[:3] == b"\xff\xd8\xff":
-            img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                              apply_exif_orientation=True)
         else:
             pil = Image.open(io.BytesIO(data))
             if size is not None and pil.format == "JPEG":
@@ -116,32 +124,33 @@ def encode_jpeg(image, quality: int = 90) -> bytes:
 
 def decode_video(data: bytes, max_frames: int, size: int | None = None, mode: str = "squash",
                  target_fps: float | None = None) -> torch.Tensor:
-    """Video bytes -> uint8 [T, 3, size, size], T uniformly sampled frames (sample_frame_indices).
-    Raises MediaError for undecodable videos and videos without frames."""
+    """Video bytes -> uint8 [T, 3, size, size] (resize mode `mode`; original size when size is None),
+    T uniformly sampled frames (sample_frame_indices). Frames are resized as they are decoded, so a
+    long high-resolution clip never sits in memory at full size. Raises MediaError for undecodable
+    videos, EmptyVideo for videos without frames."""
+    fit = (lambda x: resize(x, size, mode)) if size is not None else (lambda x: x)  # noqa: E731
     if decord is not None:
         try:
-            frames = _decord_frames(data, max_frames, target_fps)
+            return _decord_frames(data, max_frames, target_fps, fit)
         except MediaError:
             raise
         except Exception:  # decord failing on a container PyAV may still read
-            frames = _pyav_frames(data, max_frames, target_fps)
-    else:
-        frames = _pyav_frames(data, max_frames, target_fps)
-    return resize(frames, size, mode) if size is not None else frames
+            pass
+    return _pyav_frames(data, max_frames, target_fps, fit)
 
 
-def _decord_frames(data, max_frames, target_fps):
+def _decord_frames(data, max_frames, target_fps, fit):
     reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    n = len(reader)
-    index = sample_frame_indices(n, max_frames, reader.get_avg_fps(), target_fps)
+    index = sample_frame_indices(len(reader), max_frames, reader.get_avg_fps(), target_fps)
     if not index:
         raise EmptyVideo("video has no frames")
-    batch = reader.get_batch(index).asnumpy()
+    chunks = [fit(torch.from_numpy(reader.get_batch(index[i: i + 8]).asnumpy()).permute(0, 3, 1, 2))
+              for i in range(0, len(index), 8)]
     reader.seek(0)  # releases decord's frame buffers (its get_batch memory growth)
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+    return torch.cat(chunks).contiguous()
 
 
-def _pyav_frames(data, max_frames, target_fps):
+def _pyav_frames(data, max_frames, target_fps, fit):
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
@@ -150,11 +159,11 @@ def _pyav_frames(data, max_frames, target_fps):
             fps = float(stream.average_rate or 0)
             n = stream.frames or _count_packets(container, stream)
         index = sample_frame_indices(n, max_frames, fps, target_fps)
-        frames, decoded = _pyav_pick(data, index)
+        frames, decoded = _pyav_pick(data, index, fit)
         if len(frames) < len(index):
             # The container over-reported its length (or its tail is damaged): sample again over
             # the frames that do decode.
-            frames, _ = _pyav_pick(data, sample_frame_indices(decoded, max_frames, fps, target_fps))
+            frames, _ = _pyav_pick(data, sample_frame_indices(decoded, max_frames, fps, target_fps), fit)
     except MediaError:
         raise
     except av.error.EOFError as e:  # the file ends before its first frame
@@ -177,7 +186,7 @@ def _count_packets(container, stream) -> int:
     return n
 
 
-def _pyav_pick(data, index):
+def _pyav_pick(data, index, fit):
     """Decode sequentially, keeping the frames at `index`; returns (frames, frames decoded)."""
     wanted, frames, i = set(index), [], -1
     if not wanted:
@@ -198,7 +207,7 @@ def _pyav_pick(data, index):
                 break  # a damaged tail: the frames before it are the video
             i += 1
             if i in wanted:
-                frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
+                frames.append(fit(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)))
     return frames, i + 1
 
 

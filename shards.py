@@ -86,14 +86,22 @@ def read_samples(path, skip: int = 0):
 
 class ShardWriter:
     """Write samples into `DIR/PREFIX-00000.tar, ...`, starting a new shard every `max_samples`
-    samples or `max_bytes` bytes. Members are written in sorted name order with fixed metadata, so the
+    samples or `max_bytes` bytes of member data. Members are written in sorted name order with fixed metadata, so the
     same samples give byte-identical shards."""
 
-    def __init__(self, directory, prefix: str = "shard", max_samples: int = 1000, max_bytes: int = 1 << 30):
+    def __init__(self, directory, prefix: str = "shard", max_samples: int = 1000, max_bytes: int = 1 << 30,
+                 overwrite: bool = False):
+        """Refuses a folder that already holds PREFIX-*.tar shards (a smaller rerun would leave stale
+        higher-numbered shards that shard patterns pick up) unless overwrite=True deletes them."""
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        old = sorted(self.directory.glob(f"{prefix}-*.tar"))
+        if old and not overwrite:
+            raise FileExistsError(f"{self.directory} already holds {len(old)} {prefix}-*.tar shards")
+        for path in old:
+            path.unlink()
         self.prefix, self.max_samples, self.max_bytes = prefix, max_samples, max_bytes
         self.paths, self.count, self._tar, self._in_shard, self._bytes = [], 0, None, 0, 0
 
@@ -121,13 +129,16 @@ class ShardWriter:
     def _next_shard(self):
         self.close()
         path = self.directory / f"{self.prefix}-{len(self.paths):05d}.tar"
-        self._tar = tarfile.open(path, "w")
+        # Written under a temporary name and renamed when complete: a crashed build never leaves a
+        # truncated shard that shard patterns would pick up.
+        self._tar = tarfile.open(path.with_suffix(".tar.partial"), "w")
         self.paths.append(str(path))
         self._in_shard, self._bytes = 0, 0
 
     def close(self):
         if self._tar is not None:
             self._tar.close()
+            Path(self.paths[-1] + ".partial").replace(self.paths[-1])
             self._tar = None
 
     def __enter__(self):

@@ -15,7 +15,8 @@ def frames(*shape):
 
 
 def text_sample(key, n, frames_=None):
-    return dict(key=key, source="s", frames=frames_, input_ids=list(range(10, 10 + n)), loss_mask=[0] * (n // 2) + [1] * (n - n // 2))
+    return dict(key=key, source="s", frames=frames_, input_ids=list(range(10, 10 + n)),
+                loss_mask=[0] * (n // 2) + [1] * (n - n // 2))
 
 
 def test_collate_packs_frames_and_pads_text():
@@ -45,7 +46,8 @@ def test_pack_frames_rejects_bad_shapes():
 def test_dpo_pairs_share_frames_and_pad_each_side():
     s = dict(key="k", source="s", frames=frames(2, 3, 28, 28), chosen_ids=[5, 6, 7], chosen_mask=[0, 1, 1],
              rejected_ids=[5, 6], rejected_mask=[0, 1])
-    t = dict(s, key="l", frames=None, chosen_ids=[5], chosen_mask=[1], rejected_ids=[5, 8, 9, 9], rejected_mask=[0, 0, 1, 1])
+    t = dict(s, key="l", frames=None, chosen_ids=[5], chosen_mask=[1], rejected_ids=[5, 8, 9, 9],
+             rejected_mask=[0, 0, 1, 1])
     batch = collate([s, t], pad_id=0)
     assert batch["frame_index"].tolist() == [[0, 1], [-1, -1]]
     assert batch["chosen_input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]

@@ -115,3 +115,20 @@ def test_decode_image_resize_modes():
         decode_image(b"\xff\xd8\xff" + bytes(100), 30)
     with pytest.raises(ValueError):
         decode_image(png.getvalue(), 30, "zoom")
+
+
+def test_short_side_resize_exif_rotation_and_transparency():
+    from PIL import Image
+
+    wide = torch.zeros(2, 3, 60, 120, dtype=torch.uint8)
+    assert media.resize(wide, 30, "short").shape == (2, 3, 30, 60)  # aspect kept, nothing cut
+    pil = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = pil.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue()).shape == (3, 40, 20)
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    assert (decode_image(buf.getvalue()) == 255).all()  # shown on white, not black

@@ -1,0 +1,265 @@
+"""Generate a procedural video QA dataset whose answers hinge on one small object, so that a single
+static glance at a downscaled frame cannot answer but a model that learns where to look can.
+
+Every clip has `--frames` frames of `--frame-size` px: a light neutral background (plain, or softly
+mottled), 6-12 distractors and one target, all objects the same small size (1/12 of the frame side,
+at least 10 px), at random non-overlapping positions, in a palette of 8 clearly distinct colours (red,
+orange, yellow, green, cyan, blue, purple, pink) or grey. Shapes: circle, square, triangle, cross.
+Tasks, in turn (colour, shape, motion, colour, ...):
+- colour: the target is the only circle; the distractors are squares, triangles and crosses in random
+  palette colours (the target's included). "What colour is the circle?" Static clip.
+- shape: the target is the only coloured object, in a random shape; the distractors are grey, in
+  random shapes. "What shape is the red object?" Static clip.
+- motion: as in shape, but the target moves steadily left, right, up or down over the clip (30-50%
+  of the frame side in all) while the grey distractors stay still. "Which way does the red object move?"
+Each split is its own folder of WebDataset shards (shards.ShardWriter, 500 samples a shard):
+alignment/ (captions: "Describe the video." -> e.g. "A small red triangle moves to the left among grey
+shapes."), sft/ (question -> answer sentence), dpo/ (question; chosen = the answer sentence, rejected =
+the same sentence with a wrong colour, shape or direction), eval/ (4-way multiple choice, the correct
+letter uniform over A-D) and text/ (text-only arithmetic and word questions for the text-retention
+mix). --size N samples in each training split, max(100, N // 10) in eval, max(50, N // 5) in text.
+The ground truth is in each sample's "meta" (task, colour, shape, direction, the target's box in every
+frame, the distractors); --out/README.json holds the counts, arguments and palette. Output is
+byte-identical for the same arguments.
+"""
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageChops, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from media import encode_jpeg  # noqa: E402
+from shards import ShardWriter  # noqa: E402
+
+PALETTE = {"red": (220, 30, 30), "orange": (245, 135, 20), "yellow": (240, 215, 20), "green": (40, 160, 60),
+           "cyan": (20, 190, 210), "blue": (40, 70, 220), "purple": (135, 60, 190), "pink": (245, 110, 190)}
+GREY = (120, 120, 120)
+SHAPES = ("circle", "square", "triangle", "cross")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+TASKS = ("colour", "shape", "motion")
+SPLITS = ("alignment", "sft", "dpo", "eval", "text")
+SHARD_SAMPLES = 500
+JPEG_QUALITY = 90  # object centres stay within ~20 levels of their palette colour (~35 at 10 px)
+MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
+WORDS = ("apple", "river", "candle", "garden", "window", "planet", "silver", "forest", "pencil", "basket",
+         "ladder", "mirror", "rocket", "saddle", "tunnel", "velvet", "wizard", "meadow", "harbor", "lantern")
+
+
+def draw_shape(draw, shape, colour, x, y, s):
+    """An s x s shape with its top-left pixel at (x, y)."""
+    box = [x, y, x + s - 1, y + s - 1]
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":  # apex up, base along the bottom row
+        draw.polygon([(x + (s - 1) / 2, y), (x + s - 1, y + s - 1), (x, y + s - 1)], fill=colour)
+    else:  # cross: bars a third of the side thick
+        a, lo = max(2, s // 3), (s - max(2, s // 3)) // 2
+        draw.rectangle([x, y + lo, x + s - 1, y + lo + a - 1], fill=colour)
+        draw.rectangle([x + lo, y, x + lo + a - 1, y + s - 1], fill=colour)
+
+
+def place(rng, count, s, px, taken):
+    """Top-left corners of `count` s-px objects, kept s // 2 px clear of each other and of the boxes in
+    `taken` (extended in place), so that every object can be measured on its own."""
+    gap, corners = s // 2, []
+    for _ in range(10000):
+        x, y = rng.randrange(px - s + 1), rng.randrange(px - s + 1)
+        if all(x >= r + gap or x + s + gap <= l or y >= b + gap or y + s + gap <= t for l, t, r, b in taken):
+            taken.append((x, y, x + s, y + s))
+            corners.append((x, y))
+            if len(corners) == count:
+                return corners
+    raise ValueError(f"cannot place {count} objects of {s} px in a {px}-px frame")
+
+
+def background(rng, px):
+    """A light neutral tone, half the time softly mottled: noise drawn at a quarter of the resolution
+    and upsampled, so it looks like texture rather than sensor noise and costs JPEG little."""
+    tone = rng.randint(185, 240)
+    image = Image.new("RGB", (px, px), tuple(tone + rng.randint(-8, 8) for _ in range(3)))
+    if rng.random() < 0.5:
+        n = max(2, px // 4)
+        noise = Image.frombytes("L", (n, n), rng.randbytes(n * n)).point(lambda v: v * 24 // 255)
+        noise = noise.resize((px, px), Image.BILINEAR)
+        image = ImageChops.add(image, Image.merge("RGB", (noise,) * 3), offset=-12)
+    return image
+
+
+def make_clip(rng, task, px, frames):
+    """Render one clip: (list of JPEG bytes, one per frame; meta with the ground truth)."""
+    s = max(10, round(px / 12))  # below ~10 px JPEG smears shapes and colours
+    colour = rng.choice(sorted(PALETTE))
+    shape = "circle" if task == "colour" else rng.choice(SHAPES)
+    direction = rng.choice(sorted(DIRECTIONS)) if task == "motion" else None
+    x, y = rng.randrange(px - s + 1), rng.randrange(px - s + 1)
+    path = [(x, y)] * frames
+    if direction:
+        dx, dy = DIRECTIONS[direction]
+        travel = min(round(px * rng.uniform(0.3, 0.5)), px - s)
+        # start far enough from the edge we head for that the whole path stays inside the frame
+        start = rng.randrange(px - s + 1 - travel) + (travel if dx + dy < 0 else 0)
+        x, y = (start, y) if dx else (x, start)
+        path = [(x + round(dx * travel * t / (frames - 1)), y + round(dy * travel * t / (frames - 1)))
+                for t in range(frames)]
+    xs, ys = [p[0] for p in path], [p[1] for p in path]
+    taken = [(min(xs), min(ys), max(xs) + s, max(ys) + s)]  # the target's whole sweep
+    distractors = []
+    for left, top in place(rng, rng.randint(6, 12), s, px, taken):
+        if task == "colour":  # any colour, the target's too: only the shape singles the target out
+            d_shape, d_colour = rng.choice(SHAPES[1:]), rng.choice(sorted(PALETTE))
+        else:
+            d_shape, d_colour = rng.choice(SHAPES), "grey"
+        distractors.append({"shape": d_shape, "colour": d_colour, "box": [left, top, left + s, top + s]})
+
+    scene = background(rng, px)
+    draw = ImageDraw.Draw(scene)
+    for d in distractors:
+        draw_shape(draw, d["shape"], PALETTE.get(d["colour"], GREY), d["box"][0], d["box"][1], s)
+    jpegs = []
+    for t, (tx, ty) in enumerate(path):
+        if t and path[t] == path[t - 1]:  # a static clip: encode once, repeat the bytes
+            jpegs.append(jpegs[-1])
+            continue
+        frame = scene.copy()
+        draw_shape(ImageDraw.Draw(frame), shape, PALETTE[colour], tx, ty, s)
+        jpegs.append(encode_jpeg(frame, quality=JPEG_QUALITY))
+    meta = {"task": task, "colour": colour, "shape": shape, "direction": direction, "frame_size": px,
+            "object_size": s, "boxes": [[x_, y_, x_ + s, y_ + s] for x_, y_ in path],
+            "distractors": distractors}
+    return jpegs, meta
+
+
+def answer_key(meta):
+    """(the value asked about, all values it could take, question, answer sentence template)."""
+    c = meta["colour"]
+    if meta["task"] == "colour":
+        return c, sorted(PALETTE), "What colour is the circle?", "The circle is {}."
+    if meta["task"] == "shape":
+        return meta["shape"], list(SHAPES), f"What shape is the {c} object?", f"The {c} object is a {{}}."
+    return (meta["direction"], list(DIRECTIONS), f"Which way does the {c} object move?",
+            f"The {c} object moves {{}}.")
+
+
+def phrase(meta, value):
+    """How a value reads in an answer sentence ("left" -> "to the left")."""
+    return DIRECTION_PHRASES[value] if meta["task"] == "motion" else value
+
+
+def caption(meta):
+    c, shape = meta["colour"], meta["shape"]
+    if meta["task"] == "colour":
+        return f"A small {c} circle sits among small squares, triangles and crosses of many colours."
+    if meta["task"] == "shape":
+        return f"A small {c} {shape} sits among grey shapes."
+    return f"A small {c} {shape} moves {DIRECTION_PHRASES[meta['direction']]} among grey shapes."
+
+
+def video_sample(split, rng, task, args):
+    """One sample of a video split: {extension: data} for ShardWriter."""
+    jpegs, meta = make_clip(rng, task, args.frame_size, args.frames)
+    truth, values, question, template = answer_key(meta)
+    sample = {}
+    if split == "alignment":
+        sample["messages"] = [{"role": "user", "content": "Describe the video."},
+                              {"role": "assistant", "content": caption(meta)}]
+    elif split == "sft":
+        sample["messages"] = [{"role": "user", "content": question},
+                              {"role": "assistant", "content": template.format(phrase(meta, truth))}]
+    elif split == "dpo":
+        wrong = rng.choice([v for v in values if v != truth])
+        sample["messages"] = [{"role": "user", "content": question}]
+        sample["chosen"] = template.format(phrase(meta, truth))
+        sample["rejected"] = template.format(phrase(meta, wrong))
+    else:  # eval: the truth and three wrong values, shuffled so the letter carries no signal
+        options = [truth] + rng.sample([v for v in values if v != truth], 3)
+        rng.shuffle(options)
+        letter = "ABCD"[options.index(truth)]
+        listing = "".join(f"\n{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+        sample["messages"] = [{"role": "user", "content": f"{question}{listing}\n{MCQ_SUFFIX}"},
+                              {"role": "assistant", "content": letter}]
+        sample.update(question=question, options=options, answer=letter)
+    sample.update(source=f"synthetic/{task}", meta=meta)
+    return {"json": sample, **{f"{t:03d}.jpg": data for t, data in enumerate(jpegs)}}
+
+
+def text_sample(rng):
+    """A text-only question with a procedurally computed answer: (kind, question, answer)."""
+    a, b, w = rng.randint(2, 99), rng.randint(2, 99), rng.choice(WORDS)
+    kind = rng.choice(("add", "subtract", "multiply", "compare", "length", "reverse", "first_letter"))
+    if kind == "add":
+        return kind, f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
+    if kind == "subtract":
+        hi, lo = max(a, b), min(a, b)
+        return kind, f"What is {hi} - {lo}?", f"{hi} - {lo} = {hi - lo}."
+    if kind == "multiply":
+        a, b = a % 12 + 2, b % 12 + 2
+        return kind, f"What is {a} times {b}?", f"{a} times {b} is {a * b}."
+    if kind == "compare":
+        b = b if b != a else a + 1
+        return kind, f"Which number is larger, {a} or {b}?", f"{max(a, b)} is larger."
+    if kind == "length":
+        return kind, f'How many letters are in the word "{w}"?', f'The word "{w}" has {len(w)} letters.'
+    if kind == "reverse":
+        return kind, f'Spell the word "{w}" backwards.', f'"{w}" backwards is "{w[::-1]}".'
+    return kind, f'What is the first letter of the word "{w}"?', f'The first letter of "{w}" is "{w[0]}".'
+
+
+def split_sizes(size):
+    return {"alignment": size, "sft": size, "dpo": size, "eval": max(100, size // 10),
+            "text": max(50, size // 5)}
+
+
+def write_split(out, split, split_seed, count, args):
+    """Write one split; returns {task: count}. Each sample draws from its own sub-seeded Random, so a
+    sample does not depend on the ones before it (a larger --size only appends samples)."""
+    counts = {}
+    with ShardWriter(out / split, prefix=split, max_samples=SHARD_SAMPLES) as writer:
+        for i in range(count):
+            rng = random.Random(split_seed * 2**32 + i)
+            if split == "text":
+                kind, question, answer = text_sample(rng)
+                task, files = "text", {"json": {
+                    "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                    "source": "synthetic/text", "meta": {"task": "text", "kind": kind}}}
+            else:
+                task = TASKS[i % len(TASKS)]
+                files = video_sample(split, rng, task, args)
+            writer.write(f"{split}-{i:06d}", files)
+            counts[task] = counts.get(task, 0) + 1
+    return counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="output folder (its split folders must hold no shards)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=2000, help="samples per training split")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--frame-size", type=int, default=224)
+    args = parser.parse_args(argv)
+    if args.size < 1 or args.frames < 2 or args.frame_size < 96:
+        parser.error("need --size >= 1, --frames >= 2 (for motion), --frame-size >= 96 (room for 13 objects)")
+    stale = [split for split in SPLITS if any((args.out / split).glob(f"{split}-*.tar"))]
+    if stale:  # checked up front so that no split is half written
+        parser.error(f"{args.out / stale[0]} already holds shards; choose an empty --out")
+    master = random.Random(args.seed)
+    split_seeds = {split: master.getrandbits(64) for split in SPLITS}  # independent clips per split
+    counts = {split: write_split(args.out, split, split_seeds[split], n, args)
+              for split, n in split_sizes(args.size).items()}
+    # --out is left out so that the whole folder is byte-identical wherever it is generated
+    summary = {"description": __doc__, "arguments": {k: v for k, v in vars(args).items() if k != "out"},
+               "counts": counts, "palette": PALETTE, "grey": GREY, "shapes": SHAPES,
+               "shard_samples": SHARD_SAMPLES, "jpeg_quality": JPEG_QUALITY}
+    (args.out / "README.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(counts))
+
+
+if __name__ == "__main__":
+    main()
