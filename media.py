@@ -80,29 +80,50 @@ def resize(frames: torch.Tensor, size: int, mode: str = "squash") -> torch.Tenso
         top, left = (size - out_h) // 2, (size - out_w) // 2
         canvas[..., top: top + out_h, left: left + out_w] = x
         x = canvas
-    return x.reshape(*frames.shape[:-2], *x.shape[-2:]).contiguous()
+    return x.reshape(*frames.shape[:-2], *x.shape[-2:])
 
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+    """uint8 [3, H, W] (a view of an [H, W, 3] buffer: whoever stacks the frames makes the one copy)."""
+    if img.getexif().get(0x0112, 1) != 1:  # phone photos store their rotation in EXIF
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent areas onto white: charts and documents are drawn for a white page
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))
-    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return pixels.view(img.height, img.width, 3).permute(2, 0, 1)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, found by walking its markers; None if absent."""
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame marker
+            return int.from_bytes(data[i + 7: i + 9], "big"), int.from_bytes(data[i + 5: i + 7], "big")
+        i += 2 + int.from_bytes(data[i + 2: i + 4], "big")
+    return None
 
 
 def decode_image(data: bytes, size: int | None = None, mode: str = "squash") -> torch.Tensor:
     """Image bytes -> uint8 [3, size, size] (or the original size when size is None)."""
     try:
-        if decode_jpeg is not None and data[:3] == b"\xff\xd8\xff":
+        dims = _jpeg_size(data) if data[:3] == b"\xff\xd8\xff" else None
+        if dims and decode_jpeg is not None and (size is None or min(dims) < 2 * size):
+            # libjpeg-turbo through torchvision: faster than Pillow at the target size (bench_data.py)
             img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                               apply_exif_orientation=True)
         else:
             pil = Image.open(io.BytesIO(data))
-            if size is not None and pil.format == "JPEG":
-                pil.draft("RGB", (size, size))  # decode at a reduced DCT scale when much larger
+            if pil.format == "JPEG" and size is not None:
+                pil.draft("RGB", (size, size))  # much larger than needed: decode at a reduced DCT scale
             img = _pil_to_tensor(pil)
     except Exception as e:  # decoders raise many types on corrupt data
         raise MediaError(f"undecodable image ({type(e).__name__}: {e})") from e

@@ -132,3 +132,22 @@ def test_short_side_resize_exif_rotation_and_transparency():
     buf = io.BytesIO()
     rgba.save(buf, format="PNG")
     assert (decode_image(buf.getvalue()) == 255).all()  # shown on white, not black
+
+
+def test_jpeg_header_size_and_both_jpeg_decoders_agree(monkeypatch):
+    from PIL import Image
+
+    img = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    exif = pil.getexif()
+    exif[0x010F] = "maker"  # an APP1 segment before the frame header
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", exif=exif, quality=95)
+    data = buf.getvalue()
+    assert media._jpeg_size(data) == (53, 37) and media._jpeg_size(b"\xff\xd8\xff\xe0") is None
+    if media.decode_jpeg is None:
+        pytest.skip("torchvision is not installed: Pillow is the only JPEG decoder")
+    fast = decode_image(data, 28)
+    monkeypatch.setattr(media, "decode_jpeg", None)
+    slow = decode_image(data, 28)
+    assert (fast.int() - slow.int()).abs().max() <= 2  # same libjpeg family, same resize
