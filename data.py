@@ -42,6 +42,7 @@ from tokenization import DEFAULT_SYSTEM_PROMPT, STAGES, SampleError, load_tokeni
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built
 log = logging.getLogger("fvlm.data")
 
+SQUARE_RESIZE_MODES = ("squash", "crop", "pad")  # the model reads square frames
 FAIL_MIN_SAMPLES = 50  # a source is judged on at least this many samples ...
 FAIL_FRACTION = 0.5  # ... and fails when more than this fraction of them was skipped
 
@@ -76,6 +77,8 @@ class SampleSpec:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.resize not in SQUARE_RESIZE_MODES:
+            raise ValueError(f"resize must be one of {SQUARE_RESIZE_MODES}, got {self.resize!r}")
         for name in ("frame_size", "max_frames", "max_text_tokens", "image_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -93,15 +96,16 @@ def decode_sample(key: str, files: dict, spec: SampleSpec, tokenizer) -> dict:
         raise SampleError("bad_json", str(e)) from e
     if not isinstance(meta, dict):
         raise SampleError("bad_json", "KEY.json is not an object")
-    out = dict(key=key, source=str(meta.get("source", "")), frames=_frames(files, spec))
+    out = dict(key=key, source=str(meta.get("source", "")))
     messages = meta.get("messages")
-    if spec.stage == "dpo":
+    if spec.stage == "dpo":  # text first: it is cheap, and a sample it rejects needs no decoding
         (c, cm), (r, rm) = tokenize_dpo(tokenizer, messages, meta.get("chosen"), meta.get("rejected"),
                                         spec.max_text_tokens, spec.system_prompt)
         out.update(chosen_ids=c, chosen_mask=cm, rejected_ids=r, rejected_mask=rm)
     else:
         out["input_ids"], out["loss_mask"] = tokenize(tokenizer, messages, spec.stage, spec.max_text_tokens,
                                                       spec.system_prompt)
+    out["frames"] = _frames(files, spec)
     return out
 
 
@@ -127,7 +131,6 @@ def _frames(files, spec):
     except MediaError as e:
         raise SampleError("bad_image", str(e)) from e
     return None
-
 
 
 def _rank_world(rank, world_size):

@@ -252,3 +252,23 @@ def test_stats_cli(broken_shards, toy_shards, smollm2_tokenizer, tmp_path, capsy
     assert stats["text_tokens"]["max"] >= stats["text_tokens"]["median"] > 0
     printed = capsys.readouterr().out
     assert "duplicate keys: 15" in printed and "bad_json 1" in printed
+
+
+@pytest.mark.parametrize("bad", [dict(stage="pretrain"), dict(resize="short"), dict(max_frames=0),
+                                 dict(frame_size=0)])
+def test_sample_spec_rejects_bad_settings(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SampleSpec(**bad)
+
+
+def test_bad_sources_and_patterns(tmp_path, smollm2_tokenizer):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        Source.from_patterns("x", tmp_path / "nothing-here*.tar")
+    write_shards(tmp_path, 3, 3)
+    src = Source.from_patterns("x", tmp_path)
+    with pytest.raises(ValueError, match="unique"):
+        ShardStream([src, src], SPEC, smollm2_tokenizer, 2, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="weight"):
+        Source.from_patterns("y", tmp_path, weight=0)
+    with pytest.raises(ValueError, match="rank"):
+        ShardStream([src], SPEC, smollm2_tokenizer, 2, rank=2, world_size=2)
