@@ -2,8 +2,8 @@
 static glance at a downscaled frame cannot answer but a model that learns where to look can.
 
 Every clip has `--frames` frames of `--frame-size` px: a light neutral background (plain, or softly
-mottled), 6-12 distractors and one target, all objects the same small size (1/12 of the frame side,
-at least 10 px), at random non-overlapping positions, in a palette of 8 clearly distinct colours (red,
+mottled), 6-12 distractors and one target (`--distractors`), all objects the same small size (1/12 of
+the frame side, at least 10 px; `--object-scale`), at random non-overlapping positions, in a palette of 8 clearly distinct colours (red,
 orange, yellow, green, cyan, blue, purple, pink) or grey. Shapes: circle, square, triangle, cross.
 Tasks, in turn (colour, shape, motion, colour, ...):
 - colour: the target is the only circle; the distractors are squares, triangles and crosses in random
@@ -69,6 +69,8 @@ def place(rng, count, s, px, taken):
     """Top-left corners of `count` s-px objects, kept s // 2 px clear of each other and of the boxes in
     `taken` (extended in place), so that every object can be measured on its own."""
     gap, corners = s // 2, []
+    if count == 0:
+        return corners
     for _ in range(10000):
         x, y = rng.randrange(px - s + 1), rng.randrange(px - s + 1)
         if all(x >= r + gap or x + s + gap <= l or y >= b + gap or y + s + gap <= t for l, t, r, b in taken):
@@ -92,9 +94,9 @@ def background(rng, px):
     return image
 
 
-def make_clip(rng, task, px, frames):
+def make_clip(rng, task, px, frames, object_scale=1 / 12, distractor_range=(6, 12)):
     """Render one clip: (list of JPEG bytes, one per frame; meta with the ground truth)."""
-    s = max(10, round(px / 12))  # below ~10 px JPEG smears shapes and colours
+    s = max(10, round(px * object_scale))  # below ~10 px JPEG smears shapes and colours
     colour = rng.choice(sorted(PALETTE))
     shape = "circle" if task == "colour" else rng.choice(SHAPES)
     direction = rng.choice(sorted(DIRECTIONS)) if task == "motion" else None
@@ -111,7 +113,7 @@ def make_clip(rng, task, px, frames):
     xs, ys = [p[0] for p in path], [p[1] for p in path]
     taken = [(min(xs), min(ys), max(xs) + s, max(ys) + s)]  # the target's whole sweep
     distractors = []
-    for left, top in place(rng, rng.randint(6, 12), s, px, taken):
+    for left, top in place(rng, rng.randint(*distractor_range), s, px, taken):
         if task == "colour":  # any colour, the target's too: only the shape singles the target out
             d_shape, d_colour = rng.choice(SHAPES[1:]), rng.choice(sorted(PALETTE))
         else:
@@ -163,7 +165,7 @@ def caption(meta):
 
 def video_sample(split, rng, task, args):
     """One sample of a video split: {extension: data} for ShardWriter."""
-    jpegs, meta = make_clip(rng, task, args.frame_size, args.frames)
+    jpegs, meta = make_clip(rng, task, args.frame_size, args.frames, args.object_scale, args.distractors)
     truth, values, question, template = answer_key(meta)
     sample = {}
     if split == "alignment":
@@ -243,9 +245,16 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=2000, help="samples per training split")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--frame-size", type=int, default=224)
+    parser.add_argument("--object-scale", type=float, default=1 / 12,
+                        help="object side as a fraction of the frame side (at least 10 px)")
+    parser.add_argument("--distractors", type=int, nargs=2, default=(6, 12), metavar=("MIN", "MAX"),
+                        help="distractors per clip, drawn uniformly")
     args = parser.parse_args(argv)
     if args.size < 1 or args.frames < 2 or args.frame_size < 96:
         parser.error("need --size >= 1, --frames >= 2 (for motion), --frame-size >= 96 (room for 13 objects)")
+    if not 0 < args.object_scale <= 0.25 or not 0 <= args.distractors[0] <= args.distractors[1]:
+        parser.error("need 0 < --object-scale <= 0.25 and 0 <= MIN <= MAX distractors")
+    args.distractors = tuple(args.distractors)
     stale = [split for split in SPLITS if any((args.out / split).glob(f"{split}-*.tar"))]
     if stale:  # checked up front so that no split is half written
         parser.error(f"{args.out / stale[0]} already holds shards; choose an empty --out")

@@ -19,7 +19,8 @@ make_synthetic = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_synthetic)
 
 CONFIGS = {"224px": ["--size", "40"],  # the default clip format; eval 100, text 50
-           "128px": ["--size", "12", "--frames", "3", "--frame-size", "128"]}  # 11-px objects
+           "128px": ["--size", "12", "--frames", "3", "--frame-size", "128"],  # 11-px objects
+           "easy": ["--size", "12", "--frame-size", "112", "--object-scale", "0.2", "--distractors", "0", "2"]}
 DIRECTION_WORDS = ("left", "right", "up", "down")
 
 
@@ -119,7 +120,10 @@ def test_pixels_match_labels(dataset):
     for split in ("alignment", "eval"):
         for sample, files in load(root, split):
             meta = sample["meta"]
-            assert meta["object_size"] == round(meta["frame_size"] / 12)
+            scale = readme["arguments"]["object_scale"]
+            assert meta["object_size"] == max(10, round(meta["frame_size"] * scale))
+            low, high = readme["arguments"]["distractors"]
+            assert low <= len(meta["distractors"]) <= high
             assert sorted(files) == [f"{t:03d}.jpg" for t in range(readme["arguments"]["frames"])]
             if meta["task"] != "motion":  # a static clip: one image, analysed once
                 assert len(set(files.values())) == 1
