@@ -13,6 +13,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Dinov2Config
 from transformers.activations import ACT2FN
 
@@ -100,6 +101,7 @@ class FoveatedEncoder(nn.Module):
         # No bias: a bias would dominate small queries and make attention query-independent.
         self.query_input_proj = nn.Linear(query_dim, d, bias=False)
         self.output_proj = nn.Linear(d, d)
+        self.gradient_checkpointing = False  # recompute patch blocks in backward (training memory)
         # uint8 -> ImageNet-normalised, on the frames' device (buffers: no per-call host copies)
         self.register_buffer("pixel_mean", 255 * torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", 255 * torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
@@ -124,17 +126,23 @@ class FoveatedEncoder(nn.Module):
         kv = []
         last = len(dino.blocks) - 1
         for i, blk in enumerate(dino.blocks):
-            h = blk.norm1(x)
             if i == last:
-                k, v = F.linear(h, blk.qkv.weight[d:], _slice(blk.qkv.bias, d, None)).chunk(2, dim=-1)
+                k, v = F.linear(blk.norm1(x), blk.qkv.weight[d:], _slice(blk.qkv.bias, d, None)).chunk(2, dim=-1)
                 kv.append((_heads(k, self.num_heads), _heads(v, self.num_heads)))
                 break
-            q, k, v = (_heads(t, self.num_heads) for t in blk.qkv(h).chunk(3, dim=-1))
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # keep only each block's input (and its K/V, which the query reads anyway)
+                x, k, v = checkpoint(self._patch_block, blk, x, use_reentrant=False)
+            else:
+                x, k, v = self._patch_block(blk, x)
             kv.append((k, v))
-            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
-            x = x + blk.proj(a) * blk.ls1
-            x = x + blk.ffn(blk.norm2(x)) * blk.ls2
         return kv
+
+    def _patch_block(self, blk, x):
+        q, k, v = (_heads(t, self.num_heads) for t in blk.qkv(blk.norm1(x)).chunk(3, dim=-1))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
+        x = x + blk.proj(a) * blk.ls1
+        return x + blk.ffn(blk.norm2(x)) * blk.ls2, k, v
 
     def query(self, queries: torch.Tensor, kv, frame_ids: torch.Tensor | None = None,
               return_attention: bool = False):

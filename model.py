@@ -106,6 +106,7 @@ class FoveatedVLM(nn.Module):
         eos = self.llm.generation_config.eos_token_id if self.llm.generation_config is not None else None
         stops.update(eos if isinstance(eos, list) else [eos])
         self.stop_ids = sorted(s for s in stops if s is not None)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0  # an int: no tokenizer in traced code
 
     # ---- inputs ---------------------------------------------------------------------------------
 
@@ -309,6 +310,22 @@ class FoveatedVLM(nn.Module):
             return h_text, torch.stack(used, 1), attn, keys
         return h_text, None, {}, keys
 
+    def _loss(self, h_text, input_ids, attention_mask, loss_mask, target_index):
+        """Logits and the token loss from the hidden states that predict each next text token: over
+        every position, or at target_index only (see forward)."""
+        if target_index is None:
+            logits = self.llm.lm_head(h_text)
+            return dict(logits=logits, **_token_loss(logits, input_ids, attention_mask, loss_mask))
+        b, s = input_ids.shape
+        rows, cols = target_index // max(s - 1, 1), target_index % max(s - 1, 1)
+        logits = self.llm.lm_head(h_text.flatten(0, 1).index_select(0, rows * s + cols))
+        labels = input_ids.flatten().index_select(0, rows * s + cols + 1)
+        logp = -F.cross_entropy(logits.float(), labels, reduction="none")
+        logp_sum = logp.new_zeros(b).index_add(0, rows, logp)
+        num_tokens = torch.zeros(b, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
+        return dict(logits=logits, loss=-logp.sum() / max(target_index.numel(), 1), logp_sum=logp_sum,
+                    num_tokens=num_tokens)
+
     def _cached_step(self, embeds, positions, valid, keys, cache):
         """Append a chunk to the cache; a query sees earlier real slots and itself."""
         past = keys.shape[1]
@@ -325,7 +342,7 @@ class FoveatedVLM(nn.Module):
 
     def forward(self, frames=None, input_ids=None, attention_mask=None, loss_mask=None, frame_mask=None,
                 mode: str = "coarse_fine", frame_index=None, visual_pos=None, queries=None,
-                return_attention: bool = False):
+                return_attention: bool = False, target_index=None):
         """Losses and next-token logits for a batch of (video, text) samples.
 
         frames: [B, T, 3, H, W] ImageNet-normalised (optional frame_mask [B, T], real frames first),
@@ -336,6 +353,9 @@ class FoveatedVLM(nn.Module):
             when omitted).
         queries: [B, T, query_dim] used instead of the LLM-derived fine queries (coarse_fine and
             autoregressive), e.g. to teacher-force or to intervene on where the model looks.
+        target_index: [K] the loss targets as flat indices into the [B, S-1] next-token grid
+            (`collate.target_index(loss_mask, attention_mask)`; the collate sends it). Logits are
+            then computed for those K tokens only, and `logits` is [K, V]: the training path.
         Returns loss (token-weighted mean), logits [B, S, V], logp_sum [B] (summed log-prob of the
         loss tokens), num_tokens [B], queries [B, T, query_dim] (the fine queries used, or None),
         and with return_attention the per-block attention of the static and dynamic queries,
@@ -360,17 +380,17 @@ class FoveatedVLM(nn.Module):
             h_text, used, attn, _ = self._autoregressive(input_ids, vis, kv, lay, return_attention, cache, queries)
         else:
             h_text, used, attn, _ = self._parallel(mode, input_ids, vis, kv, lay, return_attention, queries)
-        logits = self.llm.lm_head(h_text)
-        out = dict(logits=logits, queries=used, **_token_loss(logits, input_ids, attention_mask, loss_mask))
+        out = dict(queries=used, **self._loss(h_text, input_ids, attention_mask, loss_mask, target_index))
         if return_attention:
             out["attention"] = attn
         return out
 
     def dpo_logps(self, frames, chosen_ids, chosen_attention_mask, chosen_loss_mask, rejected_ids,
                   rejected_attention_mask, rejected_loss_mask, frame_mask=None, frame_index=None,
-                  mode: str = "coarse_fine"):
+                  mode: str = "coarse_fine", chosen_target_index=None, rejected_target_index=None):
         """Summed answer-token log-probs of the chosen and rejected replies, sharing one DINO encode
-        and one coarse pass (the prompt is taken from the chosen sequence); one LLM pass for both."""
+        and one coarse pass (the prompt is taken from the chosen sequence); one LLM pass for both.
+        The two target indices (as in forward, each in its own side's grid) go together."""
         if mode == "autoregressive" or mode not in MODES:
             raise ValueError(f"dpo_logps supports modes coarse_only and coarse_fine, got {mode!r}")
         for ids, am, lm in ((chosen_ids, chosen_attention_mask, chosen_loss_mask),
@@ -381,7 +401,7 @@ class FoveatedVLM(nn.Module):
             raise ValueError(f"chosen batch {b} != rejected batch {rejected_ids.shape[0]}")
         s = max(chosen_ids.shape[1], rejected_ids.shape[1])
         pad = lambda x, v: F.pad(x, (0, s - x.shape[1]), value=v)  # noqa: E731
-        pad_id = self.tokenizer.pad_token_id or 0
+        pad_id = self.pad_id
         ids = torch.cat([pad(chosen_ids, pad_id), pad(rejected_ids, pad_id)])
         am = torch.cat([pad(chosen_attention_mask, 0), pad(rejected_attention_mask, 0)])
         lm = torch.cat([pad(chosen_loss_mask, 0), pad(rejected_loss_mask, 0)])
@@ -396,8 +416,13 @@ class FoveatedVLM(nn.Module):
             vis_emb, _, _ = self._visual_embeddings(mode, vis, kv, half, text_emb[:b], False)
             vis_emb = vis_emb.repeat(2, 1, 1)
         seq, pos = self._assemble(text_emb, vis_emb, lay)
-        logits = self.llm.lm_head(_take(self._llm(seq, pos), lay["pred_pos"]))
-        res = _token_loss(logits, ids, am, lm)
+        index = None
+        if (chosen_target_index is None) != (rejected_target_index is None):
+            raise ValueError("pass both chosen_target_index and rejected_target_index, or neither")
+        if chosen_target_index is not None:  # each side's [B, S_side - 1] grid -> the stacked [2B, s - 1] grid
+            index = torch.cat([_regrid(chosen_target_index, chosen_ids.shape[1], s, 0),
+                               _regrid(rejected_target_index, rejected_ids.shape[1], s, b)])
+        res = self._loss(_take(self._llm(seq, pos), lay["pred_pos"]), ids, am, lm, index)
         return dict(chosen_logps=res["logp_sum"][:b], rejected_logps=res["logp_sum"][b:],
                     chosen_tokens=res["num_tokens"][:b], rejected_tokens=res["num_tokens"][b:])
 
@@ -452,7 +477,7 @@ class FoveatedVLM(nn.Module):
         device = self.q_static.device
         rows = [self.chat_ids(c) for c in conversations]
         b = len(rows)
-        ids = pad_rows(rows, self.tokenizer.pad_token_id or 0).to(device)
+        ids = pad_rows(rows, self.pad_id).to(device)
         am = pad_rows([[1] * len(r) for r in rows], 0).to(device)
         pixels, index = pack_frames(samples, self.image_frames)
         if pixels is not None:  # uint8 frames stay uint8 (the encoder normalises them)
@@ -486,6 +511,27 @@ class FoveatedVLM(nn.Module):
                                             keys, cache)
                 logits = self.llm.lm_head(h[:, 0])
                 pos = pos + 1
+
+    # ---- training helpers -----------------------------------------------------------------------
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Named parameters by part: `connector` (the learned queries and every layer this model adds:
+        query_input_proj, output_proj, dino_to_llm, llm_to_query), `dino`, `llm`."""
+        groups = {"connector": [], "dino": [], "llm": []}
+        for name, p in self.named_parameters():
+            part = "llm" if name.startswith("llm.") else "dino" if name.startswith("encoder.dino.") else "connector"
+            groups[part].append((name, p))
+        return groups
+
+    def gradient_checkpointing_enable(self):
+        """Recompute activations in the backward pass: the LLM's decoder layers and DINO's patch blocks
+        (the query pass is one token per frame and keeps its activations)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # the transformers >= 5.2x name
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.encoder.gradient_checkpointing = True
 
     # ---- weights --------------------------------------------------------------------------------
 
@@ -549,6 +595,12 @@ class FoveatedVLM(nn.Module):
 def _take(x, index):
     """x [B, L, D] gathered at index [B, K] -> [B, K, D]."""
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _regrid(index, old_len, new_len, row_offset):
+    """Flat indices into a [B, old_len - 1] grid -> into [row_offset + B, new_len - 1]."""
+    rows, cols = index // max(old_len - 1, 1), index % max(old_len - 1, 1)
+    return (rows + row_offset) * (new_len - 1) + cols
 
 
 def _repeat_visual(vis, times):

@@ -31,6 +31,10 @@ def test_collate_packs_frames_and_pads_text():
     expected = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)
     assert torch.equal(batch["labels"], expected) and (batch["labels"][0, :2] == IGNORE_INDEX).all()
     assert batch["keys"] == ["a", "b", "c"] and batch["frames"].dtype == torch.uint8
+    # loss targets as flat indices into the [B, S-1] next-token grid: token j >= 1 is index b*(S-1) + j-1
+    s = batch["input_ids"].shape[1]
+    targets = [(i // (s - 1), i % (s - 1) + 1) for i in batch["target_index"].tolist()]
+    assert targets == [(0, 2), (0, 3), (0, 4), (1, 3), (1, 4), (1, 5), (1, 6), (2, 2), (2, 3)]
 
 
 def test_text_only_batch_has_no_frames():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_model
-from collate import pack_frames
+from collate import pack_frames, target_index
 from model import MODES
 
 SIZE = 28  # tiny frames: 2x2 patches + CLS with the test DINO
@@ -221,6 +221,49 @@ def test_dpo_logps_equal_separate_forwards(tiny_model, mode):
     torch.testing.assert_close(out["chosen_logps"], c["logp_sum"], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out["rejected_logps"], r["logp_sum"], atol=1e-4, rtol=1e-5)
     assert torch.equal(out["chosen_tokens"], c["num_tokens"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_logits_at_target_index_only_give_the_same_loss_and_gradients(tiny_model, mode):
+    """The training path (logits only where collate.target_index says the loss needs them) equals the
+    full-logits path: loss, per-sample sums, token counts, the logits there, and every gradient."""
+    batch = make_batch(tiny_model, SAMPLES)
+    batch["loss_mask"][0, 1] = 1  # a target right after the first token: the index edge
+    index = target_index(batch["loss_mask"], batch["attention_mask"])
+    outs, grads = [], []
+    for ti in (None, index):
+        tiny_model.zero_grad()
+        out = tiny_model(**batch, mode=mode, target_index=ti)
+        out["loss"].backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
+    full, sparse = outs
+    torch.testing.assert_close(sparse["loss"], full["loss"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sparse["logp_sum"], full["logp_sum"], atol=1e-5, rtol=1e-6)
+    assert torch.equal(sparse["num_tokens"], full["num_tokens"]) and sparse["logits"].shape[0] == index.numel()
+    b, s = batch["input_ids"].shape
+    torch.testing.assert_close(sparse["logits"], full["logits"][:, :-1].reshape(b * (s - 1), -1)[index])
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["coarse_only", "coarse_fine"])
+@torch.no_grad()
+def test_dpo_logps_at_target_index_only(tiny_model, mode):
+    chosen = make_batch(tiny_model, SAMPLES[:2])
+    rejected = make_batch(tiny_model, [(f, q, "No idea at all, sorry, none.") for f, q, _ in SAMPLES[:2]])
+    args = (chosen["frames"], chosen["input_ids"], chosen["attention_mask"], chosen["loss_mask"],
+            rejected["input_ids"], rejected["attention_mask"], rejected["loss_mask"])
+    full = tiny_model.dpo_logps(*args, frame_mask=chosen["frame_mask"], mode=mode)
+    sparse = tiny_model.dpo_logps(*args, frame_mask=chosen["frame_mask"], mode=mode,
+                                  chosen_target_index=target_index(chosen["loss_mask"]),
+                                  rejected_target_index=target_index(rejected["loss_mask"]))
+    assert chosen["input_ids"].shape[1] != rejected["input_ids"].shape[1]  # the two grids differ
+    for key in full:
+        torch.testing.assert_close(sparse[key], full[key], atol=1e-5, rtol=1e-6)
+    with pytest.raises(ValueError, match="pass both"):
+        tiny_model.dpo_logps(*args, frame_mask=chosen["frame_mask"], chosen_target_index=target_index(chosen["loss_mask"]))
 
 
 @torch.no_grad()
