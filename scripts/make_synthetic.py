@@ -17,7 +17,9 @@ alignment/ (captions: "Describe the video." -> e.g. "A small red triangle moves 
 shapes."), sft/ (question -> answer sentence), dpo/ (question; chosen = the answer sentence, rejected =
 the same sentence with a wrong colour, shape or direction), eval/ (4-way multiple choice, the correct
 letter uniform over A-D) and text/ (text-only arithmetic and word questions for the text-retention
-mix). --size N samples in each training split, max(100, N // 10) in eval, max(50, N // 5) in text.
+mix), plus held-out val_alignment/, val_sft/ and val_dpo/ in the training formats, for validation during
+training. --size N samples in each training split, max(100, N // 10) in eval and in each val split,
+max(50, N // 5) in text.
 The ground truth is in each sample's "meta" (task, colour, shape, direction, the target's box in every
 frame, the distractors); --out/README.json holds the counts, arguments and palette. Output is
 byte-identical for the same arguments.
@@ -42,7 +44,7 @@ SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 TASKS = ("colour", "shape", "motion")
-SPLITS = ("alignment", "sft", "dpo", "eval", "text")
+SPLITS = ("alignment", "sft", "dpo", "eval", "text", "val_alignment", "val_sft", "val_dpo")
 SHARD_SAMPLES = 500
 JPEG_QUALITY = 90  # object centres stay within ~20 levels of their palette colour (~35 at 10 px)
 MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -168,6 +170,7 @@ def video_sample(split, rng, task, args):
     jpegs, meta = make_clip(rng, task, args.frame_size, args.frames, args.object_scale, args.distractors)
     truth, values, question, template = answer_key(meta)
     sample = {}
+    split = split.removeprefix("val_")  # held-out splits share their training split's format
     if split == "alignment":
         sample["messages"] = [{"role": "user", "content": "Describe the video."},
                               {"role": "assistant", "content": caption(meta)}]
@@ -214,8 +217,9 @@ def text_sample(rng):
 
 
 def split_sizes(size):
-    return {"alignment": size, "sft": size, "dpo": size, "eval": max(100, size // 10),
-            "text": max(50, size // 5)}
+    held_out = max(100, size // 10)
+    return {"alignment": size, "sft": size, "dpo": size, "eval": held_out, "text": max(50, size // 5),
+            "val_alignment": held_out, "val_sft": held_out, "val_dpo": held_out}
 
 
 def write_split(out, split, split_seed, count, args):
@@ -238,7 +242,7 @@ def write_split(out, split, split_seed, count, args):
     return counts
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder (its split folders must hold no shards)")
     parser.add_argument("--seed", type=int, default=0)
@@ -249,6 +253,11 @@ def main(argv=None):
                         help="object side as a fraction of the frame side (at least 10 px)")
     parser.add_argument("--distractors", type=int, nargs=2, default=(6, 12), metavar=("MIN", "MAX"),
                         help="distractors per clip, drawn uniformly")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.size < 1 or args.frames < 2 or args.frame_size < 96:
         parser.error("need --size >= 1, --frames >= 2 (for motion), --frame-size >= 96 (room for 13 objects)")

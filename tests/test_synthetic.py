@@ -98,7 +98,9 @@ def centroid(frame, colour, colours, background):
 def test_split_sizes_sources_and_text_only(dataset):
     root, readme, _ = dataset
     size = readme["arguments"]["size"]
-    expected = {"alignment": size, "sft": size, "dpo": size, "eval": max(100, size // 10), "text": max(50, size // 5)}
+    held_out = max(100, size // 10)
+    expected = {"alignment": size, "sft": size, "dpo": size, "eval": held_out, "text": max(50, size // 5),
+                "val_alignment": held_out, "val_sft": held_out, "val_dpo": held_out}
     for split, count in expected.items():
         samples = load(root, split)
         assert len(samples) == count == sum(readme["counts"][split].values()), split
@@ -156,18 +158,18 @@ def test_pixels_match_labels(dataset):
 
 def test_texts_agree_with_meta(dataset):
     root, readme, _ = dataset
-    for sample, _ in load(root, "alignment"):
+    for sample, _ in load(root, "alignment") + load(root, "val_alignment"):
         meta, messages = sample["meta"], sample["messages"]
         assert [m["content"] for m in messages[:1]] == ["Describe the video."]
         cap = messages[1]["content"]
         assert mentioned(cap, readme["palette"]) >= {meta["colour"]}
         assert mentioned(cap, readme["shapes"]) >= {meta["shape"]}
         assert mentioned(cap, DIRECTION_WORDS) == ({meta["direction"]} if meta["direction"] else set())
-    for sample, _ in load(root, "sft"):
+    for sample, _ in load(root, "sft") + load(root, "val_sft"):
         meta, (question, answer) = sample["meta"], sample["messages"]
         assert meta["task"] == "colour" or meta["colour"] in question["content"]  # names the target
         assert mentioned(answer["content"], vocabulary(meta["task"], readme)) == {truth(meta)}
-    for sample, _ in load(root, "dpo"):
+    for sample, _ in load(root, "dpo") + load(root, "val_dpo"):
         meta, words = sample["meta"], vocabulary(sample["meta"]["task"], readme)
         assert [m["role"] for m in sample["messages"]] == ["user"]
         assert mentioned(sample["chosen"], words) == {truth(meta)}
@@ -186,12 +188,19 @@ def test_texts_agree_with_meta(dataset):
     assert all(letters.count(x) >= len(letters) // 10 for x in "ABCD"), letters
 
 
+def test_held_out_splits_are_new_clips(dataset):
+    root, _, _ = dataset
+    for split in ("alignment", "sft", "dpo"):
+        boxes = lambda name: {json.dumps(sample["meta"]["boxes"]) for sample, _ in load(root, name)}  # noqa: E731
+        assert not boxes(split) & boxes(f"val_{split}"), split
+
+
 def test_deterministic_and_seeded(tmp_path):
     args = ["--size", "6", "--frames", "3", "--frame-size", "96"]
     a, b = generate(tmp_path / "a", *args), generate(tmp_path / "b", *args)
     c = generate(tmp_path / "c", *args, "--seed", "1")
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and len(files) == 6
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and len(files) == 9
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert all((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".tar")
     # samples are sub-seeded one by one: a larger --size appends to the same samples
