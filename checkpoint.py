@@ -1,0 +1,149 @@
+"""Run-directory files: atomic training checkpoints (keep the last N and the best), RNG states, exports,
+and reading weights for `init_from` from any of the forms we or the published model produce.
+
+A checkpoint `RUN/checkpoints/step_00001000.pt` holds everything a resume needs: model, optimizer,
+step, every rank's data position and RNG states, counters, and the resolved config. Files are
+written to a temporary name and renamed, so a run killed at any moment leaves either the old set
+of checkpoints or the new one, never a torn file. `best.json` names the checkpoint with the lowest
+validation loss; pruning never deletes it.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_dir(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    folder = checkpoint_dir(run_dir)
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_replace(tmp: Path, final: Path):
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def save_checkpoint(run_dir, step: int, state: dict) -> Path:
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step_{step:08d}.pt"
+    tmp = folder / f".{final.name}.tmp"
+    torch.save(state, tmp)
+    _fsync_replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_json(path, data):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    _fsync_replace(tmp, path)
+
+
+def read_best(run_dir) -> dict | None:
+    path = checkpoint_dir(run_dir) / "best.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def prune(run_dir, keep_last: int):
+    """Delete all but the newest keep_last checkpoints and the best one; leftover temporary files of
+    an interrupted save go too."""
+    best = read_best(run_dir)
+    keep_name = best["file"] if best else None
+    found = list_checkpoints(run_dir)
+    for _, path in found[:-keep_last]:
+        if path.name != keep_name:
+            path.unlink()
+    for tmp in checkpoint_dir(run_dir).glob(".step_*.tmp"):
+        tmp.unlink()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def export_pretrained(model, folder):
+    """model.save_pretrained into folder, replacing an earlier export only once the new one is whole."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    model.save_pretrained(tmp)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_weights(path) -> tuple[dict, str]:
+    """A model state dict from: a save_pretrained folder, a run directory (its final export), a
+    training checkpoint or published `checkpoint.pt` (its "model" entry, or a bare state dict), or a
+    .safetensors file. Returns (state dict, what was read). A missing path is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from: {path} does not exist")
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(path / "model.safetensors")), f"{path} (save_pretrained export)"
+        if (path / "final" / "model.safetensors").is_file():
+            return load_weights(path / "final")
+        raise FileNotFoundError(f"init_from: {path} is neither a save_pretrained folder nor a finished run "
+                                f"directory (no model.safetensors, no final/)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), str(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  published files may pickle plain Python objects
+        if "weights_only" not in str(e) and "Unpickler" not in str(e):
+            raise
+        warnings.warn(f"{path} holds pickled Python objects besides tensors; loading it with "
+                      f"weights_only=False, which runs code from the file: only do this for files you trust")
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"], f"{path} ('model' entry)"
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        return obj, str(path)
+    raise ValueError(f"init_from: {path} holds neither a state dict nor a dict with a 'model' state dict")

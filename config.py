@@ -1,0 +1,341 @@
+"""Training configuration: a YAML stage file plus `key=value` overrides -> a typed, validated Config.
+
+Every key is declared below with its type and default. Unknown or misspelled keys, wrong types and
+out-of-range values are errors that name the key and the file (or the command line), raised before
+anything heavy starts. YAML quirk handled: PyYAML reads `1e-3` (no dot) as a string, so float keys
+also accept strings that spell a number. Shard patterns, run_dir and init_from expand environment
+variables (`${DATA}/openvid/*.tar`), so the stage configs work unchanged once DATA is set.
+"""
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from model import LAYOUTS, MODES
+from tokenization import DEFAULT_SYSTEM_PROMPT, STAGES
+
+GROUPS = ("connector", "dino", "llm")
+SCHEDULES = ("constant", "cosine", "converging")
+RESIZE_MODES = ("squash", "crop", "pad")
+PRECISIONS = ("bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+REFERENCES = ("model", "precomputed")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key and where it came from."""
+
+
+@dataclass
+class ModelConfig:
+    llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, folder, .gguf, or random:<preset> (backbones.py)
+    dino: str = "facebook/dinov2-small"  # hub id, folder, or random:<preset>
+    query_dim: int = 384
+    visual_scale: float = 0.14
+    layout: str = "video_first"
+    image_frames: int = 8
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    pretrained: bool = True  # load the backbones' weights (False: random init from their configs)
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    shards: typing.Union[str, list[str]]
+    weight: float = 1.0
+    text: bool = False  # a text-only retention source (shares data.text_ratio of the samples)
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    val: list[SourceConfig] = field(default_factory=list)
+    text_ratio: float = 0.14
+    resampled: bool = True  # False: exact passes over the shards (data.epochs of them), then stop
+    epochs: int = 1
+    frame_size: int = 224
+    max_frames: int = 64
+    max_text_tokens: int = 1024
+    resize: str = "squash"
+    target_fps: typing.Optional[float] = 1.0
+    batch_size: int = 8  # samples per micro-batch (per rank)
+    max_batch_frames: typing.Optional[int] = None  # budget batching: encoded frames per micro-batch
+    max_batch_tokens: typing.Optional[int] = None  # budget batching: padded sequence positions
+    num_workers: int = 4
+    prefetch_factor: int = 2
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
+    lr: dict[str, float] = field(default_factory=lambda: {"connector": 1e-4, "dino": 1e-5, "llm": 1e-5})
+    freeze: list[str] = field(default_factory=list)  # parameter groups not trained
+    weight_decay: float = 0.01  # not applied to norms, biases and the learned queries
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of each group's LR
+    target_lr: typing.Optional[float] = None  # converging: the LR every group ends at
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_bad_steps: int = 10  # abort after this many non-finite steps in a row
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    reference: str = "model"  # model: a frozen copy of the initial weights; precomputed: a pre-pass
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: only at the start and the end
+    at_start: bool = True
+    max_samples: int = 1000
+    batch_size: int = 16
+    modes: list[str] = field(default_factory=list)  # default: the training mode; the first one picks the best
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 2
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    wandb: bool = False
+    wandb_project: str = "fvlm"
+    wandb_mode: str = "offline"
+
+
+@dataclass
+class Config:
+    stage: str
+    run_dir: str
+    init_from: typing.Optional[str] = None
+    seed: int = 0
+    mode: str = "coarse_fine"
+    device: str = "auto"
+    precision: str = "bf16"  # bf16: autocast on CUDA over fp32 master weights (CPU always computes in fp32)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value, tp, key: str, where: str):
+    """Check (and minimally convert) value against the annotation tp."""
+    def fail(expected):
+        raise ConfigError(f"{where}: key '{key}' must be {expected}, got {value!r}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        fail(" or ".join(getattr(a, "__name__", str(a)) for a in args))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail("a mapping")
+        return _build(tp, value, key, where)
+    if origin is list:
+        if not isinstance(value, list):
+            fail("a list")
+        return [_coerce(v, args[0], f"{key}.{i}", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail("a mapping")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise TypeError(f"config type {tp} of key {key} is not supported")
+
+
+def _build(cls, data: dict, prefix: str, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{_join(prefix, close[0])}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{_join(prefix, k)}'{hint}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        if f.name in data:
+            values[f.name] = _coerce(data[f.name], hints[f.name], key, where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: required key '{key}' is missing")
+    return cls(**values)
+
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def apply_override(tree: dict, assignment: str):
+    """'optim.lr.llm=3e-5' -> set tree['optim']['lr']['llm'] (the value is read as YAML); list items
+    by index ('data.train.0.weight=2')."""
+    if "=" not in assignment:
+        raise ConfigError(f"command line: override {assignment!r} must look like key=value")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        nxt = node[int(k)] if isinstance(node, list) and k.isdigit() and int(k) < len(node) else (
+            node.get(k) if isinstance(node, dict) else None)
+        if nxt is None:
+            nxt = {}
+            if isinstance(node, dict):
+                node[k] = nxt
+            else:
+                raise ConfigError(f"command line: '{'.'.join(keys[:i + 1])}' is not a list index in {path!r}")
+        node = nxt
+    last = keys[-1]
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise ConfigError(f"command line: '{path}' indexes past the end of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path, overrides=()) -> Config:
+    """Read a YAML stage file, apply overrides, type-check and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for o in overrides:
+        apply_override(tree, o)
+    where = f"{path}" + (" (with command-line overrides)" if overrides else "")
+    cfg = _build(Config, tree, "", where)
+    validate(cfg, where)
+    return cfg
+
+
+def config_from_dict(tree: dict, where: str = "stored config") -> Config:
+    cfg = _build(Config, tree, "", where)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where: str):
+    def check(ok, key, message):
+        if not ok:
+            raise ConfigError(f"{where}: key '{key}' {message}")
+
+    def choice(value, key, options):
+        check(value in options, key, f"must be one of {list(options)}, got {value!r}")
+
+    choice(cfg.stage, "stage", STAGES)
+    choice(cfg.mode, "mode", MODES)
+    choice(cfg.device, "device", DEVICES)
+    choice(cfg.precision, "precision", PRECISIONS)
+    choice(cfg.model.layout, "model.layout", LAYOUTS)
+    choice(cfg.data.resize, "data.resize", RESIZE_MODES)
+    choice(cfg.optim.schedule, "optim.schedule", SCHEDULES)
+    choice(cfg.dpo.reference, "dpo.reference", REFERENCES)
+    choice(cfg.log.wandb_mode, "log.wandb_mode", ("offline", "online"))
+    check(cfg.stage != "dpo" or cfg.mode != "autoregressive", "mode",
+          "cannot be autoregressive for DPO training (use coarse_fine or coarse_only)")
+    for i, m in enumerate(cfg.eval.modes):
+        choice(m, f"eval.modes.{i}", MODES)
+    check(bool(cfg.data.train), "data.train", "must list at least one source")
+    names = [s.name for s in cfg.data.train]
+    check(len(set(names)) == len(names), "data.train", f"source names must be unique, got {names}")
+    for part in ("train", "val"):
+        for i, s in enumerate(getattr(cfg.data, part)):
+            check(s.weight > 0, f"data.{part}.{i}.weight", f"must be > 0, got {s.weight}")
+    check(0 <= cfg.data.text_ratio < 1, "data.text_ratio", f"must be in [0, 1), got {cfg.data.text_ratio}")
+    check(not cfg.data.resampled or cfg.data.epochs == 1, "data.epochs",
+          "only applies to exact passes (data.resampled: false); resampled streams never end")
+    for key in ("frame_size", "max_frames", "max_text_tokens", "batch_size", "epochs", "prefetch_factor"):
+        check(getattr(cfg.data, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(cfg.data, key)}")
+    check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    for key in ("max_batch_frames", "max_batch_tokens"):
+        v = getattr(cfg.data, key)
+        check(v is None or v >= 1, f"data.{key}", f"must be >= 1 or null, got {v}")
+    check(cfg.data.target_fps is None or cfg.data.target_fps > 0, "data.target_fps", "must be > 0 or null")
+    for key in ("query_dim", "image_frames"):
+        check(getattr(cfg.model, key) >= 1, f"model.{key}", "must be >= 1")
+    o = cfg.optim
+    check(o.steps >= 1, "optim.steps", f"must be >= 1, got {o.steps}")
+    check(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {o.grad_accum}")
+    check(sorted(o.lr) == sorted(GROUPS), "optim.lr", f"must give an LR for each of {list(GROUPS)}, got {sorted(o.lr)}")
+    for g, lr in o.lr.items():
+        check(lr >= 0, f"optim.lr.{g}", f"must be >= 0, got {lr}")
+    for i, g in enumerate(o.freeze):
+        choice(g, f"optim.freeze.{i}", GROUPS)
+    check(len(set(o.freeze)) < len(GROUPS), "optim.freeze", "cannot freeze every parameter group")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+    check(o.weight_decay >= 0 and o.eps > 0, "optim.weight_decay", "and optim.eps must be >= 0 and > 0")
+    check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
+    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    check(o.schedule != "converging" or o.target_lr is not None, "optim.target_lr",
+          "is required by the converging schedule")
+    check(o.target_lr is None or o.schedule == "converging", "optim.target_lr",
+          "is only used by the converging schedule")
+    check(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
+    check(o.max_bad_steps >= 1, "optim.max_bad_steps", "must be >= 1")
+    check(cfg.dpo.beta > 0, "dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
+    e = cfg.eval
+    check(e.every_steps >= 0 and e.max_samples >= 1 and e.batch_size >= 1, "eval",
+          "every_steps must be >= 0, max_samples and batch_size >= 1")
+    c = cfg.checkpoint
+    check(c.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    check(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
+
+
+def expand_path(value: str) -> str:
+    """Environment variables and ~ in a configured path."""
+    return os.path.expanduser(os.path.expandvars(value))

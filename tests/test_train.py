@@ -1,0 +1,339 @@
+"""train.py end to end on CPU with tiny random backbones and a small synthetic dataset: run directory
+contents, the token-weighted mean over an accumulated batch, DPO at step 0, skipped steps, freezing,
+the final export, resume after a kill, and torchrun with two gloo processes."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import checkpoint as ckpt
+import train
+from config import ConfigError, load_config
+from model import FoveatedVLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "scripts" / "make_synthetic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path_factory.mktemp("synthetic")
+    mod.main(["--out", str(out), "--size", "48", "--frames", "3", "--frame-size", "96", "--object-scale", "0.2",
+              "--distractors", "0", "2"])
+    return out
+
+
+def config_tree(root, run_dir, stage="sft"):
+    split = {"alignment": "alignment", "sft": "sft", "dpo": "dpo"}[stage]
+    return {
+        "stage": stage, "run_dir": str(run_dir), "seed": 0,
+        "model": {"llm": "random:tiny", "dino": "random:tiny", "query_dim": 16},
+        "data": {"train": [{"name": "main", "shards": str(root / split)}],
+                 "val": [{"name": "val", "shards": str(root / f"val_{split}")}],
+                 "frame_size": 56, "max_frames": 4, "max_text_tokens": 256, "batch_size": 4, "num_workers": 0},
+        "optim": {"steps": 4, "lr": {"connector": 1e-3, "dino": 1e-3, "llm": 1e-3}, "warmup_ratio": 0.25},
+        "eval": {"every_steps": 0, "at_start": False, "max_samples": 8, "batch_size": 8},
+        "checkpoint": {"every_steps": 2, "keep_last": 1},
+        "log": {"every_steps": 1},
+    }
+
+
+def write_config(path, tree) -> str:
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def run(tmp_path, tree, *overrides):
+    return train.main(["--config", write_config(tmp_path / f"cfg_{len(list(tmp_path.glob('cfg_*')))}.yaml", tree),
+                       *overrides])
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def final_state(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+def test_sft_run_writes_metrics_checkpoints_and_a_loadable_export(synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = run(tmp_path, config_tree(synthetic, run_dir), "eval.at_start=true", "eval.every_steps=2")
+    assert summary["steps"] == 4 and summary["samples"] == 16
+    rows = read_csv(run_dir / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    for column in ("samples", "loss", "lr_connector", "lr_dino", "lr_llm", "grad_norm", "samples_per_s",
+                   "tokens_per_s"):
+        assert all(r[column] != "" and math.isfinite(float(r[column])) for r in rows), column
+    assert [float(r["lr_llm"]) for r in rows] == pytest.approx([1e-3, 1e-3, 0.1e-3 + 0.9e-3 * 0.75, 0.1e-3 + 0.9e-3 * 0.25])
+    val = read_csv(run_dir / "val.csv")
+    assert sorted({int(r["step"]) for r in val}) == [0, 2, 4] and {"all", "synthetic/colour"} <= {r["source"] for r in val}
+    start, end = (float(next(r["loss"] for r in val if r["source"] == "all" and int(r["step"]) == s)) for s in (0, 4))
+    assert end < start  # it learns
+    # keep_last 1 + the best by validation loss; no temporary files
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == sorted({"best.json", best["file"], "step_00000004.pt"})
+    assert best["metric"] == pytest.approx(min(float(r["loss"]) for r in val if r["source"] == "all" and r["step"] != "0"))
+    last = ckpt.load_checkpoint(run_dir / "checkpoints" / "step_00000004.pt")
+    assert last["config"]["optim"]["steps"] == 4 and last["step"] == 4 and len(last["data"]) == 1
+    model = FoveatedVLM.from_pretrained(run_dir / "final")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in last["model"].items())
+    assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "config.yaml").is_file()
+
+
+def test_accumulated_micro_batches_equal_one_batch(synthetic, tmp_path):
+    """The loss is the token-weighted mean over the whole effective batch: 2 x 2 samples with
+    accumulation train exactly like 1 x 4 (same samples, different padding)."""
+    tree = config_tree(synthetic, tmp_path / "a")
+    tree["data"]["val"] = []
+    run(tmp_path, tree, "optim.steps=2", "data.batch_size=2", "optim.grad_accum=2")
+    tree["run_dir"] = str(tmp_path / "b")
+    run(tmp_path, tree, "optim.steps=2", "data.batch_size=4", "optim.grad_accum=1")
+    a, b = read_csv(tmp_path / "a" / "metrics.csv"), read_csv(tmp_path / "b" / "metrics.csv")
+    for ra, rb in zip(a, b):
+        assert ra["samples"] == rb["samples"] == str(4 * int(ra["step"]))
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-5)
+        assert float(ra["grad_norm"]) == pytest.approx(float(rb["grad_norm"]), rel=1e-4)
+    sa, sb = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
+
+
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_dpo_starts_at_ln2_and_learns_the_pairs(synthetic, tmp_path, reference):
+    run_dir = tmp_path / "dpo"
+    tree = config_tree(synthetic, run_dir, stage="dpo")
+    run(tmp_path, tree, f"dpo.reference={reference}", "optim.steps=6", "eval.at_start=true",
+        "optim.lr={connector: 3e-3, dino: 3e-3, llm: 3e-3}")
+    rows = read_csv(run_dir / "metrics.csv")
+    tol = 1e-6 if reference == "model" else 1e-5  # precomputed: other batches, other padding
+    assert float(rows[0]["loss"]) == pytest.approx(math.log(2), abs=tol)
+    assert float(rows[0]["rewards/margins"]) == pytest.approx(0, abs=tol)
+    assert float(rows[-1]["rewards/margins"]) > 0 and float(rows[-1]["loss"]) < math.log(2)
+    val = [r for r in read_csv(run_dir / "val.csv") if r["source"] == "all"]
+    assert float(val[0]["dpo_loss"]) == pytest.approx(math.log(2), abs=tol)
+    assert (run_dir / "reference_logps.pt").is_file() == (reference == "precomputed")
+
+
+def test_oom_and_non_finite_steps_are_skipped(synthetic, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train.micro_batch_loss
+
+    def flaky(model, batch, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("simulated")
+        loss, extra = real(model, batch, *args)
+        return (loss * float("nan") if calls["n"] == 4 else loss), extra
+
+    monkeypatch.setattr(train, "micro_batch_loss", flaky)
+    run_dir = tmp_path / "run"
+    tree = config_tree(synthetic, run_dir)
+    tree["data"]["val"] = []
+    summary = run(tmp_path, tree)
+    assert summary["steps"] == 4 and summary["skipped_oom"] == 1 and summary["skipped_nonfinite"] == 1
+    assert calls["n"] == 6 and summary["samples"] == 16
+    assert all(torch.isfinite(v).all() for v in final_state(run_dir).values())
+
+    monkeypatch.setattr(train, "micro_batch_loss", lambda m, b, *a: (real(m, b, *a)[0] * float("nan"), {}))
+    tree["run_dir"] = str(tmp_path / "nan")
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+        run(tmp_path, tree, "optim.max_bad_steps=3")
+
+
+def test_parameter_groups_freeze_and_weight_decay(synthetic, tmp_path):
+    tree = config_tree(synthetic, tmp_path / "run")
+    tree["data"]["val"] = []
+    cfg = load_config(write_config(tmp_path / "c.yaml", tree), ["optim.freeze=[dino]"])
+    model = train.build_model(cfg)
+    optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {(g["part"], g["weight_decay"]): {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    connector = groups[("connector", 0.01)] | groups[("connector", 0.0)]
+    assert connector == {"q_static", "q_init", "encoder.query_input_proj.weight", "encoder.output_proj.weight",
+                         "encoder.output_proj.bias", "dino_to_llm.weight", "dino_to_llm.bias",
+                         "llm_to_query.weight", "llm_to_query.bias"}
+    no_decay = set().union(*(v for (part, wd), v in groups.items() if wd == 0))
+    assert {"q_static", "q_init", "encoder.output_proj.bias", "llm.model.norm.weight"} <= no_decay
+    assert all(model.get_parameter(n).dim() >= 2 for (_, wd), v in groups.items() if wd > 0 for n in v)
+    assert not any(part == "dino" for part, _ in groups)
+    assert not any(p.requires_grad for _, p in model.parameter_groups()["dino"])
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    run(tmp_path, tree, "optim.freeze=[dino]", "optim.steps=2")
+    final = final_state(tmp_path / "run")
+    assert all(torch.equal(final[k], initial[k]) for k in final if k.startswith("encoder.dino."))
+    assert not torch.equal(final["dino_to_llm.weight"], initial["dino_to_llm.weight"])
+
+
+def test_bad_configs_fail_before_training(synthetic, tmp_path):
+    tree = config_tree(synthetic, tmp_path / "run")
+    with pytest.raises(ConfigError, match="init_from: .*nowhere does not exist"):
+        run(tmp_path, tree, f"init_from={tmp_path / 'nowhere'}")
+    run(tmp_path, tree, "optim.steps=2")
+    with pytest.raises(ConfigError, match="different config.*optim.lr.llm"):
+        run(tmp_path, tree, "optim.steps=2", "optim.lr.llm=1e-4")
+
+
+def test_init_from_continues_from_an_earlier_stage(synthetic, tmp_path):
+    tree = config_tree(synthetic, tmp_path / "s1", stage="alignment")
+    tree["data"]["val"] = []
+    run(tmp_path, tree, "optim.steps=2")
+    tree = config_tree(synthetic, tmp_path / "s2", stage="sft")
+    tree["data"]["val"] = []
+    for source in (tmp_path / "s1", tmp_path / "s1" / "final", tmp_path / "s1" / "checkpoints" / "step_00000002.pt"):
+        cfg = load_config(write_config(tmp_path / "c.yaml", tree), [f"init_from={source}"])
+        model = train.build_model(cfg)
+        s1 = final_state(tmp_path / "s1")
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in s1.items()), source
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    from test_model import SAMPLES, make_batch
+
+    batch = make_batch(tiny_model, SAMPLES[:2])
+    tiny_model.train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            tiny_model.gradient_checkpointing_enable()
+        tiny_model.zero_grad()
+        tiny_model(**batch, mode="coarse_fine")["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("encoder.dino.blocks") for k in grads[0])
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_compile_compiles_the_training_function(synthetic, tmp_path, stage):
+    """The function train.py compiles (losses.micro_batch_loss) is one graph with no breaks, and gives
+    the eager loss."""
+    from losses import micro_batch_loss
+
+    tree = config_tree(synthetic, tmp_path / "run", stage=stage)
+    cfg = load_config(write_config(tmp_path / "c.yaml", tree))
+    model = train.build_model(cfg).train()
+    loader = train.make_loader(cfg, model.tokenizer, train.distributed.setup("cpu"),
+                               train.sources(cfg.data.train), True, 3, False)
+    batch = next(iter(loader))
+    reference = train.copy.deepcopy(model).eval() if stage == "dpo" else None
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(micro_batch_loss, backend="aot_eager")
+    loss, _ = compiled(model, batch, stage, "coarse_fine", 0.1, reference)
+    eager, _ = micro_batch_loss(model, batch, stage, "coarse_fine", 0.1, reference)
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(synthetic, tmp_path):
+    """compile: true (inductor) trains like eager, through a handful of graphs (shapes vary per batch
+    and become dynamic after the first recompile) and no graph breaks."""
+    tree = config_tree(synthetic, tmp_path / "eager")
+    tree["data"]["val"] = []
+    tree["optim"]["steps"] = 6
+    run(tmp_path, tree)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    tree["run_dir"] = str(tmp_path / "compiled")
+    run(tmp_path, tree, "compile=true")
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4 and not counters["graph_break"], dict(counters["graph_break"])
+    for a, b in zip(read_csv(tmp_path / "eager" / "metrics.csv"), read_csv(tmp_path / "compiled" / "metrics.csv")):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_metrics_resume_after_a_kill_continue_like_an_uninterrupted_run(synthetic, tmp_path):
+    """Kill -9 a run at a random moment after its step-4 checkpoint; rerunning the same command
+    finishes with exactly the losses of a run that was never stopped."""
+    tree = config_tree(synthetic, tmp_path / "whole")
+    tree["data"]["num_workers"] = 1
+    tree["optim"]["steps"] = 8
+    tree["eval"]["every_steps"] = 4
+    whole = write_config(tmp_path / "whole.yaml", tree)
+    tree["run_dir"] = str(tmp_path / "killed")
+    killed = write_config(tmp_path / "killed.yaml", tree)
+    cmd = lambda c: [sys.executable, str(ROOT / "train.py"), "--config", c]  # noqa: E731
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run(cmd(whole), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "checkpoints" / "step_00000004.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.05)
+    time.sleep(torch.rand(()).item() * 0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(cmd(killed), check=True, env=env, capture_output=True)
+    a, b = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "killed" / "metrics.csv")
+    assert [r["step"] for r in b] == [str(s) for s in range(1, 9)]
+    for ra, rb in zip(a, b):
+        for column in ("samples", "tokens", "loss", "lr_llm", "grad_norm"):
+            assert float(ra[column]) == pytest.approx(float(rb[column]), rel=1e-6, abs=1e-9), (ra["step"], column)
+    va, vb = read_csv(tmp_path / "whole" / "val.csv"), read_csv(tmp_path / "killed" / "val.csv")
+    assert [(r["step"], r["source"], r["loss"]) for r in va] == [(r["step"], r["source"], r["loss"]) for r in vb]
+    sa, sb = final_state(tmp_path / "whole"), final_state(tmp_path / "killed")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+WORKER = ROOT / "tests" / "torchrun_worker.py"
+
+
+def torchrun(tmp_path, config, *overrides, fault=""):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FVLM_TEST_FAULT=fault, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), "--config", config, *overrides]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads((Path(tmp_path) / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_stay_in_step(synthetic, tmp_path):
+    """Two CPU processes under torchrun: after SFT with an OOM on rank 0 and a NaN on rank 1, and
+    after DPO, both ranks hold identical weights and counted the same skipped steps; with exact
+    (finite) data both stop at the same step."""
+    from shards import ShardWriter, expand, read_samples
+
+    with ShardWriter(tmp_path / "small_shards", max_samples=6) as writer:  # 8 shards: 4 per rank
+        for path in expand(synthetic / "sft"):
+            for key, files in read_samples(path):
+                writer.write(key, files)
+    tree = config_tree(synthetic, tmp_path / "sft")
+    tree["data"]["train"] = [{"name": "main", "shards": str(tmp_path / "small_shards")}]
+    tree["data"]["resampled"] = False
+    tree["optim"]["steps"] = 50  # more than the data holds: 48 samples / 2 ranks / 4 per batch
+    tree["eval"]["every_steps"] = 2
+    results = torchrun(tmp_path, write_config(tmp_path / "sft.yaml", tree), fault="oom:0:2,nan:1:4")
+    a, b = results
+    assert a["digest"] == b["digest"] and a["digest"] != a["initial_digest"]
+    assert a["summary"]["skipped_oom"] == b["summary"]["skipped_oom"] == 1
+    assert a["summary"]["skipped_nonfinite"] == b["summary"]["skipped_nonfinite"] == 1
+    assert a["summary"]["steps"] == b["summary"]["steps"] < 6
+    assert a["summary"]["samples"] == b["summary"]["samples"] > 0
+    assert len(read_csv(tmp_path / "sft" / "metrics.csv")) == a["summary"]["steps"]
+
+    tree = config_tree(synthetic, tmp_path / "dpo", stage="dpo")
+    tree["optim"]["steps"] = 2
+    a, b = torchrun(tmp_path, write_config(tmp_path / "dpo.yaml", tree))
+    assert a["digest"] == b["digest"] != a["initial_digest"]
+    assert float(read_csv(tmp_path / "dpo" / "metrics.csv")[0]["loss"]) == pytest.approx(math.log(2), abs=1e-6)

@@ -1,0 +1,59 @@
+"""Run by tests/test_train.py under torchrun: train.main with optional injected faults
+(FVLM_TEST_FAULT="oom:RANK:CALL,nan:RANK:CALL" makes that rank's CALL-th micro-batch raise a CUDA OOM
+or return a NaN loss), then write this rank's summary and a digest of its weights to
+rank<RANK>.json next to the config."""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import train
+from config import load_config
+
+
+def digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main():
+    rank = int(os.environ["RANK"])
+    argv = sys.argv[1:]
+    config = argv[argv.index("--config") + 1]
+    faults = {}
+    for spec in filter(None, os.environ.get("FVLM_TEST_FAULT", "").split(",")):
+        kind, fault_rank, call = spec.split(":")
+        if int(fault_rank) == rank:
+            faults[int(call)] = kind
+    calls = {"n": 0}
+    real_loss, real_finish = train.micro_batch_loss, train._finish
+
+    def loss(model, batch, *args):
+        calls["n"] += 1
+        if faults.get(calls["n"]) == "oom":
+            raise torch.OutOfMemoryError("injected")
+        value, extra = real_loss(model, batch, *args)
+        return (value * float("nan") if faults.get(calls["n"]) == "nan" else value), extra
+
+    seen = {}
+
+    def finish(cfg, model, *args):
+        seen["digest"] = digest(model)  # before rank 0 swaps in the best weights for their export
+        return real_finish(cfg, model, *args)
+
+    train.micro_batch_loss, train._finish = loss, finish
+    initial = digest(train.build_model(load_config(config, argv[argv.index("--config") + 2:])))
+    summary = train.main(argv)
+    out = Path(config).parent / f"rank{rank}.json"
+    out.write_text(json.dumps({"digest": seen["digest"], "initial_digest": initial, "summary": summary}))
+
+
+if __name__ == "__main__":
+    main()
