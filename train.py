@@ -377,7 +377,7 @@ def train(cfg, dist) -> dict:
 
     forward_loss = torch.compile(micro_batch_loss) if cfg.compile else micro_batch_loss
     metric_cols = ["step", "samples", "tokens", "loss", *[f"lr_{g}" for g in cfg.optim.lr], "grad_norm",
-                   "samples_per_s", "tokens_per_s", "mfu", "skipped_nonfinite", "skipped_oom", "data_skipped",
+                   "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb", "skipped_nonfinite", "skipped_oom", "data_skipped",
                    "elapsed_s"] + (list(DPO_METRICS) if cfg.stage == "dpo" else [])
     val_cols = ["step", "mode", "source", "samples", "tokens", "loss", "token_acc", "answer_acc", "static_entropy",
                 "dynamic_entropy"] + (["dpo_loss", *DPO_METRICS] if cfg.stage == "dpo" else [])
@@ -529,7 +529,7 @@ def train(cfg, dist) -> dict:
         for k, v in zip(DPO_METRICS, values[2:]):
             window["dpo"][k] += v
         if step % cfg.log.every_steps == 0 or step == cfg.optim.steps:
-            _log_step(cfg, step, window, lrs, counters, loader, peak, metrics, wandb_run, dist)
+            _log_step(cfg, step, window, lrs, counters, loader, peak, metrics, wandb_run, dist, device)
             window = dict(loss=0.0, weight=0.0, steps=0, samples=0, tokens=0, flops=0.0, seconds=0.0, norm=0.0,
                           dpo={k: 0.0 for k in DPO_METRICS})
         last = step == cfg.optim.steps
@@ -544,7 +544,7 @@ def train(cfg, dist) -> dict:
     return _finish(cfg, model, run_dir, counters, loader, dist, start_time, wandb_run)
 
 
-def _log_step(cfg, step, w, lrs, counters, loader, peak, metrics, wandb_run, dist):
+def _log_step(cfg, step, w, lrs, counters, loader, peak, metrics, wandb_run, dist, device):
     skipped = loader.counts()["skipped"]
     data_skipped = sum(n for reasons in skipped.values() for n in reasons.values())
     loss = w["loss"] / max(w["weight"], 1.0)
@@ -554,16 +554,18 @@ def _log_step(cfg, step, w, lrs, counters, loader, peak, metrics, wandb_run, dis
     per_step = counters["train_seconds"] / max(step, 1)
     eta = per_step * (cfg.optim.steps - step)
     norm = w["norm"] / max(w["steps"], 1)
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     row = {"step": step, "samples": counters["samples"], "tokens": counters["tokens"], "loss": loss,
            **{f"lr_{g}": v for g, v in lrs.items()}, "grad_norm": norm, "samples_per_s": sps, "tokens_per_s": tps,
-           "mfu": mfu, "skipped_nonfinite": counters["skipped_nonfinite"], "skipped_oom": counters["skipped_oom"],
+           "mfu": mfu, "peak_mem_gb": mem, "skipped_nonfinite": counters["skipped_nonfinite"], "skipped_oom": counters["skipped_oom"],
            "data_skipped": data_skipped, "elapsed_s": counters["train_seconds"]}
     if cfg.stage == "dpo":
         row.update({k: v / max(w["weight"], 1.0) for k, v in w["dpo"].items()})
     extra = f" | reward acc {row['rewards/accuracies']:.3f} margin {row['rewards/margins']:.3f}" if cfg.stage == "dpo" else ""
-    log.info("step %d/%d | loss %.4f | lr %s | grad norm %.3f | %.1f samples/s | %.0f tokens/s%s%s | eta %s",
+    log.info("step %d/%d | loss %.4f | lr %s | grad norm %.3f | %.1f samples/s | %.0f tokens/s%s%s%s | eta %s",
              step, cfg.optim.steps, loss, " ".join(f"{v:.2e}" for v in lrs.values()), norm, sps, tps,
-             f" | mfu {mfu:.1%}" if mfu is not None else "", extra, _duration(eta))
+             f" | mfu {mfu:.1%}" if mfu is not None else "", f" | peak mem {mem:.1f} GiB" if mem is not None else "",
+             extra, _duration(eta))
     if metrics:
         metrics.write(row)
     if wandb_run:

@@ -1,5 +1,5 @@
-"""A two-minute CPU tour of FoveatedVLM on tiny random backbones: the three forward modes, a few
-optimizer steps on one synthetic batch, and generation. Stands in for the training quickstart."""
+"""A two-minute CPU tour of the FoveatedVLM API on tiny random backbones: the three forward modes, a
+few optimizer steps on one batch, and generation. (Training itself: train.py, scripts/quickstart.py.)"""
 
 import sys
 import tempfile
