@@ -342,7 +342,7 @@ class FoveatedVLM(nn.Module):
 
     def forward(self, frames=None, input_ids=None, attention_mask=None, loss_mask=None, frame_mask=None,
                 mode: str = "coarse_fine", frame_index=None, visual_pos=None, queries=None,
-                return_attention: bool = False, target_index=None):
+                return_attention: bool = False, target_index=None, kv=None):
         """Losses and next-token logits for a batch of (video, text) samples.
 
         frames: [B, T, 3, H, W] ImageNet-normalised (optional frame_mask [B, T], real frames first),
@@ -356,6 +356,7 @@ class FoveatedVLM(nn.Module):
         target_index: [K] the loss targets as flat indices into the [B, S-1] next-token grid
             (`collate.target_index(loss_mask, attention_mask)`; the collate sends it). Logits are
             then computed for those K tokens only, and `logits` is [K, V]: the training path.
+        kv: `self.encoder.encode(frames)` computed earlier, to reuse across calls (modes, prompts).
         Returns loss (token-weighted mean), logits [B, S, V], logp_sum [B] (summed log-prob of the
         loss tokens), num_tokens [B], queries [B, T, query_dim] (the fine queries used, or None),
         and with return_attention the per-block attention of the static and dynamic queries,
@@ -369,7 +370,7 @@ class FoveatedVLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vis = self._visual(frames, frame_mask, frame_index, input_ids.shape[0])
-        kv = self.encoder.encode(vis.pixels) if vis is not None else None
+        kv = self._kv(vis, kv)
         lay = self._layout(input_ids, attention_mask, vis, visual_pos)
         if queries is not None and mode == "coarse_only":
             raise ValueError("queries= replaces the fine queries; coarse_only has none")
@@ -452,17 +453,34 @@ class FoveatedVLM(nn.Module):
         steps = self._generate_steps(conversations, samples, max_new_tokens, mode, temperature, top_p)
         if stream:
             return self._stream_text(steps)
-        tokens = [[] for _ in conversations]
-        for step in steps:
-            for i, tok in enumerate(step):
-                if tok is not None:
-                    tokens[i].append(tok)
+        tokens = _collect(steps)["tokens"]
         replies = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         return replies if batched else replies[0]
 
+    @torch.no_grad()
+    def generate_ids(self, input_ids, attention_mask=None, frames=None, frame_index=None, kv=None,
+                     mode: str = "autoregressive", max_new_tokens: int = 128, temperature: float = 0.0,
+                     top_p: float = 1.0) -> dict:
+        """Batched decoding from prepared inputs (the evaluation path).
+
+        input_ids / attention_mask [B, S]: templated prompts (e.g. `chat_ids`), right padded.
+        frames [N, 3, H, W] packed with frame_index [B, T] (collate.pack_frames), and optionally
+        kv = self.encoder.encode(frames), computed once and reused across modes and prompts.
+        Returns {"tokens": each sample's new ids (without the stop token), "first_logits": [B, V]
+        float32 logits of the first new token, i.e. the prompt's next-token distribution}.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return _collect(self._decode_steps(input_ids, attention_mask, frames, frame_index, kv, mode, max_new_tokens,
+                                           temperature, top_p))
+
     def _stream_text(self, steps):
         ids, sent = [], ""
-        for step in steps:
+        for step, _ in steps:
             if step[0] is None:
                 continue
             ids.append(step[0])
@@ -471,21 +489,26 @@ class FoveatedVLM(nn.Module):
                 yield text[len(sent):]
                 sent = text
 
-    @torch.no_grad()
     def _generate_steps(self, conversations, samples, max_new_tokens, mode, temperature, top_p):
-        """Yield, per decoding step, each sample's new token id (None once it has stopped)."""
-        device = self.q_static.device
         rows = [self.chat_ids(c) for c in conversations]
-        b = len(rows)
-        ids = pad_rows(rows, self.pad_id).to(device)
-        am = pad_rows([[1] * len(r) for r in rows], 0).to(device)
+        ids = pad_rows(rows, self.pad_id)
+        am = pad_rows([[1] * len(r) for r in rows], 0)
         pixels, index = pack_frames(samples, self.image_frames)
+        return self._decode_steps(ids, am, pixels, index, None, mode, max_new_tokens, temperature, top_p)
+
+    @torch.no_grad()
+    def _decode_steps(self, ids, am, pixels, index, kv, mode, max_new_tokens, temperature, top_p):
+        """Yield, per decoding step, (each sample's new token id or None once it has stopped, the
+        logits [B, V] that token was drawn from)."""
+        device = self.q_static.device
+        b = ids.shape[0]
+        ids, am = ids.to(device), am.to(device)
         if pixels is not None:  # uint8 frames stay uint8 (the encoder normalises them)
             dtype = pixels.dtype if pixels.dtype == torch.uint8 else self.encoder.output_proj.weight.dtype
             pixels = pixels.to(device, dtype)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             vis = self._visual(pixels, None, index.to(device), b) if pixels is not None else None
-            kv = self.encoder.encode(vis.pixels) if vis is not None else None
+            kv = self._kv(vis, kv)
             lay = self._layout(ids, am, vis, None)
             cache = DynamicCache(config=self.llm.config)
             if mode == "autoregressive":
@@ -503,7 +526,7 @@ class FoveatedVLM(nn.Module):
                 done_before = done.clone()
                 done |= torch.isin(tok, stops)
                 flags = (done_before | done).tolist()
-                yield [None if f else t for f, t in zip(flags, tok.tolist())]
+                yield [None if f else t for f, t in zip(flags, tok.tolist())], logits
                 if bool(done.all()):
                     return
                 emb = self.llm.get_input_embeddings()(tok[:, None])
@@ -511,6 +534,17 @@ class FoveatedVLM(nn.Module):
                                             keys, cache)
                 logits = self.llm.lm_head(h[:, 0])
                 pos = pos + 1
+
+    def _kv(self, vis, kv):
+        """The frames' per-block K/V: encoded here, or given (precomputed for these frames)."""
+        if vis is None:
+            return None
+        if kv is None:
+            return self.encoder.encode(vis.pixels)
+        if len(kv) != len(self.encoder.dino.blocks) or kv[0][0].shape[0] != vis.pixels.shape[0]:
+            raise ValueError(f"kv holds {kv[0][0].shape[0]} encoded frames in {len(kv)} blocks; the frames need "
+                             f"{vis.pixels.shape[0]} in {len(self.encoder.dino.blocks)} (kv = encoder.encode(frames))")
+        return kv
 
     # ---- training helpers -----------------------------------------------------------------------
 
@@ -618,6 +652,18 @@ def _token_loss(logits, input_ids, attention_mask, loss_mask):
     logp_sum, num_tokens = logp.sum(1), (labels != IGNORE_INDEX).sum(1)
     loss = -logp_sum.sum() / num_tokens.sum().clamp(min=1)
     return dict(loss=loss, logp_sum=logp_sum, num_tokens=num_tokens)
+
+
+def _collect(steps) -> dict:
+    """Decoding steps -> {"tokens": per-sample new ids, "first_logits": the first step's logits}."""
+    tokens, first = None, None
+    for step, logits in steps:
+        if first is None:
+            first, tokens = logits.float(), [[] for _ in step]
+        for i, tok in enumerate(step):
+            if tok is not None:
+                tokens[i].append(tok)
+    return {"tokens": tokens, "first_logits": first}
 
 
 def _sample(logits, temperature, top_p):

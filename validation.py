@@ -32,12 +32,13 @@ def _text_inputs(batch, stage):
 
 
 @torch.no_grad()
-def _score_batch(model, batch, stage, mode):
-    """Per-sample records [len(RECORD), B] for one mode."""
+def _score_batch(model, batch, stage, mode, kv):
+    """Per-sample records [len(RECORD), B] for one mode (kv: the batch's frames, encoded once)."""
     text = _text_inputs(batch, stage)
     ids, ti = text["input_ids"], text["target_index"]
     b, s = ids.shape
-    out = model(frames=batch["frames"], frame_index=batch["frame_index"], mode=mode, return_attention=True, **text)
+    out = model(frames=batch["frames"], frame_index=batch["frame_index"], mode=mode, return_attention=True, kv=kv,
+                **text)
     rows, cols = ti // max(s - 1, 1), ti % max(s - 1, 1)
     labels = ids.flatten().index_select(0, rows * s + cols + 1)
     right = (out["logits"].argmax(-1) == labels).float()
@@ -67,8 +68,9 @@ def validate(model, batches, *, stage: str, modes, to_device, autocast, max_samp
             if seen >= limit:
                 break
             batch = to_device(host)
+            kv = model.encoder.encode(batch["frames"]) if batch["frames"] is not None else None
             for m in modes:
-                records[m].append(_score_batch(model, batch, stage, m))
+                records[m].append(_score_batch(model, batch, stage, m, kv))
             if stage == "dpo":
                 pol = dpo_logps(model, batch, dpo_mode)
                 if reference is not None:

@@ -306,6 +306,30 @@ def test_cached_generation_equals_uncached(tiny_backbones, layout, mode):
     assert model.generate([f for f, _ in cases], [p for _, p in cases], max_new_tokens=6, mode=mode) == expected
 
 
+@torch.no_grad()
+def test_generate_ids_reuses_one_encode_across_modes(tiny_model):
+    """The evaluation path: frames encoded once, K/V passed to every mode; the replies equal
+    generate()'s and the first logits are the prompt's next-token distribution from forward()."""
+    from collate import pad_rows
+
+    cases = [(video(4, 5), "Describe the video."), (video(1, 6)[0], "What is shown?"), (None, "Tell me a joke.")]
+    rows = [tiny_model.chat_ids([{"role": "user", "content": p}]) for _, p in cases]
+    ids, am = pad_rows(rows, tiny_model.pad_id), pad_rows([[1] * len(r) for r in rows], 0)
+    pixels, index = pack_frames([f for f, _ in cases], tiny_model.image_frames)
+    kv = tiny_model.encoder.encode(pixels)
+    for mode in MODES:
+        out = tiny_model.generate_ids(ids, am, pixels, index, kv=kv, mode=mode, max_new_tokens=5)
+        replies = [tiny_model.tokenizer.decode(t, skip_special_tokens=True) for t in out["tokens"]]
+        assert replies == tiny_model.generate([f for f, _ in cases], [p for _, p in cases], max_new_tokens=5, mode=mode)
+        full = tiny_model(frames=pixels, frame_index=index, input_ids=ids, attention_mask=am, mode=mode, kv=kv)
+        last = full["logits"][torch.arange(len(rows)), am.sum(1) - 1]
+        torch.testing.assert_close(out["first_logits"], last.float(), atol=1e-4, rtol=1e-4)
+        plain = tiny_model(frames=pixels, frame_index=index, input_ids=ids, attention_mask=am, mode=mode)
+        assert torch.equal(plain["logits"], full["logits"])
+    with pytest.raises(ValueError, match="kv holds 2 encoded frames"):
+        tiny_model.generate_ids(ids, am, pixels, index, kv=[(k[:2], v[:2]) for k, v in kv])
+
+
 def test_generate_stream_and_sampling(tiny_model):
     reply = tiny_model.generate(video(3, 1), "Hi", max_new_tokens=8)
     pieces = list(tiny_model.generate(video(3, 1), "Hi", max_new_tokens=8, stream=True))
