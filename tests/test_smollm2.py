@@ -19,6 +19,6 @@ def test_text_only_generation_is_sensible_and_stops_at_end_of_turn(real_model):
     assert "Paris" in reply
     steps = list(real_model._generate_steps([[{"role": "user", "content": "What is the capital of France?"}]],
                                             [None], 48, "autoregressive", 0.0, 1.0))
-    assert steps[-1] == [None], "generation must end on <|im_end|>, not on the token limit"
+    assert steps[-1][0] == [None], "generation must end on <|im_end|>, not on the token limit"
     assert len(steps) < 48
     assert "".join(real_model.generate(None, "What is the capital of France?", max_new_tokens=48, stream=True)) == reply

@@ -1,0 +1,637 @@
+"""Benchmarks: MVBench, Video-MME, ScienceQA-IMG and POPE with lmms-eval's prompts and answer parsers
+(greedy generation), validation loss on held-out shards, and the synthetic foveation probe — in any
+of the three forward modes.
+
+    python benchmark.py --mode all --checkpoint runs/stage3_135M --bench mvbench,videomme,scienceqa,pope \\
+        --data-root /data/benchmarks --output results.json
+
+Two scores per multiple-choice item. `generate`: the reply generated greedily from lmms-eval's
+default prompt and scored by lmms-eval's parser for that benchmark, so the numbers compare with
+published lmms-eval numbers. `likelihood`: the candidate answer (option letter; yes/no for POPE)
+whose first token the model finds most likely right after the prompt — the first step of the same
+generation, so it costs nothing extra. Both report their answer distribution, so a model that
+always says "A" (or "yes") shows.
+
+Speed: every clip is decoded once (in DataLoader workers) and DINO-encoded once per run; its K/V
+serve every question about it, every prompt variant and every forward mode. Questions are batched
+by clip. Results are appended item by item to OUTPUT.items.jsonl, so `--resume` continues an
+interrupted run where it stopped.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import string
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from collate import pack_frames, pad_rows
+from media import MediaError, decode_image, decode_video, frame_extension_index
+from model import MODES, FoveatedVLM
+
+BENCHES = ("mvbench", "videomme", "scienceqa", "pope", "val", "synthetic")
+MAX_NEW_TOKENS = {"mvbench": 16, "videomme": 16, "scienceqa": 16, "pope": 128, "synthetic": 32}
+# lmms-eval's MVBench folders (its DATA_LIST), per task, under mvbench/video/
+MVBENCH_FOLDERS = {
+    "action_sequence": "star/Charades_segment", "action_prediction": "star/Charades_segment",
+    "action_antonym": "ssv2_video_mp4", "fine_grained_action": "Moments_in_Time_Raw/videos",
+    "unexpected_action": "FunQA_test/test", "object_existence": "clevrer/video_validation",
+    "object_interaction": "star/Charades_segment", "object_shuffle": "perception/videos",
+    "moving_direction": "clevrer/video_validation", "action_localization": "sta/sta_video_segment",
+    "scene_transition": "scene_qa/video", "action_count": "perception/videos",
+    "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
+    "state_change": "perception/videos", "fine_grained_pose": "nturgbd_convert",
+    "character_order": "perception/videos", "egocentric_navigation": "vlnqa",
+    "episodic_reasoning": "tvqa/video_fps3_hq_segment", "counterfactual_inference": "clevrer/video_validation",
+}
+VIDEOMME_INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video and "
+                        "the subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
+LETTER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+# ---- answer parsers (lmms-eval's rules, quirks included, re-implemented) ------------------------------
+
+_MVBENCH_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                  "?", "!"]
+
+
+def mvbench_normalize(text: str) -> str:
+    """MVBench's normaliser: "X. ..." -> X; else strip punctuation the VQA way and take the first
+    standalone letter A-E (so "the answer is a dog" reads as A); else the cleaned lowercase text."""
+    text = text.strip()
+    m = re.fullmatch(r"([A-E])\.\s*(.+)", text, flags=re.IGNORECASE)
+    if m:
+        return m.group(1).upper()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    original = text
+    for p in _MVBENCH_PUNCT:
+        if (p + " " in original or " " + p in original) or re.search(r"\d,\d", original):
+            text = text.replace(p, "")
+        else:
+            text = text.replace(p, " ")
+    text = re.sub(r"\.(?!\d)", "", text, count=32)  # lmms-eval removes every period not before a digit
+    for ch in ("'", '"', ")", "("):
+        text = text.strip(ch)
+    text = text.strip().lower()
+    m = re.search(r"\b([a-e])\b", text)
+    return m.group(1).upper() if m else text
+
+
+_VIDEOMME_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer",
+                      "The best option isThe correct option is", "Best answer:Best option:"]
+
+
+def videomme_extract(text: str) -> str:
+    """Video-MME's extractor: drop a few answer phrases, then the first capital A-D anywhere (even
+    inside a word: "Answer: C" reads as A); "" when there is none."""
+    text = text.strip()
+    for prefix in _VIDEOMME_PREFIXES:
+        text = text.replace(prefix, "")
+    m = re.search("[ABCD]", text)
+    return m.group(0) if m else ""
+
+
+def scienceqa_letter(text: str) -> str:
+    """What ScienceQA's rule reads in a raw (unstripped) reply: a one-character reply itself, or X
+    from "X." at its start (uppercase X); else "" (so "(B)", " B" and "B)" read as nothing)."""
+    if len(text) >= 2 and text[0].isupper() and text[1] == ".":
+        return text[0]
+    return text if len(text) == 1 else ""
+
+
+def pope_answer(text: str) -> str:
+    """POPE compares the lowercased, stripped reply with "yes" / "no" exactly ("Yes." is neither)."""
+    return text.lower().strip()
+
+
+def mentioned_values(text: str, values) -> set:
+    return {v for v in values if re.search(rf"\b{re.escape(v)}\b", text, flags=re.IGNORECASE)}
+
+
+# ---- items -----------------------------------------------------------------------------------------
+
+@dataclass
+class Item:
+    bench: str
+    uid: str
+    prompt: str  # the user message (the model's chat template and system prompt are added)
+    gold: str  # the answer letter, "yes"/"no", or the synthetic value
+    media: tuple  # ("video", path) | ("image", bytes) | ("frames", [jpeg bytes]) | ("missing", why)
+    category: dict = field(default_factory=dict)
+    candidates: tuple = ()  # the likelihood candidates (letters, or yes/no)
+    likelihood_prompt: str | None = None  # another prompt for the likelihood score (synthetic)
+    gold_letter: str | None = None  # the likelihood answer when it differs from gold (synthetic)
+    values: tuple = ()  # synthetic: the values the answer could name
+
+    @property
+    def clip(self):
+        """What identifies the media: the same video file or the same image bytes (POPE asks ~18
+        questions per image) is decoded and encoded once."""
+        kind, ref = self.media
+        if kind == "image":
+            return kind, hashlib.sha1(ref).hexdigest()
+        return kind, ref if kind in ("video", "missing") else self.uid
+
+
+def _letters(n):
+    return tuple(string.ascii_uppercase[:n])
+
+
+def mvbench_items(root: Path) -> list[Item]:
+    folder = root / "mvbench"
+    files = sorted((folder / "json").glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"MVBench: no task files {folder / 'json' / '*.json'}")
+    by_name = None
+    items = []
+    for path in files:
+        task = path.stem
+        for i, doc in enumerate(json.loads(path.read_text())):
+            candidates = list(doc["candidates"])
+            if doc["answer"] not in candidates:
+                raise ValueError(f"{path} item {i}: answer {doc['answer']!r} is not among its candidates")
+            letters = _letters(len(candidates))
+            options = "".join(f"({x}) {c}\n" for x, c in zip(letters, candidates))
+            prompt = f"Question:{doc['question']}\nOption:\n{options}Only give the best option.\n"
+            video = folder / "video" / MVBENCH_FOLDERS.get(task, task) / doc["video"]
+            if not video.is_file():
+                if by_name is None:  # a search by file name, built once
+                    by_name = {}
+                    for dirpath, _, names in os.walk(folder / "video"):
+                        for name in names:
+                            by_name.setdefault(name, Path(dirpath) / name)
+                video = by_name.get(Path(doc["video"]).name)
+            media = ("video", str(video)) if video else ("missing", f"video {doc['video']} not found")
+            items.append(Item("mvbench", f"{task}/{i}", prompt, letters[candidates.index(doc["answer"])], media,
+                              {"task": task}, letters))
+    return items
+
+
+def _parquet_rows(paths):
+    """Rows of parquet files, a few hundred at a time (the image datasets embed every image)."""
+    import pyarrow.parquet as pq
+
+    images = {}  # one bytes object per distinct image
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                image = _image(row.get("image"))
+                if image:
+                    row["image"] = images.setdefault(hashlib.sha1(image).hexdigest(), image)
+                yield row
+
+
+def _parquets(folder: Path, name: str, prefer=None) -> list[Path]:
+    found = sorted(folder.rglob("*.parquet"))
+    if prefer:
+        found = [p for p in found if prefer(p)] or found
+    if not found:
+        raise FileNotFoundError(f"{name}: no parquet files under {folder}")
+    return found
+
+
+def videomme_items(root: Path) -> list[Item]:
+    folder = root / "videomme"
+    items = []
+    for row in _parquet_rows(_parquets(folder, "Video-MME")):
+        prompt = "\n".join([VIDEOMME_INSTRUCTION, row["question"], *row["options"], LETTER_SUFFIX])
+        video = next((p for ext in ("mp4", "MP4", "mkv") if (p := folder / "data" / f"{row['videoID']}.{ext}").is_file()),
+                     None)
+        media = ("video", str(video)) if video else ("missing", f"video {row['videoID']} not found")
+        items.append(Item("videomme", str(row["question_id"]), prompt, row["answer"].strip(), media,
+                          {k: row[k] for k in ("duration", "domain", "sub_category", "task_type")},
+                          _letters(len(row["options"]))))
+    return items
+
+
+def _image(value):
+    if isinstance(value, dict):
+        return value.get("bytes") or (Path(value["path"]).read_bytes() if value.get("path") else None)
+    return value
+
+
+def scienceqa_items(root: Path) -> list[Item]:
+    folder = root / "scienceqa"
+    paths = _parquets(folder, "ScienceQA", prefer=lambda p: "ScienceQA-IMG" in p.parts and "test" in p.name)
+    items = []
+    for i, row in enumerate(_parquet_rows(paths)):
+        letters = _letters(len(row["choices"]))
+        context = f"Context: {row['hint']}\n" if row.get("hint") else ""
+        choices = "\n".join(f"{x}. {c}" for x, c in zip(letters, row["choices"]))
+        prompt = f"{context}{row['question']}\n{choices}{LETTER_SUFFIX}"
+        image = row.get("image")
+        media = ("image", image) if image else ("missing", "no image")
+        items.append(Item("scienceqa", str(i), prompt, chr(65 + int(row["answer"])), media,
+                          {"subject": row.get("subject") or ""}, letters))
+    return items
+
+
+def pope_items(root: Path) -> list[Item]:
+    items = []
+    for row in _parquet_rows(_parquets(root / "pope", "POPE")):
+        image = row.get("image")
+        media = ("image", image) if image else ("missing", "no image")
+        items.append(Item("pope", str(row["question_id"]), row["question"].strip() + POPE_SUFFIX,
+                          row["answer"].lower().strip(), media, {"category": row.get("category") or ""}, ("yes", "no")))
+    return items
+
+
+def synthetic_items(root: Path) -> list[Item]:
+    """The eval split of scripts/make_synthetic.py: the open question (scored by the value its
+    reply names) and, for the likelihood score, the 4-way multiple-choice prompt."""
+    from shards import expand, read_samples
+
+    folder = root / "synthetic"
+    readme = json.loads((folder / "README.json").read_text())
+    if "directions" not in readme:
+        raise ValueError(f"{folder} was made by an older make_synthetic.py; generate it again")
+    vocabulary = {"colour": tuple(readme["palette"]), "shape": tuple(readme["shapes"]),
+                  "motion": tuple(readme["directions"])}
+    items = []
+    for path in expand(folder / "eval"):
+        for key, files in read_samples(path):
+            doc = json.loads(files["json"])
+            meta = doc["meta"]
+            truth = {"colour": meta["colour"], "shape": meta["shape"], "motion": meta["direction"]}[meta["task"]]
+            values = vocabulary[meta["task"]]
+            numbered = sorted((frame_extension_index(ext), ext) for ext in files
+                              if frame_extension_index(ext) is not None)
+            frames = [files[ext] for _, ext in numbered]
+            items.append(Item("synthetic", key, doc["question"], truth, ("frames", frames), {"task": meta["task"]},
+                              ("A", "B", "C", "D"), likelihood_prompt=doc["messages"][0]["content"],
+                              gold_letter=doc["answer"], values=values))
+    return items
+
+
+LOADERS = {"mvbench": mvbench_items, "videomme": videomme_items, "scienceqa": scienceqa_items, "pope": pope_items,
+           "synthetic": synthetic_items}
+
+
+# ---- media: decoded once per clip, in DataLoader workers -----------------------------------------
+
+class Clips(Dataset):
+    def __init__(self, clips, max_frames: int, frame_size: int):
+        self.clips, self.max_frames, self.frame_size = clips, max_frames, frame_size
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        kind, ref = self.clips[i][1]
+        try:
+            if kind == "missing":
+                return i, f"missing_media: {ref}"
+            if kind == "video":
+                return i, decode_video(Path(ref).read_bytes(), self.max_frames, self.frame_size)
+            if kind == "image":
+                return i, decode_image(ref, self.frame_size)
+            return i, torch.stack([decode_image(b, self.frame_size) for b in ref[: self.max_frames]])
+        except (MediaError, OSError) as e:
+            return i, f"undecodable_media: {type(e).__name__}: {e}"
+
+
+def batches_by_clip(items, max_frames, frame_size, batch_size, workers):
+    """(decoded clips {clip: tensor}, items) batches of at most batch_size items (a clip's items stay
+    together); plus (item, reason) for items whose media failed."""
+    order, groups = [], {}
+    for item in items:
+        if item.clip not in groups:
+            groups[item.clip] = []
+            order.append(item.clip)
+        groups[item.clip].append(item)
+    clips = [(c, groups[c][0].media) for c in order]
+    loader = DataLoader(Clips(clips, max_frames, frame_size), batch_size=None, num_workers=workers,
+                        prefetch_factor=4 if workers else None)
+    pending, decoded = [], {}
+    for i, frames in loader:
+        clip = clips[i][0]
+        if isinstance(frames, str):
+            yield None, [(item, frames) for item in groups[clip]]
+            continue
+        decoded[clip] = frames
+        pending += groups[clip]
+        if len(pending) >= batch_size:
+            yield decoded, pending
+            pending, decoded = [], {}
+    if pending:
+        yield decoded, pending
+
+
+# ---- scoring ----------------------------------------------------------------------------------------
+
+def candidate_tokens(tokenizer, candidates) -> list[list[int]]:
+    """The first token of each way a reply could start with each candidate ("A"; "yes"/"Yes")."""
+    out = []
+    for c in candidates:
+        variants = {c, c.capitalize(), c.upper()} if c.isalpha() and len(c) > 1 else {c}
+        out.append(sorted({tokenizer.encode(v, add_special_tokens=False)[0] for v in variants}))
+    return out
+
+
+def score(item: Item, reply: str, picked: str) -> dict:
+    """One item's record: the reply, what the benchmark's parser reads in it, and whether it is right."""
+    rec = {"uid": item.uid, "gold": item.gold, "reply": reply, "likelihood": picked, "category": item.category,
+           "likelihood_correct": picked == (item.gold_letter or item.gold)}
+    if item.bench == "mvbench":
+        parsed = mvbench_normalize(reply)
+        rec.update(parsed=parsed, correct=parsed == item.gold, counted=reply != "")  # lmms-eval drops empty replies
+    elif item.bench == "videomme":
+        parsed = videomme_extract(reply)
+        rec.update(parsed=parsed, correct=parsed == item.gold)
+    elif item.bench == "scienceqa":
+        parsed = scienceqa_letter(reply)
+        rec.update(parsed=parsed, correct=parsed == item.gold)
+    elif item.bench == "pope":
+        parsed = pope_answer(reply)
+        rec.update(parsed=parsed, correct=parsed == item.gold)
+    else:  # synthetic: the reply names exactly the right value
+        named = mentioned_values(reply, item.values)
+        rec.update(parsed=",".join(sorted(named)), correct=named == {item.gold})
+    rec.setdefault("counted", True)
+    return rec
+
+
+def summarise(bench: str, records: list[dict]) -> dict:
+    counted = [r for r in records if r["counted"]]
+    out = {"items": len(records), "counted": len(counted),
+           "accuracy": _mean(r["correct"] for r in counted),
+           "likelihood_accuracy": _mean(r["likelihood_correct"] for r in records),
+           "answer_distribution": {"generate": dict(Counter(r["parsed"] or "(none)" for r in records).most_common()),
+                                   "likelihood": dict(Counter(r["likelihood"] for r in records).most_common())}}
+    per = defaultdict(lambda: defaultdict(list))
+    for r in counted:
+        for key, value in r["category"].items():
+            per[key][value].append(r)
+    out["per_category"] = {k: {v: {"n": len(rs), "accuracy": _mean(r["correct"] for r in rs),
+                                   "likelihood_accuracy": _mean(r["likelihood_correct"] for r in rs)}
+                               for v, rs in sorted(vals.items())} for k, vals in per.items()}
+    if bench == "mvbench" and "task" in per:
+        out["mean_over_tasks"] = _mean(v["accuracy"] for v in out["per_category"]["task"].values())
+    if bench == "pope":
+        tp = sum(r["gold"] == "yes" and r["parsed"] == "yes" for r in records)
+        fp = sum(r["gold"] == "no" and r["parsed"] == "yes" for r in records)
+        fn = sum(r["gold"] == "yes" and r["parsed"] == "no" for r in records)  # as lmms-eval: only explicit "no"
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        out.update(precision=precision, recall=recall,
+                   f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                   gold_yes_ratio=_mean(r["gold"] == "yes" for r in records),  # what lmms-eval calls yes_ratio
+                   predicted_yes_ratio=_mean(r["parsed"] == "yes" for r in records),
+                   likelihood_yes_ratio=_mean(r["likelihood"] == "yes" for r in records))
+    return out
+
+
+def _mean(values):
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ---- running ------------------------------------------------------------------------------------------
+
+def load_model(checkpoint: str, llm: str | None, dino: str | None) -> tuple[FoveatedVLM, str]:
+    """A run directory (its final/ export), a save_pretrained folder, or a checkpoint file (our
+    training checkpoint or the published checkpoint.pt, with --llm / --dino for the backbones)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "final"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--checkpoint {path}: no save_pretrained export (config.json) there or in final/")
+        return FoveatedVLM.from_pretrained(folder), str(folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist")
+    if not llm or not dino:
+        raise ValueError("a checkpoint file needs --llm and --dino (hub ids or folders of the backbones)")
+    from checkpoint import load_weights
+
+    state, what = load_weights(path)
+    model = FoveatedVLM(llm_name=llm, dino_name=dino, pretrained=False)
+    model.load_state_dict(state)
+    return model, what
+
+
+class Runner:
+    """Scores batches of items in the requested modes, sharing each batch's DINO encode."""
+
+    def __init__(self, model, modes, device):
+        self.model, self.modes, self.device = model, modes, device
+        self.timings = defaultdict(float)
+        self.token_sets = {}
+
+    def _picks(self, first_logits, items) -> list[str]:
+        """Each item's likelihood answer: the candidate whose first token is most likely."""
+        logp = torch.log_softmax(first_logits.float(), dim=-1)
+        picks = []
+        for row, item in zip(logp, items):
+            if item.candidates not in self.token_sets:
+                self.token_sets[item.candidates] = candidate_tokens(self.model.tokenizer, item.candidates)
+            scores = torch.stack([torch.logsumexp(row[ids], 0) for ids in self.token_sets[item.candidates]])
+            picks.append(item.candidates[int(scores.argmax())])
+        return picks
+
+    def _ids(self, prompts):
+        rows = [self.model.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+        return pad_rows(rows, self.model.pad_id), pad_rows([[1] * len(r) for r in rows], 0)
+
+    @torch.no_grad()
+    def run(self, decoded, items, max_new_tokens):
+        """{mode: [(reply, likelihood pick)]} for a batch."""
+        model, tok = self.model, self.model.tokenizer
+        clips = list(decoded)
+        pixels, rows = pack_frames([decoded[c] for c in clips], model.image_frames)
+        where = {c: i for i, c in enumerate(clips)}
+        index = rows[[where[item.clip] for item in items]]
+        start = time.perf_counter()
+        pixels = pixels.to(self.device)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with amp:
+            # in chunks: on CPU 128 frames at once run ~20 % slower per frame than 32 (cache misses)
+            chunk = 32 if self.device.type == "cpu" else 256
+            parts = [model.encoder.encode(pixels[i:i + chunk]) for i in range(0, pixels.shape[0], chunk)]
+            kv = [tuple(torch.cat([p[b][j] for p in parts]) for j in range(2)) for b in range(len(parts[0]))]
+        self.timings["encode_s"] += _sync_time(start, self.device)
+        ids, am = self._ids([item.prompt for item in items])
+        alt = [item.likelihood_prompt for item in items]
+        alt_ids = self._ids(alt) if any(p is not None for p in alt) else None
+        out = {}
+        for mode in self.modes:
+            start = time.perf_counter()
+            gen = model.generate_ids(ids, am, pixels, index, kv=kv, mode=mode, max_new_tokens=max_new_tokens)
+            logits = gen["first_logits"]
+            if alt_ids is not None:  # the likelihood prompt differs: one prefill, same K/V
+                logits = model.generate_ids(*alt_ids, pixels, index, kv=kv, mode=mode, max_new_tokens=1)["first_logits"]
+            replies = [tok.decode(t, skip_special_tokens=True) for t in gen["tokens"]]
+            out[mode] = list(zip(replies, self._picks(logits, items)))
+            self.timings[f"{mode}_s"] += _sync_time(start, self.device)
+        return out
+
+
+def _sync_time(start, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def run_val(model, args, modes, device) -> dict:
+    """Held-out shards in our format (DATA_ROOT/val): loss, token and answer accuracy per mode."""
+    import distributed
+    from data import Loader, SampleSpec, ShardStream, Source
+    from validation import validate
+
+    source = Source.from_patterns("val", args.data_root / "val")
+    spec = SampleSpec(stage=args.val_stage, frame_size=args.frame_size, max_frames=args.max_frames,
+                      system_prompt=model.system_prompt, image_frames=model.image_frames)
+    stream = ShardStream([source], spec, model.tokenizer, batch_size=args.batch_size, resampled=False)
+    dist = distributed.setup("cuda" if device.type == "cuda" else "cpu")
+    to_device = lambda b: {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}  # noqa: E731
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    start = time.perf_counter()
+    res = validate(model, Loader(stream, num_workers=args.workers), stage=args.val_stage, modes=modes,
+                   to_device=to_device, autocast=amp, max_samples=args.limit or 10**9, dist=dist)
+    if not res["samples"]:
+        raise ValueError(f"val: no usable sample in {args.data_root / 'val'}")
+    return {m: {**r["all"], "per_category": {"source": r["by_source"]}, "seconds": time.perf_counter() - start}
+            for m, r in res["modes"].items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", default="all", choices=[*MODES, "all"])
+    parser.add_argument("--checkpoint", required=True, help="run directory, save_pretrained folder or checkpoint file")
+    parser.add_argument("--llm", help="backbone LLM (hub id or folder) for a checkpoint file")
+    parser.add_argument("--dino", help="backbone DINOv2 (hub id or folder) for a checkpoint file")
+    parser.add_argument("--bench", default="mvbench,videomme,scienceqa,pope",
+                        help=f"comma-separated, from {','.join(BENCHES)}")
+    parser.add_argument("--data-root", type=Path, required=True, help="folder holding the benchmarks' data")
+    parser.add_argument("--output", type=Path, default=Path("results.json"))
+    parser.add_argument("--max-frames", type=int, default=64, help="frames sampled uniformly from each video")
+    parser.add_argument("--frame-size", type=int, default=224)
+    parser.add_argument("--limit", type=int, help="at most N items per benchmark (the first N)")
+    parser.add_argument("--batch-size", type=int, default=16, help="questions per batch")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
+    parser.add_argument("--val-stage", default="sft", choices=["alignment", "sft"], help="loss masks for `val`")
+    parser.add_argument("--resume", action="store_true", help="keep the items already scored in OUTPUT.items.jsonl")
+    args = parser.parse_args(argv)
+    benches = [b.strip() for b in args.bench.split(",") if b.strip()]
+    unknown = [b for b in benches if b not in BENCHES]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
+    modes = list(MODES) if args.mode == "all" else [args.mode]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, source = load_model(args.checkpoint, args.llm, args.dino)
+    model.to(device).eval()
+
+    items_path = args.output.with_name(args.output.name + ".items.jsonl")
+    done = _read_items(items_path) if args.resume else {}
+    if not args.resume:
+        items_path.write_text("")
+    results, timings = {}, {}
+    for bench in benches:
+        start = time.perf_counter()
+        if bench == "val":
+            results["val"] = run_val(model, args, modes, device)
+            continue
+        items = LOADERS[bench](args.data_root)[: args.limit]
+        todo = [it for it in items if any((bench, m, it.uid) not in done for m in modes)
+                and (bench, "skipped", it.uid) not in done]
+        runner = Runner(model, modes, device)
+        decode_start, scored = time.perf_counter(), 0
+        with open(items_path, "a") as sink:
+            for decoded, batch in batches_by_clip(todo, args.max_frames, args.frame_size, args.batch_size,
+                                                  args.workers):
+                if decoded is None:  # the clip's media failed: its items are skipped, with the reason
+                    for item, reason in batch:
+                        _append(sink, done, {"bench": bench, "mode": "skipped", "uid": item.uid, "reason": reason})
+                    continue
+                per_mode = runner.run(decoded, batch, MAX_NEW_TOKENS[bench])
+                for mode, answers in per_mode.items():
+                    for item, (reply, picked) in zip(batch, answers):
+                        if (bench, mode, item.uid) not in done:
+                            _append(sink, done, {"bench": bench, "mode": mode, **score(item, reply, picked)})
+                scored += len(batch)
+        wall = time.perf_counter() - start
+        skipped = [r for (b, m, _), r in done.items() if b == bench and m == "skipped"]
+        uids = {it.uid for it in items}
+        results[bench] = {}
+        for mode in modes:
+            records = [r for (b, m, u), r in done.items() if b == bench and m == mode and u in uids]
+            if not records:
+                raise RuntimeError(f"{bench}: no usable item ({len(skipped)} skipped: "
+                                   f"{dict(Counter(r['reason'].split(':')[0] for r in skipped))})")
+            results[bench][mode] = summarise(bench, records)
+            results[bench][mode]["raw"] = records
+        results[bench]["skipped"] = {"count": len(skipped),
+                                     "by_reason": dict(Counter(r["reason"].split(":")[0] for r in skipped)),
+                                     "items": [{"uid": r["uid"], "reason": r["reason"]} for r in skipped]}
+        timings[bench] = {"wall_s": wall, "questions_scored": scored, **dict(runner.timings),
+                          "questions_per_s": scored / wall if wall else None,
+                          "question_modes_per_s": scored * len(modes) / wall if wall else None}
+    report = {"model": _identity(model, source, args), "args": {k: str(v) for k, v in vars(args).items()},
+              "modes": modes, "results": results, "timings": timings}
+    args.output.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    return report
+
+
+def _append(sink, done, record):
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()
+    done[(record["bench"], record["mode"], record["uid"])] = record
+
+
+def _read_items(path: Path) -> dict:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the interruption
+                continue
+            done[(r["bench"], r["mode"], r["uid"])] = r
+    return done
+
+
+def _identity(model, source, args) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"checkpoint": source, "parameters": sum(p.numel() for p in model.parameters()),
+            "llm": model.llm.config.name_or_path, "settings": model.settings, "max_frames": args.max_frames,
+            "frame_size": args.frame_size, "git_commit": commit, "torch": str(torch.__version__),
+            "device": str(next(model.parameters()).device)}
+
+
+def markdown(report) -> str:
+    modes = report["modes"]
+    lines = ["| benchmark | " + " | ".join(f"{m} (generate / likelihood)" for m in modes) + " | items | skipped |",
+             "|---|" + "---|" * len(modes) + "---|---|"]
+    for bench, res in report["results"].items():
+        if bench == "val":
+            cells = [f"loss {res[m]['loss']:.4f} / answer acc {res[m]['answer_acc']:.3f}" for m in modes]
+            lines.append(f"| val | " + " | ".join(cells) + f" | {res[modes[0]]['samples']} | 0 |")
+            continue
+        cells = [f"{100 * res[m]['accuracy']:.1f} / {100 * res[m]['likelihood_accuracy']:.1f}" for m in modes]
+        lines.append(f"| {bench} | " + " | ".join(cells) + f" | {res[modes[0]]['items']} | {res['skipped']['count']} |")
+    for bench, t in report["timings"].items():
+        lines.append(f"\n{bench}: {t['questions_scored']} questions x {len(modes)} mode(s) in {t['wall_s']:.1f}s "
+                     f"({t['question_modes_per_s']:.2f} question-modes/s)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
