@@ -201,10 +201,11 @@ def peak_flops(device) -> float | None:
 def setup_logging(run_dir: Path, dist):
     fmt = logging.Formatter("%(asctime)s %(message)s" if dist.is_main else f"%(asctime)s [rank {dist.rank}] %(message)s",
                             "%H:%M:%S")
-    root = logging.getLogger("fvlm")
+    root = logging.getLogger("fvlm")  # data.py's skip warnings included
+    for handler in root.handlers:  # an earlier run in this process
+        handler.close()
     root.handlers.clear()
     root.setLevel(logging.INFO)
-    root.propagate = False
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     console.setLevel(logging.INFO if dist.is_main else logging.WARNING)
