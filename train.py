@@ -50,37 +50,33 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "R
 
 # ---- model, optimizer, data -----------------------------------------------------------------------
 
-def backbone_path(spec: str, kind: str, tmp: Path, tokenizer_cache: dict) -> str:
-    """'random:<preset>' -> a local folder with that preset's config (backbones.py); else the spec."""
+def _preset(spec: str, kind: str, presets: dict) -> str | None:
+    """'random:<preset>' -> the preset's name (checked); None for a hub id or a path."""
     if not spec.startswith("random:"):
-        return expand_path(spec)
-    from backbones import DINO_PRESETS, LLM_PRESETS, build_backbones, offline_tokenizer
-
+        return None
     preset = spec.split(":", 1)[1]
-    presets = LLM_PRESETS if kind == "llm" else DINO_PRESETS
     if preset not in presets:
         raise ConfigError(f"model.{kind}: unknown random preset {preset!r}; one of {sorted(presets)}")
-    if "tok" not in tokenizer_cache:
-        tokenizer_cache["tok"] = offline_tokenizer()
-    llm_preset = preset if kind == "llm" else "tiny"
-    dino_preset = preset if kind == "dino" else "tiny"
-    llm_dir, dino_dir = build_backbones(tmp / kind, llm=llm_preset, dino=dino_preset, weights=False,
-                                        tokenizer=tokenizer_cache["tok"])
-    return llm_dir if kind == "llm" else dino_dir
+    return preset
 
 
 def build_model(cfg) -> FoveatedVLM:
     """The model of cfg.model (seeded), with cfg.init_from's weights loaded when given. Backbones named
-    random:<preset> are built from that preset's config with random weights."""
+    random:<preset> are built from that preset's config (backbones.py) with random weights."""
+    from backbones import DINO_PRESETS, LLM_PRESETS, build_backbones, offline_tokenizer
+
     m = cfg.model
-    randoms = [m.llm.startswith("random:"), m.dino.startswith("random:")]
+    llm_preset, dino_preset = _preset(m.llm, "llm", LLM_PRESETS), _preset(m.dino, "dino", DINO_PRESETS)
+    randoms = [llm_preset is not None, dino_preset is not None]
     if any(randoms) and not all(randoms) and m.pretrained and not cfg.init_from:
         raise ConfigError("model: with one random:<preset> backbone the other cannot load pretrained weights; "
                           "set model.pretrained: false or make both random")
     with tempfile.TemporaryDirectory() as tmp:
-        cache = {}
-        llm = backbone_path(m.llm, "llm", Path(tmp), cache)
-        dino = backbone_path(m.dino, "dino", Path(tmp), cache)
+        llm, dino = expand_path(m.llm), expand_path(m.dino)
+        if any(randoms):
+            llm_dir, dino_dir = build_backbones(tmp, llm=llm_preset or "tiny", dino=dino_preset or "tiny",
+                                                weights=False, tokenizer=offline_tokenizer())
+            llm, dino = (llm_dir if randoms[0] else llm), (dino_dir if randoms[1] else dino)
         torch.manual_seed(cfg.seed)
         model = FoveatedVLM(llm_name=llm, dino_name=dino, query_dim=m.query_dim, visual_scale=m.visual_scale,
                             layout=m.layout, image_frames=m.image_frames, system_prompt=m.system_prompt,
@@ -105,8 +101,9 @@ def make_optimizer(model: FoveatedVLM, cfg, device) -> torch.optim.AdamW:
             p.requires_grad_(not frozen)
         if frozen:
             continue
-        decay = [p for n, p in named if p.dim() >= 2 and n not in ("q_static", "q_init")]
-        plain = [p for n, p in named if not (p.dim() >= 2 and n not in ("q_static", "q_init"))]
+        decays = [p.dim() >= 2 and n not in ("q_static", "q_init") for n, p in named]
+        decay = [p for (_, p), d in zip(named, decays) if d]
+        plain = [p for (_, p), d in zip(named, decays) if not d]
         for params, wd in ((decay, cfg.optim.weight_decay), (plain, 0.0)):
             if params:
                 groups.append({"params": params, "weight_decay": wd, "part": part, "lr": cfg.optim.lr[part]})
@@ -276,7 +273,9 @@ def precompute_reference(model, cfg, dist, tokenizer, to_device, autocast, path:
     """{(source, key): (chosen logp, rejected logp)} of the stage's initial weights over every train and
     val pair (one exact pass, split over ranks), saved to path; read back when it exists."""
     if path.is_file():
-        return torch.load(path, weights_only=True)["logps"]
+        stored = torch.load(path, weights_only=True)
+        if stored["init_from"] == cfg.init_from:
+            return stored["logps"]
     table, duplicates = {}, []
     model.eval()
     for srcs in (sources(cfg.data.train), sources(cfg.data.val)):
@@ -378,8 +377,8 @@ def train(cfg, dist) -> dict:
 
     forward_loss = torch.compile(micro_batch_loss) if cfg.compile else micro_batch_loss
     metric_cols = ["step", "samples", "tokens", "loss", *[f"lr_{g}" for g in cfg.optim.lr], "grad_norm",
-                   "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb", "skipped_nonfinite", "skipped_oom", "data_skipped",
-                   "elapsed_s"] + (list(DPO_METRICS) if cfg.stage == "dpo" else [])
+                   "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb", "skipped_nonfinite", "skipped_oom",
+                   "data_skipped", "elapsed_s"] + (list(DPO_METRICS) if cfg.stage == "dpo" else [])
     val_cols = ["step", "mode", "source", "samples", "tokens", "loss", "token_acc", "answer_acc", "static_entropy",
                 "dynamic_entropy"] + (["dpo_loss", *DPO_METRICS] if cfg.stage == "dpo" else [])
     resume_step = counters["step"] if resume else None
@@ -445,8 +444,7 @@ def train(cfg, dist) -> dict:
         run_validation(0)
     data = batches()
     step = counters["step"]
-    window = dict(loss=0.0, weight=0.0, steps=0, samples=0, tokens=0, flops=0.0, seconds=0.0, norm=0.0,
-                  dpo={k: 0.0 for k in DPO_METRICS})
+    window = _new_window()
     bad_in_row, stopped_early, saved_step = 0, False, step
     start_time = time.perf_counter()
     while step < cfg.optim.steps:
@@ -531,8 +529,7 @@ def train(cfg, dist) -> dict:
             window["dpo"][k] += v
         if step % cfg.log.every_steps == 0 or step == cfg.optim.steps:
             _log_step(cfg, step, window, lrs, counters, loader, peak, metrics, wandb_run, dist, device)
-            window = dict(loss=0.0, weight=0.0, steps=0, samples=0, tokens=0, flops=0.0, seconds=0.0, norm=0.0,
-                          dpo={k: 0.0 for k in DPO_METRICS})
+            window = _new_window()
         last = step == cfg.optim.steps
         metric = None
         if val_sources and (last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
@@ -543,6 +540,12 @@ def train(cfg, dist) -> dict:
     if stopped_early and step > saved_step:  # the data ran out between checkpoints
         save(step, run_validation(step))
     return _finish(cfg, model, run_dir, counters, loader, dist, start_time, wandb_run)
+
+
+def _new_window() -> dict:
+    """Sums over the steps since the last log line."""
+    return dict(loss=0.0, weight=0.0, steps=0, samples=0, tokens=0, flops=0.0, seconds=0.0, norm=0.0,
+                dpo={k: 0.0 for k in DPO_METRICS})
 
 
 def _log_step(cfg, step, w, lrs, counters, loader, peak, metrics, wandb_run, dist, device):
@@ -558,11 +561,12 @@ def _log_step(cfg, step, w, lrs, counters, loader, peak, metrics, wandb_run, dis
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     row = {"step": step, "samples": counters["samples"], "tokens": counters["tokens"], "loss": loss,
            **{f"lr_{g}": v for g, v in lrs.items()}, "grad_norm": norm, "samples_per_s": sps, "tokens_per_s": tps,
-           "mfu": mfu, "peak_mem_gb": mem, "skipped_nonfinite": counters["skipped_nonfinite"], "skipped_oom": counters["skipped_oom"],
-           "data_skipped": data_skipped, "elapsed_s": counters["train_seconds"]}
+           "mfu": mfu, "peak_mem_gb": mem, "skipped_nonfinite": counters["skipped_nonfinite"],
+           "skipped_oom": counters["skipped_oom"], "data_skipped": data_skipped, "elapsed_s": counters["train_seconds"]}
     if cfg.stage == "dpo":
         row.update({k: v / max(w["weight"], 1.0) for k, v in w["dpo"].items()})
-    extra = f" | reward acc {row['rewards/accuracies']:.3f} margin {row['rewards/margins']:.3f}" if cfg.stage == "dpo" else ""
+    extra = (f" | reward acc {row['rewards/accuracies']:.3f} margin {row['rewards/margins']:.3f}"
+             if cfg.stage == "dpo" else "")
     log.info("step %d/%d | loss %.4f | lr %s | grad norm %.3f | %.1f samples/s | %.0f tokens/s%s%s%s | eta %s",
              step, cfg.optim.steps, loss, " ".join(f"{v:.2e}" for v in lrs.values()), norm, sps, tps,
              f" | mfu {mfu:.1%}" if mfu is not None else "", f" | peak mem {mem:.1f} GiB" if mem is not None else "",
