@@ -258,3 +258,18 @@ def test_synthetic_probe_a_trained_tiny_model_is_far_above_chance(tmp_path):
     res = report["results"]["synthetic"]["coarse_fine"]
     assert res["items"] == 150 and res["accuracy"] > 0.35, res["per_category"]  # 0.44 measured
     assert res["per_category"]["task"]["colour"]["accuracy"] > 0.6, res["per_category"]  # chance 0.125
+
+
+def test_a_checkpoint_file_with_its_backbones(checkpoint, data_root, tmp_path, tiny_backbones):
+    """A published-style checkpoint.pt ({"model": state}) evaluates with --llm / --dino and gives the
+    replies of the same weights loaded from their save_pretrained folder."""
+    from model import FoveatedVLM
+
+    torch.save({"model": FoveatedVLM.from_pretrained(checkpoint).state_dict(), "step": 7}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="needs --llm and --dino"):
+        run(tmp_path / "checkpoint.pt", data_root, tmp_path / "x.json", "--bench", "pope")
+    a = run(tmp_path / "checkpoint.pt", data_root, tmp_path / "a.json", "--bench", "pope", "--mode", "coarse_only",
+            "--llm", tiny_backbones[0], "--dino", tiny_backbones[1])
+    b = run(checkpoint, data_root, tmp_path / "b.json", "--bench", "pope", "--mode", "coarse_only")
+    replies = lambda r: [(x["uid"], x["reply"]) for x in r["results"]["pope"]["coarse_only"]["raw"]]  # noqa: E731
+    assert replies(a) == replies(b)

@@ -337,3 +337,30 @@ def test_torchrun_two_gloo_processes_stay_in_step(synthetic, tmp_path):
     a, b = torchrun(tmp_path, write_config(tmp_path / "dpo.yaml", tree))
     assert a["digest"] == b["digest"] != a["initial_digest"]
     assert float(read_csv(tmp_path / "dpo" / "metrics.csv")[0]["loss"]) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_wandb_mirror_is_optional_and_resumes_its_run(synthetic, tmp_path, monkeypatch):
+    """log.wandb: true hands the metrics to wandb (offline by default) under one run id that a resume
+    reuses; without the package it is a clear error."""
+    import types
+
+    calls = []
+    run_stub = types.SimpleNamespace(log=lambda data, step: calls.append(("log", step, sorted(data))),
+                                     finish=lambda: calls.append(("finish",)))
+    stub = types.SimpleNamespace(util=types.SimpleNamespace(generate_id=lambda: "abc123"),
+                                 init=lambda **kw: calls.append(("init", kw["mode"], kw["id"], kw["resume"])) or run_stub)
+    monkeypatch.setitem(sys.modules, "wandb", stub)
+    tree = config_tree(synthetic, tmp_path / "run")
+    run(tmp_path, tree, "log.wandb=true", "optim.steps=2")
+    assert calls[0] == ("init", "offline", "abc123", "allow") and calls[-1] == ("finish",)
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logged if "train/loss" in c[2]] == [1, 2]
+    assert any("val/coarse_fine/loss" in c[2] for c in logged)
+    calls.clear()
+    stub.util.generate_id = lambda: "other"
+    run(tmp_path, tree, "log.wandb=true", "optim.steps=2")  # the same command again: a resume
+    assert calls[0] == ("init", "offline", "abc123", "allow")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    tree["run_dir"] = str(tmp_path / "other")
+    with pytest.raises(ConfigError, match="needs the wandb package"):
+        run(tmp_path, tree, "log.wandb=true", "optim.steps=2")
