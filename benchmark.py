@@ -415,7 +415,11 @@ def load_model(checkpoint: str, llm: str | None, dino: str | None) -> tuple[Fove
     from checkpoint import load_weights
 
     state, what = load_weights(path)
-    model = FoveatedVLM(llm_name=llm, dino_name=dino, pretrained=False)
+    q_static = next((v for k, v in state.items() if k.endswith("q_static")), None)
+    if q_static is None:
+        raise ValueError(f"{what} holds no FoveatedVLM weights (no q_static)")
+    # the published settings (visual_scale 0.14, video first); the query width is read from the weights
+    model = FoveatedVLM(llm_name=llm, dino_name=dino, query_dim=q_static.shape[-1], pretrained=False)
     model.load_state_dict(state)
     return model, what
 
