@@ -317,7 +317,7 @@ class FoveatedVLM(nn.Module):
             logits = self.llm.lm_head(h_text)
             return dict(logits=logits, **_token_loss(logits, input_ids, attention_mask, loss_mask))
         b, s = input_ids.shape
-        rows, cols = target_index // max(s - 1, 1), target_index % max(s - 1, 1)
+        rows, cols = _grid(target_index, s)
         logits = self.llm.lm_head(h_text.flatten(0, 1).index_select(0, rows * s + cols))
         labels = input_ids.flatten().index_select(0, rows * s + cols + 1)
         logp = -F.cross_entropy(logits.float(), labels, reduction="none")
@@ -489,10 +489,13 @@ class FoveatedVLM(nn.Module):
                 yield text[len(sent):]
                 sent = text
 
-    def _generate_steps(self, conversations, samples, max_new_tokens, mode, temperature, top_p):
+    def prompt_ids(self, conversations) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conversations -> right-padded generation prompts (input_ids, attention_mask) [B, S]."""
         rows = [self.chat_ids(c) for c in conversations]
-        ids = pad_rows(rows, self.pad_id)
-        am = pad_rows([[1] * len(r) for r in rows], 0)
+        return pad_rows(rows, self.pad_id), pad_rows([[1] * len(r) for r in rows], 0)
+
+    def _generate_steps(self, conversations, samples, max_new_tokens, mode, temperature, top_p):
+        ids, am = self.prompt_ids(conversations)
         pixels, index = pack_frames(samples, self.image_frames)
         return self._decode_steps(ids, am, pixels, index, None, mode, max_new_tokens, temperature, top_p)
 
@@ -631,9 +634,15 @@ def _take(x, index):
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def _grid(index, length):
+    """Flat indices into the [B, length - 1] next-token grid -> (rows, columns)."""
+    width = max(length - 1, 1)
+    return index // width, index % width
+
+
 def _regrid(index, old_len, new_len, row_offset):
     """Flat indices into a [B, old_len - 1] grid -> into [row_offset + B, new_len - 1]."""
-    rows, cols = index // max(old_len - 1, 1), index % max(old_len - 1, 1)
+    rows, cols = _grid(index, old_len)
     return (rows + row_offset) * (new_len - 1) + cols
 
 

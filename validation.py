@@ -39,9 +39,9 @@ def _score_batch(model, batch, stage, mode, kv):
     b, s = ids.shape
     out = model(frames=batch["frames"], frame_index=batch["frame_index"], mode=mode, return_attention=True, kv=kv,
                 **text)
-    rows, cols = ti // max(s - 1, 1), ti % max(s - 1, 1)
-    labels = ids.flatten().index_select(0, rows * s + cols + 1)
+    labels = ids[:, 1:].reshape(-1).index_select(0, ti)  # the target tokens, in target_index order
     right = (out["logits"].argmax(-1) == labels).float()
+    rows = ti // max(s - 1, 1)
     correct = torch.zeros(b, device=ids.device).index_add(0, rows, right)
     tokens = out["num_tokens"].float()
     zeros = torch.zeros(b, device=ids.device)
