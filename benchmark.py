@@ -19,7 +19,7 @@ interrupted run where it stopped.
 """
 
 import argparse
-import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,9 +35,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from checkpoint import load_model
 from collate import pack_frames
+from config import MODES
 from media import MediaError, decode_image, decode_video, frame_extension_index
-from model import MODES, FoveatedVLM
+from model import autocast
 
 BENCHES = ("mvbench", "videomme", "scienceqa", "pope", "val", "synthetic")
 MAX_NEW_TOKENS = {"mvbench": 16, "videomme": 16, "scienceqa": 16, "pope": 128, "synthetic": 32}
@@ -399,31 +401,6 @@ def _mean(values):
 
 # ---- running ------------------------------------------------------------------------------------------
 
-def load_model(checkpoint: str, llm: str | None, dino: str | None) -> tuple[FoveatedVLM, str]:
-    """A run directory (its final/ export), a save_pretrained folder, or a checkpoint file (our
-    training checkpoint or the published checkpoint.pt, with --llm / --dino for the backbones)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        folder = path if (path / "config.json").is_file() else path / "final"
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--checkpoint {path}: no save_pretrained export (config.json) there or in final/")
-        return FoveatedVLM.from_pretrained(folder), str(folder)
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path} does not exist")
-    if not llm or not dino:
-        raise ValueError("a checkpoint file needs --llm and --dino (hub ids or folders of the backbones)")
-    from checkpoint import load_weights
-
-    state, what = load_weights(path)
-    q_static = next((v for k, v in state.items() if k.endswith("q_static")), None)
-    if q_static is None:
-        raise ValueError(f"{what} holds no FoveatedVLM weights (no q_static)")
-    # the published settings (visual_scale 0.14, video first); the query width is read from the weights
-    model = FoveatedVLM(llm_name=llm, dino_name=dino, query_dim=q_static.shape[-1], pretrained=False)
-    model.load_state_dict(state)
-    return model, what
-
-
 class Runner:
     """Scores batches of items in the requested modes, sharing each batch's DINO encode."""
 
@@ -456,8 +433,7 @@ class Runner:
         index = rows[[where[item.clip] for item in items]]
         start = time.perf_counter()
         pixels = pixels.to(self.device)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        with amp:
+        with autocast(self.device):
             if self.device.type == "cpu" and pixels.shape[0] > 32:
                 # in chunks: on CPU 128 frames at once run ~20 % slower per frame than 32 (cache misses)
                 parts = [model.encoder.encode(pixels[i:i + 32]) for i in range(0, pixels.shape[0], 32)]
@@ -489,20 +465,18 @@ def _sync_time(start, device):
 
 def run_val(model, args, modes, device) -> dict:
     """Held-out shards in our format (DATA_ROOT/val): loss, token and answer accuracy per mode."""
-    import distributed
     from data import Loader, SampleSpec, ShardStream, Source
+    from objectives import TextCE
     from validation import validate
 
     source = Source.from_patterns("val", args.data_root / "val")
     spec = SampleSpec(stage=args.val_stage, frame_size=args.frame_size, max_frames=args.max_frames,
                       system_prompt=model.system_prompt, image_frames=model.image_frames)
     stream = ShardStream([source], spec, model.tokenizer, batch_size=args.batch_size, resampled=False)
-    dist = distributed.setup("cuda" if device.type == "cuda" else "cpu")
     to_device = lambda b: {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}  # noqa: E731
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     start = time.perf_counter()
-    res = validate(model, Loader(stream, num_workers=args.workers), stage=args.val_stage, modes=modes,
-                   to_device=to_device, autocast=amp, max_samples=args.limit or 10**9, dist=dist)
+    res = validate(model, Loader(stream, num_workers=args.workers), objectives=[(TextCE(), 1.0)], modes=modes,
+                   to_device=to_device, autocast=autocast(device), max_samples=args.limit or 10**9)
     if not res["samples"]:
         raise ValueError(f"val: no usable sample in {args.data_root / 'val'}")
     return {m: {**r["all"], "per_category": {"source": r["by_source"]}, "seconds": time.perf_counter() - start}
@@ -513,8 +487,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", default="all", choices=[*MODES, "all"])
     parser.add_argument("--checkpoint", required=True, help="run directory, save_pretrained folder or checkpoint file")
-    parser.add_argument("--llm", help="backbone LLM (hub id or folder) for a checkpoint file")
-    parser.add_argument("--dino", help="backbone DINOv2 (hub id or folder) for a checkpoint file")
+    parser.add_argument("--llm", help="backbone LLM (hub id or folder) for a checkpoint file: needed for the "
+                                      "published checkpoint.pt, else replaces the one stored in the checkpoint")
+    parser.add_argument("--dino", help="vision backbone (hub id or folder) for a checkpoint file, as --llm")
     parser.add_argument("--bench", default="mvbench,videomme,scienceqa,pope",
                         help=f"comma-separated, from {','.join(BENCHES)}")
     parser.add_argument("--data-root", type=Path, required=True, help="folder holding the benchmarks' data")
@@ -535,6 +510,9 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, source = load_model(args.checkpoint, args.llm, args.dino)
     model.to(device).eval()
+    patch = model.encoder.dino.patch_size
+    if args.frame_size % patch:
+        parser.error(f"--frame-size {args.frame_size} is not a multiple of the vision backbone's {patch}-px patches")
 
     items_path = args.output.with_name(args.output.name + ".items.jsonl")
     done = _read_items(items_path) if args.resume else {}
@@ -613,7 +591,7 @@ def _identity(model, source, args) -> dict:
     except OSError:
         commit = None
     return {"checkpoint": source, "parameters": sum(p.numel() for p in model.parameters()),
-            "llm": model.llm.config.name_or_path, "settings": model.settings, "max_frames": args.max_frames,
+            "llm": model.llm.config.name_or_path, "settings": dataclasses.asdict(model.config), "max_frames": args.max_frames,
             "frame_size": args.frame_size, "git_commit": commit, "torch": str(torch.__version__),
             "device": str(next(model.parameters()).device)}
 

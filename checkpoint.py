@@ -1,5 +1,6 @@
 """Run-directory files: atomic training checkpoints (keep the last N and the best), RNG states, exports,
-and reading weights for `init_from` from any of the forms we or the published model produce.
+and reading weights (`init_from`) or a whole model (evaluation) from any of the forms we or the
+published model produce.
 
 A checkpoint `RUN/checkpoints/step_00001000.pt` holds everything a resume needs: model, optimizer,
 step, every rank's data position and RNG states, counters, and the resolved config. Files are
@@ -114,26 +115,28 @@ def export_pretrained(model, folder):
         shutil.rmtree(old)
 
 
-def load_weights(path) -> tuple[dict, str]:
+def load_weights(path) -> tuple[dict, dict | None, str]:
     """A model state dict from: a save_pretrained folder, a run directory (its final export), a
     training checkpoint or published `checkpoint.pt` (its "model" entry, or a bare state dict), or a
-    .safetensors file. Returns (state dict, what was read). A missing path is an error."""
+    .safetensors file. Returns (state dict, the model settings stored with it (config.json, or a
+    training checkpoint's config.model) or None, what was read). A missing path is an error."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"init_from: {path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         if (path / "model.safetensors").is_file():
             from safetensors.torch import load_file
 
-            return load_file(str(path / "model.safetensors")), f"{path} (save_pretrained export)"
+            settings = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+            return load_file(str(path / "model.safetensors")), settings, f"{path} (save_pretrained export)"
         if (path / "final" / "model.safetensors").is_file():
             return load_weights(path / "final")
-        raise FileNotFoundError(f"init_from: {path} is neither a save_pretrained folder nor a finished run "
-                                f"directory (no model.safetensors, no final/)")
+        raise FileNotFoundError(f"{path} is neither a save_pretrained folder nor a finished run directory "
+                                f"(no model.safetensors, no final/)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path)), str(path)
+        return load_file(str(path)), None, str(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  published files may pickle plain Python objects
@@ -143,7 +146,41 @@ def load_weights(path) -> tuple[dict, str]:
                       f"weights_only=False, which runs code from the file: only do this for files you trust")
         obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return obj["model"], f"{path} ('model' entry)"
+        config = obj.get("config")
+        settings = config.get("model") if isinstance(config, dict) else None
+        return obj["model"], settings, f"{path} ('model' entry)"
     if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
-        return obj, str(path)
-    raise ValueError(f"init_from: {path} holds neither a state dict nor a dict with a 'model' state dict")
+        return obj, None, str(path)
+    raise ValueError(f"{path} holds neither a state dict nor a dict with a 'model' state dict")
+
+
+def load_model(path, llm: str | None = None, dino: str | None = None):
+    """(FoveatedVLM, what was read) from any form load_weights reads, built with the settings stored
+    with the weights: an export's config.json, a training checkpoint's config.model. A bare state dict
+    (the published checkpoint.pt) gets the published settings, with the query width read from the
+    weights, and needs llm / dino (hub ids or folders of the backbones); given otherwise, they replace
+    the stored backbone sources of a checkpoint file."""
+    from config import ModelConfig, expand_path, model_config
+    from model import FoveatedVLM
+
+    path = Path(path)
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "final"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no save_pretrained export (config.json) there or in final/")
+        return FoveatedVLM.from_pretrained(folder), str(folder)
+    state, settings, what = load_weights(path)
+    if settings is None:
+        if not llm or not dino:
+            raise ValueError(f"{what} stores no model settings: it needs --llm and --dino (hub ids or folders of "
+                             f"the backbones)")
+        q_static = next((v for k, v in state.items() if k.endswith("q_static")), None)
+        if q_static is None:
+            raise ValueError(f"{what} holds no FoveatedVLM weights (no q_static)")
+        cfg = ModelConfig(query_dim=q_static.shape[-1])
+    else:
+        cfg = model_config(settings, what)
+    sources = {"llm": llm or expand_path(cfg.llm), "dino": dino or expand_path(cfg.dino)}
+    model = FoveatedVLM(cfg, pretrained=False, **sources)
+    model.load_state_dict(state)
+    return model, what

@@ -3,10 +3,9 @@
 A batch carries frames packed, not padded: `frames` [N, 3, H, W] uint8 holds each distinct frame
 once (an image shown as `image_frames` visual tokens is stored, and encoded by DINO, once) and
 `frame_index` [B, T] says which frame each visual token reads, -1 marking padding (so the frame mask
-is `frame_index >= 0`). Text is right-padded; `labels` are the input ids with -100 wherever the
-loss mask is 0, for users who prefer labels (the model reads `loss_mask`). `target_index` lists the
-loss targets as flat indices into the [B, S-1] next-token grid, computed here on the host so that
-the model can compute logits only where the loss needs them without a device sync.
+is `frame_index >= 0`). Text is right-padded. `target_index` lists the loss targets as flat indices
+into the [B, S-1] next-token grid, computed here on the host so that the model can compute logits
+only where the loss needs them without a device sync.
 """
 
 import torch
@@ -54,15 +53,13 @@ def target_index(loss_mask: torch.Tensor, attention_mask: torch.Tensor | None = 
 
 
 def pad_text(ids, masks, pad_id: int, prefix: str = "") -> dict:
-    """input_ids / attention_mask / loss_mask / labels [B, S] and target_index [K] from per-sample
-    id and mask lists."""
+    """input_ids / attention_mask / loss_mask [B, S] and target_index [K] from per-sample id and mask
+    lists."""
     input_ids = pad_rows(ids, pad_id)
     attention_mask = pad_rows([[1] * len(r) for r in ids], 0)
     loss_mask = pad_rows(masks, 0)
-    labels = input_ids.masked_fill(loss_mask == 0, IGNORE_INDEX)
     return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention_mask,
-            f"{prefix}loss_mask": loss_mask, f"{prefix}labels": labels,
-            f"{prefix}target_index": target_index(loss_mask, attention_mask)}
+            f"{prefix}loss_mask": loss_mask, f"{prefix}target_index": target_index(loss_mask, attention_mask)}
 
 
 def collate(samples, pad_id: int, image_frames: int = 8) -> dict:

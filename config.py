@@ -18,12 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from model import LAYOUTS, MODES
-from tokenization import DEFAULT_SYSTEM_PROMPT, STAGES
-
+STAGES = ("alignment", "sft", "dpo")
+MODES = ("coarse_only", "coarse_fine", "autoregressive")
+LAYOUTS = ("video_first", "prompt_first")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."  # the published model's
 GROUPS = ("connector", "dino", "llm")
 SCHEDULES = ("constant", "cosine", "converging")
-RESIZE_MODES = ("squash", "crop", "pad")
+RESIZE_MODES = ("squash", "crop", "pad")  # to the square frames the model reads (media.resize)
 PRECISIONS = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 REFERENCES = ("model", "precomputed")
@@ -35,12 +36,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """The model's settings: FoveatedVLM is built from it, save_pretrained writes it as config.json."""
     llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, folder, .gguf, or random:<preset> (backbones.py)
-    dino: str = "facebook/dinov2-small"  # hub id, folder, or random:<preset>
+    dino: str = "facebook/dinov2-small"  # vision backbone (DINOv2 or DINOv3 ViT): hub id, folder, or random:<preset>
     query_dim: int = 384
-    visual_scale: float = 0.14
-    layout: str = "video_first"
-    image_frames: int = 8
+    visual_scale: float = 0.14  # visual tokens are scaled by this before entering the LLM
+    layout: str = "video_first"  # or prompt_first: the frames follow the first user message
+    image_frames: int = 8  # an image is shown as this many visual tokens (encoded once)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     pretrained: bool = True  # load the backbones' weights (False: random init from their configs)
 
@@ -268,6 +270,22 @@ def config_from_dict(tree: dict, where: str = "stored config") -> Config:
     return cfg
 
 
+def model_config(tree: dict, where: str) -> ModelConfig:
+    """A ModelConfig from a mapping (config.json, a checkpoint's stored config), type-checked and
+    validated; unknown keys are errors naming `where`."""
+    cfg = _build(ModelConfig, tree, "", where)
+    validate_model(cfg, where, prefix="")
+    return cfg
+
+
+def validate_model(m: ModelConfig, where: str, prefix: str = "model."):
+    if m.layout not in LAYOUTS:
+        raise ConfigError(f"{where}: key '{prefix}layout' must be one of {list(LAYOUTS)}, got {m.layout!r}")
+    for key in ("query_dim", "image_frames"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"{where}: key '{prefix}{key}' must be >= 1, got {getattr(m, key)}")
+
+
 def validate(cfg: Config, where: str):
     def check(ok, key, message):
         if not ok:
@@ -280,7 +298,6 @@ def validate(cfg: Config, where: str):
     choice(cfg.mode, "mode", MODES)
     choice(cfg.device, "device", DEVICES)
     choice(cfg.precision, "precision", PRECISIONS)
-    choice(cfg.model.layout, "model.layout", LAYOUTS)
     choice(cfg.data.resize, "data.resize", RESIZE_MODES)
     choice(cfg.optim.schedule, "optim.schedule", SCHEDULES)
     choice(cfg.dpo.reference, "dpo.reference", REFERENCES)
@@ -290,9 +307,9 @@ def validate(cfg: Config, where: str):
     for i, m in enumerate(cfg.eval.modes):
         choice(m, f"eval.modes.{i}", MODES)
     check(bool(cfg.data.train), "data.train", "must list at least one source")
-    names = [s.name for s in cfg.data.train]
-    check(len(set(names)) == len(names), "data.train", f"source names must be unique, got {names}")
     for part in ("train", "val"):
+        names = [s.name for s in getattr(cfg.data, part)]
+        check(len(set(names)) == len(names), f"data.{part}", f"source names must be unique, got {names}")
         for i, s in enumerate(getattr(cfg.data, part)):
             check(s.weight > 0, f"data.{part}.{i}.weight", f"must be > 0, got {s.weight}")
     check(0 <= cfg.data.text_ratio < 1, "data.text_ratio", f"must be in [0, 1), got {cfg.data.text_ratio}")
@@ -305,8 +322,7 @@ def validate(cfg: Config, where: str):
         v = getattr(cfg.data, key)
         check(v is None or v >= 1, f"data.{key}", f"must be >= 1 or null, got {v}")
     check(cfg.data.target_fps is None or cfg.data.target_fps > 0, "data.target_fps", "must be > 0 or null")
-    for key in ("query_dim", "image_frames"):
-        check(getattr(cfg.model, key) >= 1, f"model.{key}", "must be >= 1")
+    validate_model(cfg.model, where)
     o = cfg.optim
     check(o.steps >= 1, "optim.steps", f"must be >= 1, got {o.steps}")
     check(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {o.grad_accum}")

@@ -37,12 +37,12 @@ from collate import budget_batches, collate
 from media import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, EmptyVideo, MediaError, decode_image, decode_video,
                    frame_extension_index, sample_frame_indices)
 from shards import ShardError, expand, read_samples
-from tokenization import DEFAULT_SYSTEM_PROMPT, STAGES, SampleError, load_tokenizer, tokenize, tokenize_dpo
+from config import DEFAULT_SYSTEM_PROMPT, RESIZE_MODES, STAGES
+from tokenization import SampleError, load_tokenizer, pad_id, tokenize, tokenize_dpo
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built
 log = logging.getLogger("fvlm.data")
 
-SQUARE_RESIZE_MODES = ("squash", "crop", "pad")  # the model reads square frames
 FAIL_MIN_SAMPLES = 50  # a source is judged on at least this many samples ...
 FAIL_FRACTION = 0.5  # ... and fails when more than this fraction of them was skipped
 
@@ -71,14 +71,17 @@ class SampleSpec:
     max_text_tokens: int = 1024
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     resize: str = "squash"
+    pad_fill: tuple | None = None  # resize 'pad': the letterbox colour (the vision backbone's pad_fill)
     target_fps: float | None = 1.0  # for videos stored as files; frame shards keep their own rate
     image_frames: int = 8
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.resize not in SQUARE_RESIZE_MODES:
-            raise ValueError(f"resize must be one of {SQUARE_RESIZE_MODES}, got {self.resize!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.resize == "pad" and self.pad_fill is None:
+            raise ValueError("resize 'pad' needs pad_fill, the colour to pad with (model.encoder.dino.pad_fill)")
         for name in ("frame_size", "max_frames", "max_text_tokens", "image_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -117,7 +120,8 @@ def _frames(files, spec):
         raise SampleError("mixed_media", f"several kinds of media: {sorted(files)}")
     if videos:
         try:
-            return decode_video(files[videos[0]], spec.max_frames, spec.frame_size, spec.resize, spec.target_fps)
+            return decode_video(files[videos[0]], spec.max_frames, spec.frame_size, spec.resize, spec.target_fps,
+                                spec.pad_fill)
         except EmptyVideo as e:
             raise SampleError("empty_video", str(e)) from e
         except MediaError as e:
@@ -125,9 +129,10 @@ def _frames(files, spec):
     try:
         if numbered:
             keep = sample_frame_indices(len(numbered), spec.max_frames)
-            return torch.stack([decode_image(files[numbered[i][1]], spec.frame_size, spec.resize) for i in keep])
+            return torch.stack([decode_image(files[numbered[i][1]], spec.frame_size, spec.resize, spec.pad_fill)
+                                for i in keep])
         if images:
-            return decode_image(files[images[0]], spec.frame_size, spec.resize)
+            return decode_image(files[images[0]], spec.frame_size, spec.resize, spec.pad_fill)
     except MediaError as e:
         raise SampleError("bad_image", str(e)) from e
     return None
@@ -218,7 +223,7 @@ class ShardStream(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         self.probabilities = _mixture(self.sources, text_ratio)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id(tokenizer)
         self.start_states = {}  # logical worker -> state to resume from (Loader.load_state_dict)
         self.worker_offset = 0  # DataLoader worker w plays logical worker (w + offset) % workers
 

@@ -24,8 +24,9 @@ try:  # optional: seeking video decoder
 except ImportError:  # pragma: no cover - depends on the environment
     decord = None
 
-RESIZE_MODES = ("squash", "crop", "pad", "short")
-PAD_COLOR = (124, 116, 104)  # ImageNet mean: padding normalises to ~0
+from config import RESIZE_MODES as SQUARE_RESIZE_MODES
+
+RESIZE_MODES = SQUARE_RESIZE_MODES + ("short",)
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 
@@ -53,13 +54,16 @@ def sample_frame_indices(num_frames: int, max_frames: int, fps: float | None = N
     return [min(num_frames - 1, int((i + 0.5) * num_frames / k)) for i in range(k)]
 
 
-def resize(frames: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor:
+def resize(frames: torch.Tensor, size: int, mode: str = "squash", fill=None) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> [..., 3, size, size]. squash: stretch to the square (keeps all
     content); crop: centre square of the short side (loses the edges); pad: fit inside and pad with
-    the ImageNet mean colour (keeps content and aspect). short: short side to `size`, aspect kept
-    (not square; for storing frames in shards)."""
+    the colour `fill` (keeps content and aspect; the vision backbone's `pad_fill`, its mean colour,
+    normalises to ~0). short: short side to `size`, aspect kept (not square; for storing frames in
+    shards)."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if mode == "pad" and fill is None:
+        raise ValueError("resize mode 'pad' needs the fill colour (the vision backbone's pad_fill)")
     h, w = frames.shape[-2:]
     if mode == "squash":
         out_h, out_w = size, size
@@ -76,7 +80,7 @@ def resize(frames: torch.Tensor, size: int, mode: str = "squash") -> torch.Tenso
         top, left = (out_h - size) // 2, (out_w - size) // 2
         x = x[..., top: top + size, left: left + size]
     elif mode == "pad" and (out_h, out_w) != (size, size):
-        canvas = torch.tensor(PAD_COLOR, dtype=torch.uint8).view(1, 3, 1, 1).repeat(x.shape[0], 1, size, size)
+        canvas = torch.tensor(fill, dtype=torch.uint8).view(1, 3, 1, 1).repeat(x.shape[0], 1, size, size)
         top, left = (size - out_h) // 2, (size - out_w) // 2
         canvas[..., top: top + out_h, left: left + out_w] = x
         x = canvas
@@ -112,8 +116,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, size: int | None = None, mode: str = "squash") -> torch.Tensor:
-    """Image bytes -> uint8 [3, size, size] (or the original size when size is None)."""
+def decode_image(data: bytes, size: int | None = None, mode: str = "squash", fill=None) -> torch.Tensor:
+    """Image bytes -> uint8 [3, size, size] (or the original size when size is None); mode and fill
+    as in `resize`."""
     try:
         dims = _jpeg_size(data) if data[:3] == b"\xff\xd8\xff" else None
         if dims and decode_jpeg is not None and (size is None or min(dims) < 2 * size):
@@ -129,7 +134,7 @@ def decode_image(data: bytes, size: int | None = None, mode: str = "squash") -> 
         raise MediaError(f"undecodable image ({type(e).__name__}: {e})") from e
     if img.shape[-1] == 0 or img.shape[-2] == 0:
         raise MediaError("empty image")
-    return resize(img, size, mode) if size is not None else img
+    return resize(img, size, mode, fill) if size is not None else img
 
 
 def encode_jpeg(image, quality: int = 90) -> bytes:
@@ -144,12 +149,12 @@ def encode_jpeg(image, quality: int = 90) -> bytes:
 
 
 def decode_video(data: bytes, max_frames: int, size: int | None = None, mode: str = "squash",
-                 target_fps: float | None = None) -> torch.Tensor:
-    """Video bytes -> uint8 [T, 3, size, size] (resize mode `mode`; original size when size is None),
+                 target_fps: float | None = None, fill=None) -> torch.Tensor:
+    """Video bytes -> uint8 [T, 3, size, size] (`resize` mode and fill; original size when size is None),
     T uniformly sampled frames (sample_frame_indices). Frames are resized as they are decoded, so a
     long high-resolution clip never sits in memory at full size. Raises MediaError for undecodable
     videos, EmptyVideo for videos without frames."""
-    fit = (lambda x: resize(x, size, mode)) if size is not None else (lambda x: x)  # noqa: E731
+    fit = (lambda x: resize(x, size, mode, fill)) if size is not None else (lambda x: x)  # noqa: E731
     if decord is not None:
         try:
             return _decord_frames(data, max_frames, target_fps, fit)

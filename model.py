@@ -5,13 +5,15 @@ Public contract (the published model card):
     model.load_state_dict(ckpt["model"])            # the published layout loads unchanged
     out = model(frames=frames, input_ids=ids, attention_mask=am, loss_mask=lm, mode="coarse_fine")
     out["loss"], out["logits"]
+Every setting lives in one `config.ModelConfig` (`FoveatedVLM(cfg)`, or its fields as keywords;
+`model.config`), which save_pretrained writes as config.json.
 
 Sequence layout. Every token has a logical position: with layout "video_first" (the published model)
 the T visual tokens come first and the whole chat text follows; with "prompt_first" the visual tokens
 are inserted after the first user message's content (before its <|im_end|>), so the queries can
 depend on the question. In the parallel modes real tokens are placed at their logical positions and
 all padding (pad frames, pad text) after them, so plain causal attention isolates padding and a real
-token's output never depends on how much padding its batch has.
+token's output never depends on how much padding its batch has (`Layout`).
 
 Loss. `logits[:, j]` predicts the text token after token j (from the sequence position just before
 that token, which is the last visual token where the video sits in between). The loss is the
@@ -19,84 +21,124 @@ token-weighted mean of -log p over text tokens j >= 1 with loss_mask[j] = 1; lab
 are -100. The first text token is never a target (it follows nothing but the video).
 """
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Model, DynamicCache
+from transformers import DynamicCache
 
+from backbones import load_llm, vision_config, vision_weights
 from collate import IGNORE_INDEX, pack_frames, pad_rows
-from encoder import FoveatedEncoder, dino_state_from_hf
-from tokenization import DEFAULT_SYSTEM_PROMPT, chat_ids, hub_location, load_tokenizer
-
-MODES = ("coarse_only", "coarse_fine", "autoregressive")
-LAYOUTS = ("video_first", "prompt_first")
+from config import MODES, ModelConfig, model_config
+from encoder import FoveatedEncoder
+from tokenization import chat_ids, pad_id
 
 
-def load_llm(name: str, pretrained: bool = True):
-    """(LLM in fp32 with SDPA attention, tokenizer) from a hub id, a folder, or a .gguf file."""
-    tokenizer = load_tokenizer(name)
-    name, kwargs = hub_location(name)
-    if pretrained:
-        llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
-    else:
-        config = AutoConfig.from_pretrained(name, **kwargs)
-        llm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    return llm, tokenizer
-
-
-class _Visual:
+@dataclass
+class Visual:
     """Which encoded frame each visual token reads.
 
     pixels [N, 3, H, W]; token_frame [B, T] (pads point at frame 0); valid [B, T];
     unique: no frame is read by two tokens, so per-token queries can be scattered into frame
     order instead of copying K/V per token.
     """
-
-    def __init__(self, pixels, token_frame, valid, unique):
-        self.pixels, self.token_frame, self.valid, self.unique = pixels, token_frame, valid, unique
+    pixels: torch.Tensor
+    token_frame: torch.Tensor
+    valid: torch.Tensor
+    unique: bool
 
     @property
-    def num_tokens(self):
+    def num_tokens(self) -> int:
         return self.valid.shape[1]
+
+    def repeat(self, times: int) -> "Visual":
+        """The same frames for `times` copies of the batch (stacked along the batch)."""
+        return Visual(self.pixels, self.token_frame.repeat(times, 1), self.valid.repeat(times, 1), self.unique)
+
+
+@dataclass
+class Layout:
+    """Where each token of a batch sits in the sequence the LLM reads (logical positions: a row's real
+    tokens take 0, 1, 2, ... without gaps; padding never takes a position a real token needs).
+
+    Text token j of row b is real where text_valid[b, j]; text_rank[b, j] counts the real text tokens
+    before it. The video goes in front of the real text token of rank visual_start[b] (0 with
+    video_first; the <|im_end|> closing the first user message with prompt_first), so
+        text_pos[b, j]   = text_rank[b, j]                 before the video
+                         = text_rank[b, j] + n_visual[b]   after it
+        visual_pos[b, t] = visual_start[b] + t             for the t-th real visual token.
+    pred_pos[b, j] is the position whose hidden state predicts the token after text token j: the
+    position just before that token, which is the last visual token where the video sits between
+    j and its successor (pred_from_visual[b, j]; the successor of the last real token is the
+    first token to generate).
+    """
+    text_valid: torch.Tensor  # [B, S] bool
+    visual_valid: torch.Tensor  # [B, T] bool
+    n_text: torch.Tensor  # [B] real text tokens
+    n_visual: torch.Tensor  # [B] real visual tokens
+    visual_start: torch.Tensor  # [B] text rank the video is inserted before
+    text_rank: torch.Tensor  # [B, S]
+    text_pos: torch.Tensor  # [B, S]
+    visual_pos: torch.Tensor  # [B, T]
+    pred_pos: torch.Tensor  # [B, S]
+    pred_from_visual: torch.Tensor  # [B, S] bool
+
+    @property
+    def length(self) -> torch.Tensor:
+        """[B] real tokens per row: they occupy positions 0 .. length - 1."""
+        return self.n_text + self.n_visual
+
+    def rows(self, index) -> "Layout":
+        return Layout(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+    def before_video(self) -> "Layout":
+        """The prompt_first coarse pass: only the text before the video is real (the rest is padding)."""
+        return dataclasses.replace(self, text_valid=self.text_valid & (self.text_rank < self.visual_start[:, None]),
+                                   n_text=self.visual_start)
+
+
+class Pass(NamedTuple):
+    """What an LLM pass over a batch gives."""
+    h_pred: torch.Tensor  # [B, S, D] hidden state predicting the token after each text token (Layout.pred_pos)
+    queries: torch.Tensor | None  # [B, T, query_dim] the fine queries used (None in coarse_only / text only)
+    attention: dict  # "static" / "dynamic" -> [B, T, blocks, heads, keys] with return_attention (else None)
+    cache_valid: torch.Tensor  # [B, L] which slots of the KV cache hold real tokens
 
 
 class FoveatedVLM(nn.Module):
-    def __init__(self, llm_name: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
-                 dino_name: str = "facebook/dinov2-small", query_dim: int = 384, visual_scale: float = 0.14,
-                 deep_query: bool = True, layout: str = "video_first", image_frames: int = 8,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, pretrained: bool = True):
-        """llm_name / dino_name: hub id or local folder (llm_name may also be a .gguf file).
-        pretrained=False reads only the backbones' configs and initialises them randomly."""
+    def __init__(self, config: ModelConfig | None = None, *, llm_name: str | None = None,
+                 dino_name: str | None = None, deep_query: bool = True, **settings):
+        """config: the model's settings (config.ModelConfig), or its fields as keywords. llm_name /
+        dino_name (the published names of `llm` / `dino`): hub id, local folder or random:<preset>
+        (llm_name may also be a .gguf file). pretrained=False reads only the backbones' configs and
+        initialises them randomly."""
         super().__init__()
         if not deep_query:
             raise ValueError("deep_query=False (the single shallow cross-attention) is not supported: "
                              "its tokens barely depend on the query; use the deep query")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if image_frames < 1:
-            raise ValueError(f"image_frames must be >= 1, got {image_frames}")
-        self.llm, self.tokenizer = load_llm(llm_name, pretrained)
-        dino_config = AutoConfig.from_pretrained(dino_name)
-        self.encoder = FoveatedEncoder(dino_config, query_dim)
-        dino = Dinov2Model.from_pretrained(dino_name, dtype=torch.float32) if pretrained else Dinov2Model(dino_config)
-        self.encoder.dino.load_state_dict(dino_state_from_hf(dino.state_dict()))
-        del dino
-        llm_dim = self.llm.config.hidden_size
-        self.dino_to_llm = nn.Linear(dino_config.hidden_size, llm_dim)
-        self.llm_to_query = nn.Linear(llm_dim, query_dim)
-        # std 1: smaller queries give near-uniform attention at the start of training
-        self.q_static = nn.Parameter(torch.randn(1, query_dim))
-        self.q_init = nn.Parameter(torch.randn(1, query_dim))
-        self.visual_scale = visual_scale
-        self.layout = layout
-        self.image_frames = image_frames
-        self.system_prompt = system_prompt
-        self.settings = dict(query_dim=query_dim, visual_scale=visual_scale, deep_query=True, layout=layout,
-                             image_frames=image_frames, system_prompt=system_prompt)
+        if llm_name is not None:
+            settings["llm"] = llm_name
+        if dino_name is not None:
+            settings["dino"] = dino_name
+        base = dataclasses.asdict(config) if config is not None else {}
+        cfg = model_config({**base, **settings}, "FoveatedVLM")  # type-checked: unknown keywords are errors
+        self.config = cfg
+        self.llm, self.tokenizer = load_llm(cfg.llm, cfg.pretrained)
+        dino_config = vision_config(cfg.dino)
+        self.encoder = FoveatedEncoder(dino_config, cfg.query_dim)
+        self.encoder.dino.load_state_dict(vision_weights(cfg.dino, dino_config, cfg.pretrained))
         self.dino_config = dino_config
+        llm_dim = self.llm.config.hidden_size
+        self.dino_to_llm = nn.Linear(self.encoder.dino.dim, llm_dim)
+        self.llm_to_query = nn.Linear(llm_dim, cfg.query_dim)
+        # std 1: smaller queries give near-uniform attention at the start of training
+        self.q_static = nn.Parameter(torch.randn(1, cfg.query_dim))
+        self.q_init = nn.Parameter(torch.randn(1, cfg.query_dim))
         tok = self.tokenizer
         ids = lambda s: tok.convert_tokens_to_ids(s) if s in tok.get_vocab() else None  # noqa: E731
         self._im_start, self._im_end = ids("<|im_start|>"), ids("<|im_end|>")
@@ -106,11 +148,17 @@ class FoveatedVLM(nn.Module):
         eos = self.llm.generation_config.eos_token_id if self.llm.generation_config is not None else None
         stops.update(eos if isinstance(eos, list) else [eos])
         self.stop_ids = sorted(s for s in stops if s is not None)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0  # an int: no tokenizer in traced code
+        self.pad_id = pad_id(tok)  # an int: no tokenizer in traced code
+
+    # the settings, read from the one config
+    visual_scale = property(lambda self: self.config.visual_scale)
+    layout = property(lambda self: self.config.layout)
+    image_frames = property(lambda self: self.config.image_frames)
+    system_prompt = property(lambda self: self.config.system_prompt)
 
     # ---- inputs ---------------------------------------------------------------------------------
 
-    def _visual(self, frames, frame_mask, frame_index, batch):
+    def _visual(self, frames, frame_mask, frame_index, batch) -> Visual | None:
         """Validate the frame inputs and describe which frame each visual token reads."""
         if frames is None or frames.numel() == 0:
             if frame_index is not None and frame_index.shape[1] > 0:
@@ -124,7 +172,7 @@ class FoveatedVLM(nn.Module):
             if frame_mask is not None:
                 raise ValueError("pass either frame_mask (with [B, T, 3, H, W] frames) or frame_index, not both")
             valid = frame_index >= 0
-            return _Visual(frames, frame_index.clamp(min=0), valid, unique=False)
+            return Visual(frames, frame_index.clamp(min=0), valid, unique=False)
         if frames.dim() != 5 or frames.shape[2] != 3:
             raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
         b, t = frames.shape[:2]
@@ -134,7 +182,7 @@ class FoveatedVLM(nn.Module):
             return None
         if frame_mask is None:
             index = torch.arange(b * t, device=frames.device).view(b, t)
-            return _Visual(frames.flatten(0, 1), index, torch.ones(b, t, dtype=torch.bool, device=frames.device), True)
+            return Visual(frames.flatten(0, 1), index, torch.ones(b, t, dtype=torch.bool, device=frames.device), True)
         if frame_mask.shape != (b, t):
             raise ValueError(f"frame_mask must have shape {(b, t)}, got {tuple(frame_mask.shape)}")
         frame_mask = frame_mask.bool()
@@ -146,42 +194,43 @@ class FoveatedVLM(nn.Module):
         if pixels.shape[0] == 0:
             return None
         index = (frame_mask.flatten().cumsum(0) - 1).clamp(min=0).view(b, t)
-        return _Visual(pixels, index, frame_mask, True)
+        return Visual(pixels, index, frame_mask, True)
 
-    def _layout(self, input_ids, attention_mask, vis, visual_pos):
-        """Logical positions of every text and visual token (see the module docstring)."""
+    def _layout(self, input_ids, attention_mask, vis: Visual | None, visual_pos=None) -> Layout:
+        """Logical positions of every text and visual token (see Layout)."""
         b, s = input_ids.shape
-        tv = attention_mask.bool()
-        vv = vis.valid if vis is not None else torch.zeros(b, 0, dtype=torch.bool, device=input_ids.device)
-        n_text, n_vis = tv.sum(1), vv.sum(1)
-        rank = tv.long().cumsum(1) - 1
+        text_valid = attention_mask.bool()
+        visual_valid = vis.valid if vis is not None else torch.zeros(b, 0, dtype=torch.bool, device=input_ids.device)
+        n_text, n_visual = text_valid.sum(1), visual_valid.sum(1)
+        rank = text_valid.long().cumsum(1) - 1  # real text tokens before j (padding repeats its left neighbour's)
         if self.layout == "video_first":
-            p = torch.zeros_like(n_text)
+            start = torch.zeros_like(n_text)
         elif visual_pos is not None:
-            p = torch.minimum(visual_pos.to(n_text), n_text)
+            start = torch.minimum(visual_pos.to(n_text), n_text)
         else:
-            p = self._find_visual_pos(input_ids, tv, rank)
-        after = rank >= p[:, None]
-        text_pos = rank + n_vis[:, None] * after
-        nxt = rank + 1
-        # logits of token j come from just before the next token's position (for the last real token,
-        # the next token is the one to generate): the last visual token if the video sits in between
-        pred_pos = nxt + n_vis[:, None] * (nxt >= p[:, None]) - 1
-        vis_pos = p[:, None] + vv.long().cumsum(1) - 1
-        return dict(tv=tv, vv=vv, n_text=n_text, n_vis=n_vis, p=p, rank=rank, text_pos=text_pos,
-                    pred_pos=pred_pos.clamp(min=0), vis_pos=vis_pos.clamp(min=0), length=n_text + n_vis,
-                    needs_vis=(nxt == p[:, None]) & (n_vis[:, None] > 0))
+            start = self.visual_start(input_ids, text_valid)
+        text_pos = rank + n_visual[:, None] * (rank >= start[:, None])
+        successor = rank + 1  # rank of the token after j
+        # the position just before the successor: shifted past the video when it comes after the video
+        pred_pos = successor + n_visual[:, None] * (successor >= start[:, None]) - 1
+        visual_pos = start[:, None] + visual_valid.long().cumsum(1) - 1
+        return Layout(text_valid=text_valid, visual_valid=visual_valid, n_text=n_text, n_visual=n_visual,
+                      visual_start=start, text_rank=rank, text_pos=text_pos, visual_pos=visual_pos.clamp(min=0),
+                      pred_pos=pred_pos.clamp(min=0),
+                      pred_from_visual=(successor == start[:, None]) & (n_visual[:, None] > 0))
 
-    def _find_visual_pos(self, input_ids, tv, rank):
-        """Rank of the first <|im_end|> after the first '<|im_start|>user' (0 where there is none)."""
+    def visual_start(self, input_ids, text_valid) -> torch.Tensor:
+        """prompt_first: [B] text rank of the first <|im_end|> after the first '<|im_start|>user' (0
+        where there is none): the video goes right before it, after the question."""
         if self._im_start is None or self._user is None or self._im_end is None:
             raise ValueError("layout 'prompt_first' needs a ChatML tokenizer or an explicit visual_pos")
-        ids = input_ids
-        starts = (ids[:, :-1] == self._im_start) & (ids[:, 1:] == self._user) & tv[:, :-1] & tv[:, 1:]
+        ids, text_valid = input_ids, text_valid.bool()
+        rank = text_valid.long().cumsum(1) - 1
+        starts = (ids[:, :-1] == self._im_start) & (ids[:, 1:] == self._user) & text_valid[:, :-1] & text_valid[:, 1:]
         starts = F.pad(starts, (0, 1))
         first_user = torch.where(starts.any(1), starts.long().argmax(1), ids.shape[1])
         after = torch.arange(ids.shape[1], device=ids.device)[None] > first_user[:, None]
-        ends = (ids == self._im_end) & tv & after
+        ends = (ids == self._im_end) & text_valid & after
         end = ends.long().argmax(1)
         return torch.where(ends.any(1), rank.gather(1, end[:, None])[:, 0], torch.zeros_like(end))
 
@@ -208,7 +257,7 @@ class FoveatedVLM(nn.Module):
         """Per-token queries [B, T, Dq] -> tokens [B, T, D]."""
         b, t, dq = queries.shape
         if vis.unique:
-            # scatter queries into frame order (pads go to a spare row): no K/V copy
+            # scatter queries into frame order (pads go to a spare row n): no K/V copy
             n = vis.pixels.shape[0]
             dest = torch.where(vis.valid, vis.token_frame, n).flatten()
             q = queries.new_zeros(n + 1, dq).scatter(0, dest[:, None].expand(-1, dq), queries.flatten(0, 1))[:n]
@@ -218,14 +267,15 @@ class FoveatedVLM(nn.Module):
         return z.view(b, t, -1), (attn.view(b, t, *attn.shape[1:]) if attn is not None else None)
 
     def _fine_queries(self, h_vis):
-        """Hidden states at the visual tokens -> queries shifted by one frame (frame 0 gets q_init)."""
+        """Hidden states at the visual tokens -> queries shifted by one frame (frame 0 gets q_init):
+        token t is looked at with the query the LLM formed after seeing token t - 1."""
         q = self.llm_to_query(h_vis)
         return torch.cat([self.q_init.expand(q.shape[0], 1, -1).to(q.dtype), q[:, :-1]], dim=1)
 
     def _visual_embeddings(self, mode, vis, kv, lay, text_emb, return_attention, queries=None):
-        """Visual token embeddings for the parallel modes, the fine queries, and attention maps."""
+        """(visual token embeddings for the parallel modes, the fine queries used, attention maps)."""
         attn = {}
-        if mode == "coarse_fine" and queries is not None:
+        if mode == "coarse_fine" and queries is not None:  # teacher-forced / intervened queries
             z, attn["dynamic"] = self._query_tokens(queries, vis, kv, return_attention)
             return self._project(z), queries, attn
         z, attn["static"] = self._static_tokens(vis, kv, return_attention)
@@ -234,10 +284,8 @@ class FoveatedVLM(nn.Module):
             if self.layout == "video_first":  # the text comes after the video: the coarse pass skips it
                 h_vis = self._llm(emb, torch.arange(emb.shape[1], device=emb.device).expand(emb.shape[0], -1))
             else:  # coarse pass over [question; coarse visual tokens]; the rest of the text is padding
-                coarse_lay = dict(lay, tv=lay["tv"] & (lay["rank"] < lay["p"][:, None]))
-                coarse_lay["length"] = coarse_lay["tv"].sum(1) + lay["n_vis"]
-                h = self._llm(*self._assemble(text_emb, emb, coarse_lay))
-                h_vis = _take(h, lay["vis_pos"])
+                h = self._llm(*self._assemble(text_emb, emb, lay.before_video()))
+                h_vis = _take(h, lay.visual_pos)
             queries = self._fine_queries(h_vis)
             z, attn["dynamic"] = self._query_tokens(queries, vis, kv, return_attention)
             emb = self._project(z)
@@ -245,48 +293,54 @@ class FoveatedVLM(nn.Module):
 
     # ---- LLM passes -----------------------------------------------------------------------------
 
-    def _assemble(self, text_emb, vis_emb, lay):
-        """Place real tokens at their logical positions and padding after them -> (seq, positions)."""
+    def _assemble(self, text_emb, vis_emb, lay: Layout):
+        """Place real tokens at their logical positions and padding after them -> (sequence [B, S + T, D],
+        positions). A row's padding text tokens take the slots length, length + 1, ... in order, then
+        its padding visual tokens; every slot is filled exactly once."""
         b, s, d = text_emb.shape
-        tv, vv, length = lay["tv"], lay["vv"], lay["length"]
-        text_slot = torch.where(tv, lay["text_pos"], length[:, None] + (~tv).long().cumsum(1) - 1)
+        tv, vv, length = lay.text_valid, lay.visual_valid, lay.length
+        pad_text_rank = (~tv).long().cumsum(1) - 1  # k-th padding text token of the row
+        text_slot = torch.where(tv, lay.text_pos, length[:, None] + pad_text_rank)
         pads_text = s - tv.sum(1)
-        vis_slot = torch.where(vv, lay["vis_pos"], (length + pads_text)[:, None] + (~vv).long().cumsum(1) - 1)
+        pad_visual_rank = (~vv).long().cumsum(1) - 1
+        vis_slot = torch.where(vv, lay.visual_pos, (length + pads_text)[:, None] + pad_visual_rank)
         slot = torch.cat([text_slot, vis_slot], dim=1)
         src = torch.cat([text_emb, vis_emb.to(text_emb.dtype)], dim=1)
         seq = torch.zeros_like(src).scatter(1, slot[..., None].expand(-1, -1, d), src)
         return seq, torch.arange(seq.shape[1], device=seq.device).expand(b, -1)
 
     def _llm(self, embeds, positions, cache=None, mask=None):
-        out = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                             past_key_values=cache, use_cache=cache is not None)
+        out = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, cache=cache,
+                             use_cache=cache is not None)
         return out.last_hidden_state
 
-    def _parallel(self, mode, input_ids, vis, kv, lay, return_attention, queries=None, cache=None):
-        """coarse_only / coarse_fine -> (hidden states predicting each next text token, queries, attention, all hidden)."""
-        text_emb = self.llm.get_input_embeddings()(input_ids)
-        if vis is None:
-            vis_emb, attn = text_emb.new_zeros(text_emb.shape[0], 0, text_emb.shape[2]), {}
-        else:
+    def _parallel(self, mode, text_emb, vis, kv, lay: Layout, return_attention=False, queries=None, vis_emb=None,
+                  cache=None) -> Pass:
+        """coarse_only / coarse_fine over the whole sequence at once. vis_emb: the visual token
+        embeddings, when already computed (DPO shares them between its two replies)."""
+        attn = {}
+        if vis_emb is None and vis is not None:
             vis_emb, queries, attn = self._visual_embeddings(mode, vis, kv, lay, text_emb, return_attention, queries)
+        if vis_emb is None:
+            vis_emb = text_emb.new_zeros(text_emb.shape[0], 0, text_emb.shape[2])
         seq, pos = self._assemble(text_emb, vis_emb, lay)
         h = self._llm(seq, pos, cache)
-        return _take(h, lay["pred_pos"]), queries, attn, h
+        cache_valid = pos < lay.length[:, None]  # real tokens fill the first `length` slots
+        return Pass(_take(h, lay.pred_pos), queries, attn, cache_valid)
 
-    def _autoregressive(self, input_ids, vis, kv, lay, return_attention, cache, queries=None):
+    def _autoregressive(self, text_emb, vis, kv, lay: Layout, return_attention, cache, queries=None) -> Pass:
         """Prefix text (prompt_first), then frame by frame through the KV cache, then the rest of the text.
 
         Physical cache order follows logical order for real tokens; padding slots are masked out and
         every token gets its logical position, so batching never changes a real token's output.
         `queries` [B, T, Dq] replace the LLM-chosen queries (teacher forcing).
         """
-        text_emb = self.llm.get_input_embeddings()(input_ids)
-        b = input_ids.shape[0]
-        tv, rank, p = lay["tv"], lay["rank"], lay["p"]
-        keys = torch.zeros(b, 0, dtype=torch.bool, device=input_ids.device)  # which cache slots are real
+        b = text_emb.shape[0]
+        tv, before = lay.text_valid, lay.text_rank < lay.visual_start[:, None]
+        valid = torch.zeros(b, 0, dtype=torch.bool, device=text_emb.device)  # which cache slots are real
         h_prefix = None
-        if self.layout == "prompt_first":
-            h_prefix, keys = self._cached_step(text_emb, lay["text_pos"], tv & (rank < p[:, None]), keys, cache)
+        if self.layout == "prompt_first":  # the question first: the whole text, only its prefix real
+            h_prefix, valid = self._cached_step(text_emb, lay.text_pos, tv & before, valid, cache)
         h_vis, used, attn = [], [], {"dynamic": []}
         if vis is not None:
             query = self.q_init.expand(b, -1)
@@ -296,47 +350,62 @@ class FoveatedVLM(nn.Module):
                 used.append(query)
                 z, a = self.encoder.query(query, kv, vis.token_frame[:, t], return_attention)
                 attn["dynamic"].append(a)
-                h, keys = self._cached_step(self._project(z)[:, None], lay["vis_pos"][:, t:t + 1],
-                                            vis.valid[:, t:t + 1], keys, cache)
+                h, valid = self._cached_step(self._project(z)[:, None], lay.visual_pos[:, t:t + 1],
+                                             vis.valid[:, t:t + 1], valid, cache)
                 h_vis.append(h)
-                query = self.llm_to_query(h[:, 0])
-        h_rest, keys = self._cached_step(text_emb, lay["text_pos"], tv & (rank >= p[:, None]), keys, cache)
-        h_text = h_rest if h_prefix is None else torch.where((rank < p[:, None])[..., None], h_prefix, h_rest)
-        if h_vis:
-            h_vis = torch.cat(h_vis, dim=1)
-            last = _take(h_vis, (lay["n_vis"] - 1).clamp(min=0)[:, None])
-            h_text = torch.where(lay["needs_vis"][..., None], last, h_text)
-            attn["dynamic"] = torch.stack(attn["dynamic"], 1) if return_attention else None
-            return h_text, torch.stack(used, 1), attn, keys
-        return h_text, None, {}, keys
+                query = self.llm_to_query(h[:, 0])  # where to look in the next frame
+        h_rest, valid = self._cached_step(text_emb, lay.text_pos, tv & ~before, valid, cache)
+        # each text token's successor is predicted from its own state (prefix or rest pass)...
+        h_pred = h_rest if h_prefix is None else torch.where(before[..., None], h_prefix, h_rest)
+        if not h_vis:
+            return Pass(h_pred, None, {}, valid)
+        # ...except where the video sits in between: then from the last visual token
+        last = _take(torch.cat(h_vis, dim=1), (lay.n_visual - 1).clamp(min=0)[:, None])
+        h_pred = torch.where(lay.pred_from_visual[..., None], last, h_pred)
+        attn["dynamic"] = torch.stack(attn["dynamic"], 1) if return_attention else None
+        return Pass(h_pred, torch.stack(used, 1), attn, valid)
 
-    def _loss(self, h_text, input_ids, attention_mask, loss_mask, target_index):
-        """Logits and the token loss from the hidden states that predict each next text token: over
-        every position, or at target_index only (see forward)."""
-        if target_index is None:
-            logits = self.llm.lm_head(h_text)
-            return dict(logits=logits, **_token_loss(logits, input_ids, attention_mask, loss_mask))
-        b, s = input_ids.shape
-        rows, cols = _grid(target_index, s)
-        logits = self.llm.lm_head(h_text.flatten(0, 1).index_select(0, rows * s + cols))
-        labels = input_ids.flatten().index_select(0, rows * s + cols + 1)
-        logp = -F.cross_entropy(logits.float(), labels, reduction="none")
-        logp_sum = logp.new_zeros(b).index_add(0, rows, logp)
-        num_tokens = torch.zeros(b, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
-        return dict(logits=logits, loss=-logp.sum() / max(target_index.numel(), 1), logp_sum=logp_sum,
-                    num_tokens=num_tokens)
+    def _cached_step(self, embeds, positions, valid, cache_valid, cache):
+        """Append a chunk of tokens to the KV cache -> (their hidden states, the updated slot mask).
 
-    def _cached_step(self, embeds, positions, valid, keys, cache):
-        """Append a chunk to the cache; a query sees earlier real slots and itself."""
-        past = keys.shape[1]
-        keys = torch.cat([keys, valid], dim=1)
-        q = embeds.shape[1]
-        k_idx = torch.arange(keys.shape[1], device=keys.device)
-        q_idx = past + torch.arange(q, device=keys.device)
-        causal = k_idx[None, :] <= q_idx[:, None]
-        mask = (keys[:, None, :] & causal[None]) | (k_idx[None, :] == q_idx[:, None])[None]
+        A chunk token attends to the earlier real slots, the real slots of its own chunk before it,
+        and always to itself (so a padding token's attention row is never empty: no NaN). The mask is
+        4-D boolean [B, 1, chunk, slots] (True = attend), which transformers takes as given."""
+        past = cache_valid.shape[1]
+        cache_valid = torch.cat([cache_valid, valid], dim=1)
+        n = embeds.shape[1]
+        slot = torch.arange(cache_valid.shape[1], device=cache_valid.device)
+        token_slot = past + torch.arange(n, device=cache_valid.device)
+        causal = slot[None, :] <= token_slot[:, None]
+        mask = (cache_valid[:, None, :] & causal[None]) | (slot[None, :] == token_slot[:, None])[None]
         h = self._llm(embeds, positions, cache, mask[:, None])
-        return h, keys
+        return h, cache_valid
+
+    def _loss(self, h_pred, input_ids, attention_mask, loss_mask, target_index=None):
+        """Next-token log-probs of the loss targets, from the hidden states that predict them.
+
+        With target_index (flat indices into the [B, S - 1] grid of next-token cells, cell
+        (b, j - 1) = text token j of row b; see collate.target_index), logits are computed at those
+        cells only ([K, V], the training path). Without it, logits are computed everywhere ([B, S, V],
+        the published contract) and the cells outside the masks are ignored."""
+        b, s = input_ids.shape
+        labels = input_ids[:, 1:]  # the label of cell (b, j - 1) is text token j
+        if target_index is None:
+            logits = self.llm.lm_head(h_pred)
+            mask = attention_mask.bool() if loss_mask is None else loss_mask.bool() & attention_mask.bool()
+            cell_logits = logits[:, :-1].flatten(0, 1)
+            cell_labels = labels.masked_fill(~mask[:, 1:], IGNORE_INDEX).flatten()
+            rows = torch.arange(b, device=input_ids.device).repeat_interleave(s - 1)
+        else:
+            rows, cols = _grid(target_index, s)
+            cell_logits = logits = self.llm.lm_head(h_pred[rows, cols])
+            cell_labels = labels[rows, cols]
+        logp = token_logps(cell_logits, cell_labels)
+        counted = (cell_labels != IGNORE_INDEX).long()
+        logp_sum = logp.new_zeros(b).index_add(0, rows, logp)
+        num_tokens = counted.new_zeros(b).index_add(0, rows, counted)
+        return dict(logits=logits, loss=-logp_sum.sum() / num_tokens.sum().clamp(min=1), logp_sum=logp_sum,
+                    num_tokens=num_tokens, target_labels=cell_labels, target_rows=rows)
 
     # ---- public API -----------------------------------------------------------------------------
 
@@ -345,9 +414,10 @@ class FoveatedVLM(nn.Module):
                 return_attention: bool = False, target_index=None, kv=None):
         """Losses and next-token logits for a batch of (video, text) samples.
 
-        frames: [B, T, 3, H, W] ImageNet-normalised (optional frame_mask [B, T], real frames first),
-            or packed [N, 3, H, W] with frame_index [B, T] (-1 = padding; entries may repeat, e.g. an
-            image shown as 8 tokens is encoded once), or None / T = 0 for text only.
+        frames: [B, T, 3, H, W] (uint8 RGB, or float normalised with the vision backbone's pixel
+            statistics; optional frame_mask [B, T], real frames first), or packed [N, 3, H, W] with
+            frame_index [B, T] (-1 = padding; entries may repeat, e.g. an image shown as 8 tokens is
+            encoded once), or None / T = 0 for text only.
         input_ids, attention_mask, loss_mask: [B, S]; real text contiguous (right or left padded).
         visual_pos: [B] text rank where the video goes (prompt_first; found from the chat template
             when omitted).
@@ -358,12 +428,12 @@ class FoveatedVLM(nn.Module):
             then computed for those K tokens only, and `logits` is [K, V]: the training path.
         kv: `self.encoder.encode(frames)` computed earlier, to reuse across calls (modes, prompts).
         Returns loss (token-weighted mean), logits [B, S, V], logp_sum [B] (summed log-prob of the
-        loss tokens), num_tokens [B], queries [B, T, query_dim] (the fine queries used, or None),
-        and with return_attention the per-block attention of the static and dynamic queries,
-        [B, T, blocks, heads, 1 + patches].
+        loss tokens), num_tokens [B], target_labels / target_rows (each logit row's label, -100 where
+        ignored, and its sample), queries [B, T, query_dim] (the fine queries used, or None), and with
+        return_attention the per-block attention of the static and dynamic queries,
+        [B, T, blocks, heads, keys] (keys: the backbone's CLS and registers, then the patches).
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        _check_mode(mode)
         if input_ids is None:
             raise ValueError("input_ids are required")
         self._check_text(input_ids, attention_mask, loss_mask)
@@ -376,23 +446,24 @@ class FoveatedVLM(nn.Module):
             raise ValueError("queries= replaces the fine queries; coarse_only has none")
         if queries is not None and (vis is None or queries.shape[:2] != vis.valid.shape):
             raise ValueError(f"queries must be [B, T, query_dim] matching the visual tokens, got {tuple(queries.shape)}")
+        text_emb = self.llm.get_input_embeddings()(input_ids)
         if mode == "autoregressive":
-            cache = DynamicCache(config=self.llm.config)
-            h_text, used, attn, _ = self._autoregressive(input_ids, vis, kv, lay, return_attention, cache, queries)
+            res = self._autoregressive(text_emb, vis, kv, lay, return_attention, DynamicCache(config=self.llm.config),
+                                       queries)
         else:
-            h_text, used, attn, _ = self._parallel(mode, input_ids, vis, kv, lay, return_attention, queries)
-        out = dict(queries=used, **self._loss(h_text, input_ids, attention_mask, loss_mask, target_index))
+            res = self._parallel(mode, text_emb, vis, kv, lay, return_attention, queries)
+        out = dict(queries=res.queries, **self._loss(res.h_pred, input_ids, attention_mask, loss_mask, target_index))
         if return_attention:
-            out["attention"] = attn
+            out["attention"] = res.attention
         return out
 
     def dpo_logps(self, frames, chosen_ids, chosen_attention_mask, chosen_loss_mask, rejected_ids,
                   rejected_attention_mask, rejected_loss_mask, frame_mask=None, frame_index=None,
                   mode: str = "coarse_fine", chosen_target_index=None, rejected_target_index=None):
-        """Summed answer-token log-probs of the chosen and rejected replies, sharing one DINO encode
+        """Summed answer-token log-probs of the chosen and rejected replies, sharing one backbone encode
         and one coarse pass (the prompt is taken from the chosen sequence); one LLM pass for both.
         The two target indices (as in forward, each in its own side's grid) go together."""
-        if mode == "autoregressive" or mode not in MODES:
+        if mode not in ("coarse_only", "coarse_fine"):
             raise ValueError(f"dpo_logps supports modes coarse_only and coarse_fine, got {mode!r}")
         for ids, am, lm in ((chosen_ids, chosen_attention_mask, chosen_loss_mask),
                             (rejected_ids, rejected_attention_mask, rejected_loss_mask)):
@@ -400,35 +471,30 @@ class FoveatedVLM(nn.Module):
         b = chosen_ids.shape[0]
         if rejected_ids.shape[0] != b:
             raise ValueError(f"chosen batch {b} != rejected batch {rejected_ids.shape[0]}")
+        if (chosen_target_index is None) != (rejected_target_index is None):
+            raise ValueError("pass both chosen_target_index and rejected_target_index, or neither")
         s = max(chosen_ids.shape[1], rejected_ids.shape[1])
         pad = lambda x, v: F.pad(x, (0, s - x.shape[1]), value=v)  # noqa: E731
-        pad_id = self.pad_id
-        ids = torch.cat([pad(chosen_ids, pad_id), pad(rejected_ids, pad_id)])
+        ids = torch.cat([pad(chosen_ids, self.pad_id), pad(rejected_ids, self.pad_id)])  # [2B, s]: chosen, rejected
         am = torch.cat([pad(chosen_attention_mask, 0), pad(rejected_attention_mask, 0)])
         lm = torch.cat([pad(chosen_loss_mask, 0), pad(rejected_loss_mask, 0)])
         vis = self._visual(frames, frame_mask, frame_index, b)
+        both = vis.repeat(2) if vis is not None else None
         text_emb = self.llm.get_input_embeddings()(ids)
-        lay = self._layout(ids, am, _repeat_visual(vis, 2), None)
-        if vis is None:
-            vis_emb = text_emb.new_zeros(2 * b, 0, text_emb.shape[2])
-        else:
+        lay = self._layout(ids, am, both)
+        vis_emb = None
+        if vis is not None:  # the visual tokens depend on the frames and the prompt only: computed once
             kv = self.encoder.encode(vis.pixels)
-            half = {k: v[:b] for k, v in lay.items()}
-            vis_emb, _, _ = self._visual_embeddings(mode, vis, kv, half, text_emb[:b], False)
-            vis_emb = vis_emb.repeat(2, 1, 1)
-        seq, pos = self._assemble(text_emb, vis_emb, lay)
+            vis_emb = self._visual_embeddings(mode, vis, kv, lay.rows(slice(0, b)), text_emb[:b], False)[0].repeat(2, 1, 1)
         index = None
-        if (chosen_target_index is None) != (rejected_target_index is None):
-            raise ValueError("pass both chosen_target_index and rejected_target_index, or neither")
         if chosen_target_index is not None:  # each side's [B, S_side - 1] grid -> the stacked [2B, s - 1] grid
             index = torch.cat([_regrid(chosen_target_index, chosen_ids.shape[1], s, 0),
                                _regrid(rejected_target_index, rejected_ids.shape[1], s, b)])
-        res = self._loss(_take(self._llm(seq, pos), lay["pred_pos"]), ids, am, lm, index)
+        res = self._loss(self._parallel(mode, text_emb, both, None, lay, vis_emb=vis_emb).h_pred, ids, am, lm, index)
         return dict(chosen_logps=res["logp_sum"][:b], rejected_logps=res["logp_sum"][b:],
                     chosen_tokens=res["num_tokens"][:b], rejected_tokens=res["num_tokens"][b:])
 
     # ---- generation -----------------------------------------------------------------------------
-
     def chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation in the LLM's chat template, with our system prompt unless the
         conversation has its own."""
@@ -444,8 +510,7 @@ class FoveatedVLM(nn.Module):
         Returns the reply (a list for a batch), or with stream=True an iterator of text pieces
         (single prompt only). Greedy when temperature == 0, else temperature + top-p sampling.
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        _check_mode(mode)
         conversations, batched = _conversations(prompt)
         samples = _frames_per_sample(frames, len(conversations), batched)
         if stream and batched:
@@ -469,8 +534,7 @@ class FoveatedVLM(nn.Module):
         Returns {"tokens": each sample's new ids (without the stop token), "first_logits": [B, V]
         float32 logits of the first new token, i.e. the prompt's next-token distribution}.
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        _check_mode(mode)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if attention_mask is None:
@@ -509,19 +573,20 @@ class FoveatedVLM(nn.Module):
         if pixels is not None:  # uint8 frames stay uint8 (the encoder normalises them)
             dtype = pixels.dtype if pixels.dtype == torch.uint8 else self.encoder.output_proj.weight.dtype
             pixels = pixels.to(device, dtype)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             vis = self._visual(pixels, None, index.to(device), b) if pixels is not None else None
             kv = self._kv(vis, kv)
-            lay = self._layout(ids, am, vis, None)
+            lay = self._layout(ids, am, vis)
             cache = DynamicCache(config=self.llm.config)
+            text_emb = self.llm.get_input_embeddings()(ids)
             if mode == "autoregressive":
-                h_text, _, _, keys = self._autoregressive(ids, vis, kv, lay, False, cache)
+                res = self._autoregressive(text_emb, vis, kv, lay, False, cache)
             else:
-                h_text, _, _, h = self._parallel(mode, ids, vis, kv, lay, False, cache=cache)
-                keys = torch.arange(h.shape[1], device=device)[None] < lay["length"][:, None]
-            last = _take(h_text, (lay["n_text"] - 1)[:, None])[:, 0]
-            logits = self.llm.lm_head(last)
-            pos = lay["length"]
+                res = self._parallel(mode, text_emb, vis, kv, lay, cache=cache)
+            cache_valid = res.cache_valid
+            # the prompt's last real token predicts the first new token
+            logits = self.llm.lm_head(_take(res.h_pred, (lay.n_text - 1)[:, None])[:, 0])
+            pos = lay.length  # new tokens continue the logical positions
             stops = torch.tensor(self.stop_ids, device=device)
             done = torch.zeros(b, dtype=torch.bool, device=device)
             for _ in range(max_new_tokens):
@@ -533,10 +598,11 @@ class FoveatedVLM(nn.Module):
                 if bool(done.all()):
                     return
                 emb = self.llm.get_input_embeddings()(tok[:, None])
-                h, keys = self._cached_step(emb, pos[:, None], torch.ones(b, 1, dtype=torch.bool, device=device),
-                                            keys, cache)
+                h, cache_valid = self._cached_step(emb, pos[:, None], torch.ones(b, 1, dtype=torch.bool, device=device),
+                                                   cache_valid, cache)
                 logits = self.llm.lm_head(h[:, 0])
                 pos = pos + 1
+
 
     def _kv(self, vis, kv):
         """The frames' per-block K/V: encoded here, or given (precomputed for these frames)."""
@@ -544,16 +610,17 @@ class FoveatedVLM(nn.Module):
             return None
         if kv is None:
             return self.encoder.encode(vis.pixels)
-        if len(kv) != len(self.encoder.dino.blocks) or kv[0][0].shape[0] != vis.pixels.shape[0]:
+        blocks = self.encoder.dino.num_blocks
+        if len(kv) != blocks or kv[0][0].shape[0] != vis.pixels.shape[0]:
             raise ValueError(f"kv holds {kv[0][0].shape[0]} encoded frames in {len(kv)} blocks; the frames need "
-                             f"{vis.pixels.shape[0]} in {len(self.encoder.dino.blocks)} (kv = encoder.encode(frames))")
+                             f"{vis.pixels.shape[0]} in {blocks} (kv = encoder.encode(frames))")
         return kv
 
     # ---- training helpers -----------------------------------------------------------------------
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Named parameters by part: `connector` (the learned queries and every layer this model adds:
-        query_input_proj, output_proj, dino_to_llm, llm_to_query), `dino`, `llm`."""
+        query_input_proj, output_proj, dino_to_llm, llm_to_query), `dino` (the vision backbone), `llm`."""
         groups = {"connector": [], "dino": [], "llm": []}
         for name, p in self.named_parameters():
             part = "llm" if name.startswith("llm.") else "dino" if name.startswith("encoder.dino.") else "connector"
@@ -561,21 +628,17 @@ class FoveatedVLM(nn.Module):
         return groups
 
     def gradient_checkpointing_enable(self):
-        """Recompute activations in the backward pass: the LLM's decoder layers and DINO's patch blocks
-        (the query pass is one token per frame and keeps its activations)."""
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.llm, "activation_checkpointing_enable"):  # the transformers >= 5.2x name
-            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.encoder.gradient_checkpointing = True
+        """Recompute activations in the backward pass: the LLM's decoder layers and the vision
+        backbone's patch blocks (the query pass is one token per frame and keeps its activations)."""
+        self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.encoder.dino.gradient_checkpointing = True
 
     # ---- weights --------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Accepts our layout and the published one: `_orig_mod.` / `module.` prefixes (torch.compile,
-        DDP) are stripped, DINO weights may use transformers-4 or -5 names, and a tied lm_head may be
-        absent."""
+        DDP) are stripped, vision-backbone weights may use transformers' names, and a tied lm_head may
+        be absent."""
         return super().load_state_dict(self._normalize_state(state_dict), strict=strict, assign=assign)
 
     def _normalize_state(self, state):
@@ -588,15 +651,15 @@ class FoveatedVLM(nn.Module):
                 dino[key[len("encoder.dino."):]] = value
             else:
                 out[key] = value
-        out.update({"encoder.dino." + k: v for k, v in dino_state_from_hf(dino).items()})
+        out.update({"encoder.dino." + k: v for k, v in type(self.encoder.dino).state_from_hf(dino).items()})
         embed, head = "llm.model.embed_tokens.weight", "llm.lm_head.weight"
         if self.llm.config.tie_word_embeddings and head not in out and embed in out:
             out[head] = out[embed]
         return out
 
     def save_pretrained(self, directory):
-        """directory/config.json + model.safetensors, with the backbones' configs and the tokenizer
-        in llm/ and dino/, so that from_pretrained needs nothing else."""
+        """directory/config.json (the ModelConfig) + model.safetensors, with the backbones' configs and
+        the tokenizer in llm/ and dino/, so that from_pretrained needs nothing else."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -604,7 +667,8 @@ class FoveatedVLM(nn.Module):
         self.llm.config.save_pretrained(directory / "llm")
         self.tokenizer.save_pretrained(directory / "llm")
         self.dino_config.save_pretrained(directory / "dino")
-        (directory / "config.json").write_text(json.dumps(dict(self.settings, format="fvlm"), indent=2))
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "pretrained"}
+        (directory / "config.json").write_text(json.dumps(dict(settings, format=EXPORT_FORMAT), indent=2))
         state = self.state_dict()
         if self.llm.config.tie_word_embeddings:
             state.pop("llm.lm_head.weight", None)
@@ -612,22 +676,52 @@ class FoveatedVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, **overrides):
+        """A save_pretrained folder; overrides replace settings of its config.json."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found (expected a folder written by save_pretrained)")
-        settings = json.loads(config_path.read_text())
-        if settings.pop("format", None) != "fvlm":
-            raise ValueError(f"{config_path} is not an fvlm config")
-        settings.update(overrides)
-        model = cls(llm_name=str(directory / "llm"), dino_name=str(directory / "dino"), pretrained=False, **settings)
+        stored = read_export_config(directory)
+        model = cls(stored, **dict(overrides, llm=str(directory / "llm"), dino=str(directory / "dino"), pretrained=False))
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        # the backbones were built from the folder; the config keeps where they first came from
+        model.config = dataclasses.replace(model.config, llm=stored.llm, dino=stored.dino)
         return model
 
 
+EXPORT_FORMAT = "fvlm"
+
+
+def read_export_config(directory) -> ModelConfig:
+    """The ModelConfig in a save_pretrained folder's config.json (older exports' `deep_query: true`,
+    always true, is accepted)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected a folder written by save_pretrained)")
+    settings = json.loads(path.read_text())
+    if not isinstance(settings, dict) or settings.pop("format", None) != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not an fvlm config")
+    if settings.pop("deep_query", True) is not True:
+        raise ValueError(f"{path}: deep_query=false is not supported")
+    return model_config(settings, str(path))
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast over fp32 weights on CUDA; a no-op on CPU, which computes in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def token_logps(logits, labels):
+    """log p(label) of each row of logits [K, V] (computed in fp32); 0 where label == -100. The one
+    cross-entropy of the project: training, validation, DPO and the published dense path use it."""
+    return -F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
 # ---- helpers ----------------------------------------------------------------------------------------
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
 
 def _take(x, index):
     """x [B, L, D] gathered at index [B, K] -> [B, K, D]."""
@@ -644,23 +738,6 @@ def _regrid(index, old_len, new_len, row_offset):
     """Flat indices into a [B, old_len - 1] grid -> into [row_offset + B, new_len - 1]."""
     rows, cols = _grid(index, old_len)
     return (rows + row_offset) * (new_len - 1) + cols
-
-
-def _repeat_visual(vis, times):
-    if vis is None:
-        return None
-    return _Visual(vis.pixels, vis.token_frame.repeat(times, 1), vis.valid.repeat(times, 1), vis.unique)
-
-
-def _token_loss(logits, input_ids, attention_mask, loss_mask):
-    """Token-weighted CE over targets j >= 1 with loss_mask[j] = 1 (labels -100 elsewhere)."""
-    mask = attention_mask.bool() if loss_mask is None else loss_mask.bool() & attention_mask.bool()
-    labels = input_ids.masked_fill(~mask, IGNORE_INDEX)[:, 1:]
-    logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                            reduction="none")
-    logp_sum, num_tokens = logp.sum(1), (labels != IGNORE_INDEX).sum(1)
-    loss = -logp_sum.sum() / num_tokens.sum().clamp(min=1)
-    return dict(loss=loss, logp_sum=logp_sum, num_tokens=num_tokens)
 
 
 def _collect(steps) -> dict:

@@ -13,8 +13,8 @@ concatenation of its turns (checked; other templates raise).
 
 from pathlib import Path
 
-STAGES = ("alignment", "sft", "dpo")
-DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."  # the published model's
+from config import DEFAULT_SYSTEM_PROMPT, STAGES
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -31,6 +31,15 @@ def load_tokenizer(name):
 
     folder, kwargs = hub_location(name)
     return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def pad_id(tokenizer) -> int:
+    """The id text is padded with (the model, the collate and generation agree on it): the tokenizer's
+    pad token, else its end-of-sequence token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
+    return pad
 
 
 class SampleError(ValueError):

@@ -9,22 +9,24 @@ final/ (and best/, when there is validation data) as save_pretrained exports. Re
 command on an existing run directory resumes from its latest checkpoint (model, optimizer, step,
 every rank's data position and RNG states), so the losses continue exactly as if it had not stopped.
 
-Each optimizer step: the ranks draw grad_accum micro-batches each, run forward and backward on the
-*summed* loss (losses.py), agree that every rank had data and no CUDA OOM, sum the gradients across
-ranks and divide them by the effective batch's target-token (or pair) count — the token-weighted
-mean over the whole effective batch — then clip and step. A non-finite gradient norm (identical on
-every rank) or an OOM anywhere skips the step on every rank; too many non-finite steps in a row abort.
+Reading order: `train` is the loop; `setup` builds a Run (model, optimizer, objectives, data, logs);
+`train_step` is one optimizer step; then logging, validation, checkpoints and `finish`.
+
+One optimizer step (`train_step`): each rank draws grad_accum micro-batches; the ranks agree that all
+had data and sum each objective's normaliser (objectives.py: target tokens, pairs, ...) over the
+effective batch; each micro-batch's backward runs on sum_k weight_k * loss_k / normaliser_k, so the
+gradients summed across ranks are the mean over the whole effective batch; then clip and step. A
+CUDA OOM anywhere or a non-finite gradient norm (identical on every rank) skips the step on every
+rank; optim.max_bad_steps skipped steps in a row stop the run.
 """
 
 import argparse
-import contextlib
-import copy
 import csv
 import logging
 import math
 import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,57 +34,201 @@ import yaml
 
 import checkpoint as ckpt
 import distributed
+import objectives as objective_units
 from config import ConfigError, config_from_dict, expand_path, load_config
 from data import Loader, SampleSpec, ShardStream, Source
-from losses import DPO_METRICS, dpo_logps, micro_batch_loss, weight
-from model import FoveatedVLM
+from flops import FlopCount
+from model import FoveatedVLM, autocast
+from objectives import micro_batch_losses
 from schedule import lr_at, warmup_steps
-from validation import best_metric, validate
+from validation import validate
 
 log = logging.getLogger("fvlm.train")
 
-# Keys that may differ when a run is resumed: they change neither the data nor the math.
+# Keys that may differ when a run is resumed: they change neither the data nor the optimisation
+# (compile may change bf16 rounding slightly).
 RESUME_MAY_CHANGE = ("log", "checkpoint", "eval", "compile", "gradient_checkpointing")
 # Dense bf16 tensor-core peak FLOP/s by GPU name, for the MFU estimate.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 5090": 209e12,
               "RTX 4090": 165e12, "A10G": 70e12, "L4": 121e12}
 
 
-# ---- model, optimizer, data -----------------------------------------------------------------------
+# ---- the loop --------------------------------------------------------------------------------------
 
-def _preset(spec: str, kind: str, presets: dict) -> str | None:
-    """'random:<preset>' -> the preset's name (checked); None for a hub id or a path."""
-    if not spec.startswith("random:"):
-        return None
-    preset = spec.split(":", 1)[1]
-    if preset not in presets:
-        raise ConfigError(f"model.{kind}: unknown random preset {preset!r}; one of {sorted(presets)}")
-    return preset
+def train(cfg, dist) -> dict:
+    run = setup(cfg, dist)
+    if not run.resumed and cfg.eval.at_start:
+        validate_and_log(run, 0)
+    window, bad_in_row, saved = Window(), 0, run.step
+    while run.step < cfg.optim.steps:
+        result = train_step(run, draw_micro_batches(run))
+        if result.status == "out_of_data":
+            log.info("the training data ran out (on at least one rank) at step %d; stopping", run.step)
+            if run.step > saved:  # the data ran out between checkpoints
+                save(run, validate_and_log(run, run.step))
+            break
+        if result.status != "ok":  # skipped on every rank: OOM or a non-finite gradient norm
+            run.counters[f"skipped_{result.status}"] += 1
+            bad_in_row += 1
+            log.warning("%s at step %d (%d skipped step(s) in a row); step skipped", result.status, run.step,
+                        bad_in_row)
+            if bad_in_row >= cfg.optim.max_bad_steps:
+                raise RuntimeError(f"{bad_in_row} steps in a row skipped ({result.status} last); aborting "
+                                   f"(see optim.max_bad_steps)")
+            continue
+        bad_in_row = 0
+        run.counters["step"] += 1
+        run.counters["samples"] += result.samples
+        run.counters["tokens"] += result.tokens
+        run.counters["train_seconds"] += result.seconds
+        window.add(result)
+        step, last = run.step, run.step == cfg.optim.steps
+        if step % cfg.log.every_steps == 0 or last:
+            log_step(run, window)
+            window = Window()
+        metric = validate_and_log(run, step) if last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) \
+            else None
+        if last or step % cfg.checkpoint.every_steps == 0:
+            save(run, metric)
+            saved = step
+    return finish(run)
+
+
+# ---- setup -----------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a training run holds."""
+    cfg: object
+    dist: distributed.Dist
+    run_dir: Path
+    amp: bool  # bf16 autocast (CUDA)
+    model: FoveatedVLM
+    optimizer: torch.optim.Optimizer
+    params: list
+    objectives: list  # [(Objective, weight)]
+    loader: Loader
+    val_sources: list
+    modes: list  # validation modes; the first one picks the best checkpoint (text objectives)
+    counters: dict
+    resumed: bool
+    loss_fn: object  # objectives.micro_batch_losses, compiled with compile: true
+    flop_count: FlopCount
+    peak_flops: float | None
+    metrics_log: "CsvLog | None" = None
+    val_log: "CsvLog | None" = None
+    wandb: object = None
+    data: object = None  # the micro-batch iterator
+    start_time: float = field(default_factory=time.perf_counter)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def step(self) -> int:
+        return self.counters["step"]
+
+    def autocast(self):
+        return autocast(self.device, self.amp)
+
+    def to_device(self, host: dict) -> dict:
+        """A host batch, prepared by the objectives (e.g. reference log-probs), with what they read
+        moved to the device."""
+        for objective, _ in self.objectives:
+            host = objective.prepare(host)
+        keys = dict.fromkeys(k for objective, _ in self.objectives for k in objective.batch_keys)
+        return {k: (host[k].to(self.device, non_blocking=True) if torch.is_tensor(host[k]) else host[k]) for k in keys}
+
+    def exact_batches(self):
+        """One exact pass over the train and then the val sources (this rank's share)."""
+        for configs in (self.cfg.data.train, self.cfg.data.val):
+            if configs:
+                yield from make_loader(self.cfg, self.model, self.dist, sources(configs), resampled=False,
+                                       batch_size=self.cfg.data.batch_size, pin=False)
+
+    def all_gather(self, obj) -> list:
+        return distributed.all_gather_object(self.dist, obj)
+
+    def barrier(self):
+        distributed.barrier(self.dist)
+
+
+def setup(cfg, dist) -> Run:
+    """Logging, the run directory, the model (resumed, or from init_from), optimizer, objectives,
+    data and logs. Bad settings fail here, before any training."""
+    run_dir = Path(expand_path(cfg.run_dir))
+    setup_logging(run_dir, dist)
+    device = dist.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    latest = ckpt.latest_checkpoint(run_dir)
+    resume = ckpt.load_checkpoint(latest) if latest else None
+    if resume:
+        check_resume_config(cfg, resume["config"], latest)
+    if cfg.init_from and not Path(expand_path(cfg.init_from)).exists():
+        raise ConfigError(f"init_from: {cfg.init_from} does not exist")
+    objectives = objective_units.build(cfg)
+    train_sources, val_sources = sources(cfg.data.train), sources(cfg.data.val)
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    model = build_model(cfg).to(device)
+    patch = model.encoder.dino.patch_size
+    if cfg.data.frame_size % patch:
+        raise ConfigError(f"data.frame_size {cfg.data.frame_size} is not a multiple of the vision backbone's "
+                          f"{patch}-px patches (the remainder would be cut off)")
+    distributed.broadcast_model(dist, model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = make_optimizer(model, cfg, device)
+    counters = {"step": 0, "samples": 0, "tokens": 0, "skipped_nonfinite": 0, "skipped_oom": 0,
+                "train_seconds": 0.0, "best": None}
+    amp = device.type == "cuda" and cfg.precision == "bf16"
+    run = Run(cfg=cfg, dist=dist, run_dir=run_dir, amp=amp, model=model, optimizer=optimizer,
+              params=[p for g in optimizer.param_groups for p in g["params"]], objectives=objectives,
+              loader=make_loader(cfg, model, dist, train_sources, cfg.data.resampled, cfg.data.batch_size,
+                                 pin=device.type == "cuda"),
+              val_sources=val_sources, modes=cfg.eval.modes or [cfg.mode], counters=counters,
+              resumed=resume is not None,
+              loss_fn=torch.compile(micro_batch_losses) if cfg.compile else micro_batch_losses,
+              flop_count=FlopCount(model, cfg.data.frame_size), peak_flops=peak_flops(device))
+    for objective, _ in objectives:  # before a resume overwrites the weights: e.g. DPO's reference
+        objective.setup(model, run)
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        run.loader.load_state_dict(resume["data"][dist.rank])
+        ckpt.set_rng_state(resume["rng"][dist.rank])
+        counters.update(resume["counters"])
+        log.info("resumed from %s (step %d)", latest, counters["step"])
+    else:
+        torch.manual_seed(cfg.seed + dist.rank)  # runtime randomness (dropout) differs per rank
+    run.data = micro_batch_stream(run)
+    if dist.is_main:
+        resume_step = counters["step"] if resume else None
+        run.metrics_log = CsvLog(run_dir / "metrics.csv", metric_columns(run), resume_step)
+        if val_sources:
+            val_columns = dict.fromkeys(c for o, _ in objectives for c in o.val_metrics)
+            run.val_log = CsvLog(run_dir / "val.csv", ["step", "mode", "source", *val_columns], resume_step)
+        run.wandb = _wandb(cfg, run_dir) if cfg.log.wandb else None
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("%s stage (%s), %s mode | %.1fM parameters (%.1fM trained) | %d rank(s) on %s | %d steps x %d "
+             "micro-batches of <= %d samples", cfg.stage, ", ".join(o.name for o, _ in objectives), cfg.mode,
+             n_params / 1e6, sum(p.numel() for p in run.params) / 1e6, dist.world_size, device, cfg.optim.steps,
+             cfg.optim.grad_accum, cfg.data.batch_size)
+    return run
 
 
 def build_model(cfg) -> FoveatedVLM:
-    """The model of cfg.model (seeded), with cfg.init_from's weights loaded when given. Backbones named
-    random:<preset> are built from that preset's config (backbones.py) with random weights."""
-    from backbones import DINO_PRESETS, LLM_PRESETS, build_backbones, offline_tokenizer
-
+    """The model of cfg.model (seeded), with cfg.init_from's weights loaded when given."""
+    torch.manual_seed(cfg.seed)
     m = cfg.model
-    llm_preset, dino_preset = _preset(m.llm, "llm", LLM_PRESETS), _preset(m.dino, "dino", DINO_PRESETS)
-    randoms = [llm_preset is not None, dino_preset is not None]
-    if any(randoms) and not all(randoms) and m.pretrained and not cfg.init_from:
-        raise ConfigError("model: with one random:<preset> backbone the other cannot load pretrained weights; "
-                          "set model.pretrained: false or make both random")
-    with tempfile.TemporaryDirectory() as tmp:
-        llm, dino = expand_path(m.llm), expand_path(m.dino)
-        if any(randoms):
-            llm_dir, dino_dir = build_backbones(tmp, llm=llm_preset or "tiny", dino=dino_preset or "tiny",
-                                                weights=False, tokenizer=offline_tokenizer())
-            llm, dino = (llm_dir if randoms[0] else llm), (dino_dir if randoms[1] else dino)
-        torch.manual_seed(cfg.seed)
-        model = FoveatedVLM(llm_name=llm, dino_name=dino, query_dim=m.query_dim, visual_scale=m.visual_scale,
-                            layout=m.layout, image_frames=m.image_frames, system_prompt=m.system_prompt,
-                            pretrained=m.pretrained and not cfg.init_from and not any(randoms))
+    model = FoveatedVLM(m, llm=expand_path(m.llm), dino=expand_path(m.dino), pretrained=m.pretrained and not cfg.init_from)
     if cfg.init_from:
-        state, what = ckpt.load_weights(expand_path(cfg.init_from))
+        state, _, what = ckpt.load_weights(expand_path(cfg.init_from))
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
@@ -107,8 +253,7 @@ def make_optimizer(model: FoveatedVLM, cfg, device) -> torch.optim.AdamW:
         for params, wd in ((decay, cfg.optim.weight_decay), (plain, 0.0)):
             if params:
                 groups.append({"params": params, "weight_decay": wd, "part": part, "lr": cfg.optim.lr[part]})
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                             fused=device.type in ("cuda", "cpu"))
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
 
 
 def set_lrs(optimizer, cfg, step: int) -> dict:
@@ -126,64 +271,41 @@ def sources(configs) -> list[Source]:
             for s in configs]
 
 
-def sample_spec(cfg) -> SampleSpec:
-    d = cfg.data
-    return SampleSpec(stage=cfg.stage, frame_size=d.frame_size, max_frames=d.max_frames,
-                      max_text_tokens=d.max_text_tokens, system_prompt=cfg.model.system_prompt, resize=d.resize,
-                      target_fps=d.target_fps, image_frames=cfg.model.image_frames)
+def sample_spec(cfg, model) -> SampleSpec:
+    data = cfg.data
+    return SampleSpec(stage=cfg.stage, frame_size=data.frame_size, max_frames=data.max_frames,
+                      max_text_tokens=data.max_text_tokens, system_prompt=model.system_prompt, resize=data.resize,
+                      pad_fill=model.encoder.dino.pad_fill, target_fps=data.target_fps,
+                      image_frames=model.image_frames)
 
 
-def make_loader(cfg, tokenizer, dist, srcs, resampled: bool, batch_size: int, pin: bool, budgets=True) -> Loader:
-    d = cfg.data
-    stream = ShardStream(srcs, sample_spec(cfg), tokenizer, batch_size=batch_size,
-                         max_batch_frames=d.max_batch_frames if budgets else None,
-                         max_batch_tokens=d.max_batch_tokens if budgets else None, resampled=resampled,
-                         text_ratio=d.text_ratio, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    return Loader(stream, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, pin_memory=pin)
+def make_loader(cfg, model, dist, srcs, resampled: bool, batch_size: int, pin: bool, budgets=True) -> Loader:
+    data = cfg.data
+    stream = ShardStream(srcs, sample_spec(cfg, model), model.tokenizer, batch_size=batch_size,
+                         max_batch_frames=data.max_batch_frames if budgets else None,
+                         max_batch_tokens=data.max_batch_tokens if budgets else None, resampled=resampled,
+                         text_ratio=data.text_ratio, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    return Loader(stream, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor, pin_memory=pin)
 
 
-def host_stats(batch: dict, stage: str) -> dict:
-    """Sizes of a host batch, read before it moves (no device sync): samples, frames encoded, visual
-    tokens, text tokens per row (for tokens/s and the FLOP estimate), loss targets."""
-    prefix = "chosen_" if stage == "dpo" else ""
-    text = batch[prefix + "attention_mask"].sum(1)
-    if stage == "dpo":
-        text = text + batch["rejected_attention_mask"].sum(1)
-    visual = (batch["frame_index"] >= 0).sum(1)
-    targets = (batch["chosen_target_index"].numel() + batch["rejected_target_index"].numel() if stage == "dpo"
-               else batch["target_index"].numel())
-    return {"samples": len(batch["keys"]), "frames": 0 if batch["frames"] is None else batch["frames"].shape[0],
-            "visual": int(visual.sum()), "text": int(text.sum()),
-            "seq_sq": float(((text + visual * (2 if stage == "dpo" else 1)).float() ** 2).sum()), "targets": targets}
+def micro_batch_stream(run):
+    """Host batches for training, then None for ever once an exact (resampled: false) run's epochs end."""
+    cfg = run.cfg
+    while cfg.data.resampled or run.loader.stream.epoch < cfg.data.epochs:
+        yield from run.loader
+    while True:
+        yield None
 
 
-# ---- the FLOP estimate for MFU ---------------------------------------------------------------------
-
-def flops_per_sample_terms(model: FoveatedVLM, frame_size: int):
-    """(DINO patch-pass FLOPs per frame, query-pass FLOPs per visual token, LLM FLOPs per token,
-    LLM attention FLOPs per squared sequence position, lm_head FLOPs per target), forward only."""
-    dino_blocks = sum(p.numel() for p in model.encoder.dino.blocks.parameters())
-    cfg = model.dino_config
-    keys = (frame_size // cfg.patch_size) ** 2 + 1
-    dino_frame = 2 * dino_blocks * keys + 4 * cfg.num_hidden_layers * keys ** 2 * cfg.hidden_size
-    query = 2 * dino_blocks + 4 * cfg.num_hidden_layers * keys * cfg.hidden_size
-    lc = model.llm.config
-    embed = model.llm.get_input_embeddings().weight.numel()
-    llm_body = sum(p.numel() for p in model.llm.model.parameters()) - embed
-    head = 2 * lc.hidden_size * lc.vocab_size
-    return dino_frame, query, 2 * llm_body, 2 * lc.num_hidden_layers * lc.hidden_size, head
-
-
-def step_flops(terms, s: dict, mode: str, stage: str, with_reference: bool) -> float:
-    """Training FLOPs of one micro-batch: 3x the forward (backward ~ 2x forward), plus the reference's
-    forward for DPO. An estimate: it counts matmuls and attention, not norms or softmaxes."""
-    dino_frame, query, llm_tok, attn, head = terms
-    passes = 2 if mode == "coarse_fine" else 1
-    fwd = (s["frames"] * (dino_frame + query) + passes * s["visual"] * query
-           + llm_tok * (s["text"] + (2 if stage == "dpo" else 1) * s["visual"])
-           + (llm_tok * s["visual"] if mode == "coarse_fine" else 0)
-           + attn * s["seq_sq"] + head * s["targets"])
-    return 3 * fwd + (fwd if with_reference else 0)
+def draw_micro_batches(run) -> list[dict]:
+    """This step's grad_accum host batches (fewer when the data ran out)."""
+    batches = []
+    for _ in range(run.cfg.optim.grad_accum):
+        host = next(run.data)
+        if host is None:
+            break
+        batches.append(host)
+    return batches
 
 
 def peak_flops(device) -> float | None:
@@ -193,7 +315,183 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+# ---- one optimizer step ----------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    status: str  # ok | out_of_data | oom | nonfinite
+    loss_sums: list = field(default_factory=list)  # per objective, summed over the effective batch
+    normalisers: list = field(default_factory=list)  # per objective, over the effective batch
+    metrics: dict = field(default_factory=dict)  # summed over the effective batch
+    grad_norm: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    seconds: float = 0.0
+    lrs: dict = field(default_factory=dict)
+
+
+def train_step(run, micro_batches: list[dict]) -> StepResult:
+    """One optimizer step on this rank's micro-batches (host batches); every rank calls it together."""
+    cfg, dist, device = run.cfg, run.dist, run.device
+    start = time.perf_counter()
+    units = tuple(objective for objective, _ in run.objectives)
+    # Every rank had its data, and the effective batch's normaliser of each objective: host numbers,
+    # one small collective, before any forward.
+    have = float(len(micro_batches) == cfg.optim.grad_accum)
+    local = [sum(u.normaliser(h) for h in micro_batches) for u in units]
+    have_all, *normalisers = distributed.agree(dist, [have, *local], ["min"] + ["sum"] * len(units))
+    if have_all < 1:
+        return StepResult("out_of_data")
+    lrs = set_lrs(run.optimizer, cfg, run.step)
+    scale = torch.tensor([w / max(n, 1.0) for (_, w), n in zip(run.objectives, normalisers)], device=device)
+    loss_sums = torch.zeros(len(units), device=device)
+    metric_sums = {name: torch.zeros((), device=device) for u in units for name in u.metrics}
+    samples = tokens = flops = oom = 0
+    for host in micro_batches:
+        try:
+            with run.autocast():
+                terms = run.loss_fn(run.model, run.to_device(host), units, cfg.mode)
+            sums = torch.stack([loss for loss, _ in terms]).float()
+            (sums * scale).sum().backward()
+        except torch.OutOfMemoryError:
+            oom = 1
+            run.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            log.warning("CUDA out of memory at step %d (%d samples, %d frames)", run.step, len(host["keys"]),
+                        0 if host["frames"] is None else host["frames"].shape[0])
+            break
+        loss_sums += sums.detach()
+        for _, metrics in terms:
+            for name, value in metrics.items():
+                metric_sums[name] += value
+        samples += len(host["keys"])
+        tokens += batch_tokens(host)
+        flops += sum(u.flops(run.flop_count, host, cfg.mode) for u in units)
+    if distributed.agree(dist, [oom], ["max"])[0]:  # an OOM anywhere skips the step everywhere
+        run.optimizer.zero_grad(set_to_none=True)
+        return StepResult("oom")
+    distributed.all_reduce_grads(dist, run.params)
+    sums = torch.cat([loss_sums, torch.stack(list(metric_sums.values()))]) if metric_sums else loss_sums
+    distributed.all_reduce_sum_(dist, [sums])
+    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or float("inf"))
+    values = torch.cat([norm.reshape(1).float(), sums]).tolist()  # the step's one host sync
+    if not math.isfinite(values[0]):
+        run.optimizer.zero_grad(set_to_none=True)
+        return StepResult("nonfinite")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    totals = distributed.agree(dist, [samples, tokens, flops], ["sum"] * 3)
+    return StepResult("ok", loss_sums=values[1:1 + len(units)], normalisers=normalisers,
+                      metrics=dict(zip(metric_sums, values[1 + len(units):])), grad_norm=values[0],
+                      samples=int(totals[0]), tokens=int(totals[1]), flops=totals[2],
+                      seconds=time.perf_counter() - start, lrs=lrs)
+
+
+def batch_tokens(host: dict) -> int:
+    """Text tokens of every sequence of a host batch (both replies of a DPO pair) + visual tokens."""
+    text = sum(int(v.sum()) for k, v in host.items() if k.endswith("attention_mask"))
+    return text + int((host["frame_index"] >= 0).sum())
+
+
 # ---- logging ---------------------------------------------------------------------------------------
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line."""
+    steps: int = 0
+    loss_sums: list = field(default_factory=list)
+    normalisers: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    grad_norm: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    seconds: float = 0.0
+    lrs: dict = field(default_factory=dict)
+
+    def add(self, r: StepResult):
+        if not self.steps:
+            self.loss_sums, self.normalisers = [0.0] * len(r.loss_sums), [0.0] * len(r.normalisers)
+        self.steps += 1
+        self.loss_sums = [a + b for a, b in zip(self.loss_sums, r.loss_sums)]
+        self.normalisers = [a + b for a, b in zip(self.normalisers, r.normalisers)]
+        for name, value in r.metrics.items():
+            self.metrics[name] = self.metrics.get(name, 0.0) + value
+        self.grad_norm += r.grad_norm
+        self.samples += r.samples
+        self.tokens += r.tokens
+        self.flops += r.flops
+        self.seconds += r.seconds
+        self.lrs = r.lrs
+
+
+def metric_columns(run) -> list[str]:
+    per_objective = [f"{o.name}_loss" for o, _ in run.objectives] if len(run.objectives) > 1 else []
+    return ["step", "samples", "tokens", "loss", *per_objective, *[f"lr_{g}" for g in run.cfg.optim.lr], "grad_norm",
+            "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb", "skipped_nonfinite", "skipped_oom",
+            "data_skipped", "elapsed_s", *[m for o, _ in run.objectives for m in o.metrics]]
+
+
+def log_step(run, w: Window):
+    cfg, counters, step = run.cfg, run.counters, run.step
+    skipped = run.loader.counts()["skipped"]
+    data_skipped = sum(n for reasons in skipped.values() for n in reasons.values())
+    losses = [s / max(n, 1.0) for s, n in zip(w.loss_sums, w.normalisers)]  # each a mean over its normaliser
+    loss = sum(weight * x for (_, weight), x in zip(run.objectives, losses))
+    seconds = max(w.seconds, 1e-9)
+    mfu = w.flops / seconds / (run.peak_flops * run.dist.world_size) if run.peak_flops else None
+    eta = counters["train_seconds"] / max(step, 1) * (cfg.optim.steps - step)
+    mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
+    row = {"step": step, "samples": counters["samples"], "tokens": counters["tokens"], "loss": loss,
+           **{f"lr_{g}": v for g, v in w.lrs.items()}, "grad_norm": w.grad_norm / max(w.steps, 1),
+           "samples_per_s": w.samples / seconds, "tokens_per_s": w.tokens / seconds, "mfu": mfu, "peak_mem_gb": mem,
+           "skipped_nonfinite": counters["skipped_nonfinite"], "skipped_oom": counters["skipped_oom"],
+           "data_skipped": data_skipped, "elapsed_s": counters["train_seconds"]}
+    brief = []
+    for i, (objective, _) in enumerate(run.objectives):
+        if len(run.objectives) > 1:
+            row[f"{objective.name}_loss"] = losses[i]
+            brief.append(f"{objective.name} {losses[i]:.4f}")
+        for name in objective.metrics:  # metrics are sums over the objective's normaliser
+            row[name] = w.metrics[name] / max(w.normalisers[i], 1.0)
+        brief += [f"{name} {row[name]:.3f}" for name in objective.brief]
+    log.info("step %d/%d | loss %.4f%s | lr %s | grad norm %.3f | %.1f samples/s | %.0f tokens/s%s%s | eta %s",
+             step, cfg.optim.steps, loss, "".join(f" | {b}" for b in brief),
+             " ".join(f"{v:.2e}" for v in w.lrs.values()), row["grad_norm"], row["samples_per_s"],
+             row["tokens_per_s"], f" | mfu {mfu:.1%}" if mfu is not None else "",
+             f" | peak mem {mem:.1f} GiB" if mem is not None else "", _duration(eta))
+    if run.metrics_log:
+        run.metrics_log.write(row)
+    if run.wandb:
+        run.wandb.log({f"train/{k}": v for k, v in row.items() if v is not None and k != "step"}, step=step)
+
+
+def validate_and_log(run, step: int) -> float | None:
+    """Validate on the val sources; log the result (train.log, val.csv, wandb) and return the
+    validation loss (the best checkpoint's criterion)."""
+    if not run.val_sources:
+        return None
+    cfg = run.cfg
+    loader = make_loader(cfg, run.model, run.dist, run.val_sources, resampled=False, batch_size=cfg.eval.batch_size,
+                         pin=run.device.type == "cuda", budgets=False)
+    res = validate(run.model, loader, objectives=run.objectives, modes=run.modes, to_device=run.to_device,
+                   autocast=run.autocast(), max_samples=cfg.eval.max_samples, dist=run.dist)
+    brief = dict.fromkeys(k for o, _ in run.objectives for k in o.val_brief)
+    parts = [f"{m}: " + ", ".join(f"{k} {r['all'][k]:.4f}" for k in brief if k in r["all"])
+             for m, r in res["modes"].items()]
+    first = res["modes"][run.modes[0]]["all"]
+    entropy = (f" | attention entropy static {first['static_entropy']:.3f} dynamic {first['dynamic_entropy']:.3f}"
+               if "static_entropy" in first else "")
+    log.info("val @ step %d (%d samples): %s%s", step, res["samples"], " | ".join(parts), entropy)
+    if run.val_log:
+        for m, r in res["modes"].items():
+            for source, row in [("all", r["all"]), *r["by_source"].items()]:
+                run.val_log.write({"step": step, "mode": m, "source": source, **row})
+    if run.wandb:
+        run.wandb.log({f"val/{m}/{k}": v for m, r in res["modes"].items() for k, v in r["all"].items()}, step=step)
+    return res["loss"]
+
 
 def setup_logging(run_dir: Path, dist):
     fmt = logging.Formatter("%(asctime)s %(message)s" if dist.is_main else f"%(asctime)s [rank {dist.rank}] %(message)s",
@@ -247,12 +545,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# ---- the run ---------------------------------------------------------------------------------------
+def _wandb(cfg, run_dir: Path):
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError("log.wandb: true needs the wandb package (pip install wandb)") from e
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode, id=run_id, resume="allow",
+                      dir=str(run_dir), config=cfg.to_dict(), name=run_dir.name)
+
+
+# ---- checkpoints and the end of a run -------------------------------------------------------------
 
 def check_resume_config(cfg, stored: dict, path):
-    new, old = cfg.to_dict(), config_from_dict(stored, f"{path}").to_dict()
-    changed = [k for k in _flat(new) if k.split(".")[0] not in RESUME_MAY_CHANGE
-               and _flat(new).get(k) != _flat(old).get(k)]
+    new, old = _flat(cfg.to_dict()), _flat(config_from_dict(stored, f"{path}").to_dict())
+    changed = [k for k in new if k.split(".")[0] not in RESUME_MAY_CHANGE and new.get(k) != old.get(k)]
     if changed:
         raise ConfigError(f"run_dir {cfg.run_dir} holds a run with a different config ({', '.join(changed)}); "
                           f"resume with the same settings or choose a new run_dir")
@@ -269,334 +578,46 @@ def _flat(tree, prefix=""):
     return out
 
 
-def precompute_reference(model, cfg, dist, tokenizer, to_device, autocast, path: Path) -> dict:
-    """{(source, key): (chosen logp, rejected logp)} of the stage's initial weights over every train and
-    val pair (one exact pass, split over ranks), saved to path; read back when it exists."""
-    if path.is_file():
-        stored = torch.load(path, weights_only=True)
-        if stored["init_from"] == cfg.init_from:
-            return stored["logps"]
-    table, duplicates = {}, []
-    model.eval()
-    for srcs in (sources(cfg.data.train), sources(cfg.data.val)):
-        if not srcs:
-            continue
-        loader = make_loader(cfg, tokenizer, dist, srcs, resampled=False, batch_size=cfg.data.batch_size,
-                             pin=False, budgets=True)
-        with torch.no_grad(), autocast:
-            for host in loader:
-                out = dpo_logps(model, to_device(host), cfg.mode)
-                for src, key, c, r in zip(host["sources"], host["keys"], out["chosen_logps"].tolist(),
-                                          out["rejected_logps"].tolist()):
-                    if (src, key) in table:
-                        duplicates.append((src, key))
-                    table[(src, key)] = (c, r)
-    model.train()
-    merged = {}
-    for part, dups in distributed.all_gather_object(dist, (table, duplicates)):
-        duplicates += [k for k in part if k in merged] + dups
-        merged.update(part)
-    if duplicates:
-        raise ValueError(f"dpo.reference: precomputed needs unique (source, key) per sample; "
-                         f"{len(set(duplicates))} repeat, e.g. {sorted(set(duplicates))[:3]}; use reference: model")
-    if dist.is_main:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"logps": merged, "init_from": cfg.init_from}, tmp)
-        tmp.replace(path)
-    distributed.barrier(dist)
-    log.info("reference log-probs of %d pairs precomputed -> %s", len(merged), path)
-    return merged
+def save(run, metric=None):
+    """A checkpoint of the whole run (every rank's data position and RNG state); the best one by
+    validation loss is kept apart from pruning."""
+    counters, step = run.counters, run.step
+    states = run.all_gather((run.loader.state_dict(), ckpt.rng_state()))
+    if run.dist.is_main:
+        if metric is not None and (counters["best"] is None or metric < counters["best"]["metric"]):
+            counters["best"] = {"step": step, "metric": metric, "file": f"step_{step:08d}.pt"}
+        path = ckpt.save_checkpoint(run.run_dir, step, {
+            "step": step, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "data": [s for s, _ in states], "rng": [r for _, r in states], "counters": dict(counters),
+            "config": run.cfg.to_dict(), "versions": {"torch": str(torch.__version__)}})
+        if counters["best"] is not None:
+            ckpt.write_json(ckpt.checkpoint_dir(run.run_dir) / "best.json", counters["best"])
+        ckpt.prune(run.run_dir, run.cfg.checkpoint.keep_last)
+        log.info("checkpoint %s", path)
+    run.barrier()
 
 
-def train(cfg, dist) -> dict:
-    run_dir = Path(expand_path(cfg.run_dir))
-    setup_logging(run_dir, dist)
-    device = dist.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp = device.type == "cuda" and cfg.precision == "bf16"
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()  # noqa: E731
-
-    latest = ckpt.latest_checkpoint(run_dir)
-    resume = ckpt.load_checkpoint(latest) if latest else None
-    if resume:
-        check_resume_config(cfg, resume["config"], latest)
-    if cfg.init_from and not Path(expand_path(cfg.init_from)).exists():
-        raise ConfigError(f"init_from: {cfg.init_from} does not exist")
-    train_sources, val_sources = sources(cfg.data.train), sources(cfg.data.val)
-    if dist.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    model = build_model(cfg).to(device)
-    tokenizer = model.tokenizer
-    distributed.broadcast_model(dist, model)
-    reference = None
-    if cfg.stage == "dpo" and cfg.dpo.reference == "model":  # the stage's initial weights, frozen
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-        if amp:
-            reference.to(torch.bfloat16)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    optimizer = make_optimizer(model, cfg, device)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    pin = device.type == "cuda"
-
-    ref_table = None
-
-    def to_device(host):
-        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in host.items()}
-        if ref_table is not None:
-            try:
-                pairs = [ref_table[(s, k)] for s, k in zip(host["sources"], host["keys"])]
-            except KeyError as e:
-                raise KeyError(f"no precomputed reference log-probs for sample {e}; delete "
-                               f"{run_dir / 'reference_logps.pt'} to recompute them") from e
-            ref = torch.tensor(pairs, dtype=torch.float32).to(device, non_blocking=True)
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
-        return batch
-
-    if cfg.stage == "dpo" and cfg.dpo.reference == "precomputed":
-        ref_table = precompute_reference(model, cfg, dist, tokenizer, to_device, autocast(),
-                                         run_dir / "reference_logps.pt")
-
-    loader = make_loader(cfg, tokenizer, dist, train_sources, cfg.data.resampled, cfg.data.batch_size, pin)
-    modes = cfg.eval.modes or [cfg.mode]
-    counters = {"step": 0, "samples": 0, "tokens": 0, "skipped_nonfinite": 0, "skipped_oom": 0,
-                "train_seconds": 0.0, "best": None}
-    if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        loader.load_state_dict(resume["data"][dist.rank])
-        ckpt.set_rng_state(resume["rng"][dist.rank])
-        counters.update(resume["counters"])
-        log.info("resumed from %s (step %d)", latest, counters["step"])
-    else:
-        torch.manual_seed(cfg.seed + dist.rank)  # runtime randomness (dropout) differs per rank
-
-    forward_loss = torch.compile(micro_batch_loss) if cfg.compile else micro_batch_loss
-    metric_cols = ["step", "samples", "tokens", "loss", *[f"lr_{g}" for g in cfg.optim.lr], "grad_norm",
-                   "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb", "skipped_nonfinite", "skipped_oom",
-                   "data_skipped", "elapsed_s"] + (list(DPO_METRICS) if cfg.stage == "dpo" else [])
-    val_cols = ["step", "mode", "source", "samples", "tokens", "loss", "token_acc", "answer_acc", "static_entropy",
-                "dynamic_entropy"] + (["dpo_loss", *DPO_METRICS] if cfg.stage == "dpo" else [])
-    resume_step = counters["step"] if resume else None
-    metrics = CsvLog(run_dir / "metrics.csv", metric_cols, resume_step) if dist.is_main else None
-    val_log = CsvLog(run_dir / "val.csv", val_cols, resume_step) if dist.is_main and val_sources else None
-    wandb_run = _wandb(cfg, run_dir) if dist.is_main and cfg.log.wandb else None
-
-    terms = flops_per_sample_terms(model, cfg.data.frame_size)
-    peak = peak_flops(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s stage, %s mode | %.1fM parameters (%.1fM trained) | %d rank(s) on %s | %d steps x %d micro-batches "
-             "of <= %d samples", cfg.stage, cfg.mode, n_params / 1e6, sum(p.numel() for p in params) / 1e6,
-             dist.world_size, device, cfg.optim.steps, cfg.optim.grad_accum, cfg.data.batch_size)
-
-    def run_validation(step):
-        if not val_sources:
-            return None
-        val_loader = make_loader(cfg, tokenizer, dist, val_sources, resampled=False, batch_size=cfg.eval.batch_size,
-                                 pin=pin, budgets=False)
-        res = validate(model, val_loader, stage=cfg.stage, modes=modes, to_device=to_device, autocast=autocast(),
-                       max_samples=cfg.eval.max_samples, dist=dist, dpo_mode=cfg.mode, beta=cfg.dpo.beta,
-                       reference=reference)
-        metric = best_metric(res, cfg.stage, modes)
-        parts = [f"{m} loss {r['all']['loss']:.4f} answer acc {r['all']['answer_acc']:.3f}"
-                 for m, r in res["modes"].items()]
-        if cfg.stage == "dpo":
-            parts.insert(0, f"dpo loss {res['dpo']['loss']:.4f} reward acc {res['dpo']['rewards/accuracies']:.3f}")
-        first = res["modes"][modes[0]]["all"]
-        log.info("val @ step %d (%d samples): %s | attention entropy static %.3f dynamic %.3f", step, res["samples"],
-                 " | ".join(parts), first["static_entropy"], first["dynamic_entropy"])
-        if val_log:
-            for m, r in res["modes"].items():
-                for src, row in [("all", r["all"]), *r["by_source"].items()]:
-                    extra = ({"dpo_loss": res["dpo"]["loss"], **{k: res["dpo"][k] for k in DPO_METRICS}}
-                             if cfg.stage == "dpo" and src == "all" else {})
-                    val_log.write({"step": step, "mode": m, "source": src, **row, **extra})
-        if wandb_run:
-            wandb_run.log({f"val/{m}/{k}": v for m, r in res["modes"].items() for k, v in r["all"].items()}, step=step)
-        return metric
-
-    def save(step, metric=None):
-        states = distributed.all_gather_object(dist, (loader.state_dict(), ckpt.rng_state()))
-        if dist.is_main:
-            if metric is not None and (counters["best"] is None or metric < counters["best"]["metric"]):
-                counters["best"] = {"step": step, "metric": metric, "file": f"step_{step:08d}.pt"}
-            path = ckpt.save_checkpoint(run_dir, step, {
-                "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "data": [s for s, _ in states], "rng": [r for _, r in states], "counters": dict(counters),
-                "config": cfg.to_dict(), "versions": {"torch": str(torch.__version__)}})
-            if counters["best"] is not None:
-                ckpt.write_json(ckpt.checkpoint_dir(run_dir) / "best.json", counters["best"])
-            ckpt.prune(run_dir, cfg.checkpoint.keep_last)
-            log.info("checkpoint %s", path)
-        distributed.barrier(dist)
-
-    def batches():
-        while cfg.data.resampled or loader.stream.epoch < cfg.data.epochs:
-            yield from loader
-        while True:
-            yield None
-
-    if not resume and cfg.eval.at_start and val_sources:
-        run_validation(0)
-    data = batches()
-    step = counters["step"]
-    window = _new_window()
-    bad_in_row, stopped_early, saved_step = 0, False, step
-    start_time = time.perf_counter()
-    while step < cfg.optim.steps:
-        t0 = time.perf_counter()
-        lrs = set_lrs(optimizer, cfg, step)
-        loss_sum = torch.zeros((), device=device)
-        dpo_sums = {k: torch.zeros((), device=device) for k in DPO_METRICS}
-        have, oom, local_weight = 1.0, 0.0, 0
-        stats = dict(samples=0, tokens=0, flops=0.0)
-        for _ in range(cfg.optim.grad_accum):
-            host = next(data)
-            if host is None:
-                have = 0.0
-                break
-            if oom:
-                continue  # keep consuming this step's data so that every rank stays in step
-            s = host_stats(host, cfg.stage)
-            try:
-                with autocast():
-                    ls, extra = forward_loss(model, to_device(host), cfg.stage, cfg.mode, cfg.dpo.beta, reference)
-                ls.backward()
-            except torch.OutOfMemoryError:
-                oom = 1.0
-                optimizer.zero_grad(set_to_none=True)
-                ls = extra = None
-                torch.cuda.empty_cache()
-                log.warning("CUDA out of memory at step %d (%d samples, %d frames); skipping the step",
-                            step, s["samples"], s["frames"])
-                continue
-            loss_sum += ls.detach()
-            for k, v in extra.items():
-                dpo_sums[k] += v
-            local_weight += weight(host, cfg.stage)
-            stats["samples"] += s["samples"]
-            stats["tokens"] += s["text"] + s["visual"]
-            stats["flops"] += step_flops(terms, s, cfg.mode, cfg.stage, reference is not None)
-        have_all, any_oom, total_weight = distributed.agree(dist, [have, oom, local_weight], ["min", "max", "sum"])
-        if have_all < 1:
-            log.info("the training data ran out (on at least one rank) at step %d; stopping", step)
-            optimizer.zero_grad(set_to_none=True)
-            stopped_early = True
-            break
-        if any_oom:
-            counters["skipped_oom"] += 1
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        distributed.all_reduce_grads(dist, params)
-        sums = torch.stack([loss_sum, *dpo_sums.values()])
-        distributed.all_reduce_sum_(dist, [sums])
-        scale = 1.0 / max(total_weight, 1.0)
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, scale)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))
-        values = torch.cat([norm.reshape(1).float(), sums]).tolist()  # the step's one host sync
-        if not math.isfinite(values[0]):
-            counters["skipped_nonfinite"] += 1
-            bad_in_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            log.warning("non-finite gradient norm at step %d (%d in a row); step skipped", step, bad_in_row)
-            if bad_in_row >= cfg.optim.max_bad_steps:
-                raise RuntimeError(f"{bad_in_row} non-finite steps in a row; aborting (see optim.max_bad_steps)")
-            continue
-        bad_in_row = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        totals = distributed.agree(dist, [stats["samples"], stats["tokens"], stats["flops"]], ["sum"] * 3)
-        counters["step"], counters["samples"] = step, counters["samples"] + int(totals[0])
-        counters["tokens"] += int(totals[1])
-        elapsed = time.perf_counter() - t0
-        counters["train_seconds"] += elapsed
-        window["loss"] += values[1]
-        window["weight"] += total_weight
-        window["steps"] += 1
-        window["samples"] += totals[0]
-        window["tokens"] += totals[1]
-        window["flops"] += totals[2]
-        window["seconds"] += elapsed
-        window["norm"] += values[0]
-        for k, v in zip(DPO_METRICS, values[2:]):
-            window["dpo"][k] += v
-        if step % cfg.log.every_steps == 0 or step == cfg.optim.steps:
-            _log_step(cfg, step, window, lrs, counters, loader, peak, metrics, wandb_run, dist, device)
-            window = _new_window()
-        last = step == cfg.optim.steps
-        metric = None
-        if val_sources and (last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
-            metric = run_validation(step)
-        if last or step % cfg.checkpoint.every_steps == 0:
-            save(step, metric)
-            saved_step = step
-    if stopped_early and step > saved_step:  # the data ran out between checkpoints
-        save(step, run_validation(step))
-    return _finish(cfg, model, run_dir, counters, loader, dist, start_time, wandb_run)
-
-
-def _new_window() -> dict:
-    """Sums over the steps since the last log line."""
-    return dict(loss=0.0, weight=0.0, steps=0, samples=0, tokens=0, flops=0.0, seconds=0.0, norm=0.0,
-                dpo={k: 0.0 for k in DPO_METRICS})
-
-
-def _log_step(cfg, step, w, lrs, counters, loader, peak, metrics, wandb_run, dist, device):
-    skipped = loader.counts()["skipped"]
-    data_skipped = sum(n for reasons in skipped.values() for n in reasons.values())
-    loss = w["loss"] / max(w["weight"], 1.0)
-    sps = w["samples"] / max(w["seconds"], 1e-9)
-    tps = w["tokens"] / max(w["seconds"], 1e-9)
-    mfu = w["flops"] / max(w["seconds"], 1e-9) / (peak * dist.world_size) if peak else None
-    per_step = counters["train_seconds"] / max(step, 1)
-    eta = per_step * (cfg.optim.steps - step)
-    norm = w["norm"] / max(w["steps"], 1)
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    row = {"step": step, "samples": counters["samples"], "tokens": counters["tokens"], "loss": loss,
-           **{f"lr_{g}": v for g, v in lrs.items()}, "grad_norm": norm, "samples_per_s": sps, "tokens_per_s": tps,
-           "mfu": mfu, "peak_mem_gb": mem, "skipped_nonfinite": counters["skipped_nonfinite"],
-           "skipped_oom": counters["skipped_oom"], "data_skipped": data_skipped, "elapsed_s": counters["train_seconds"]}
-    if cfg.stage == "dpo":
-        row.update({k: v / max(w["weight"], 1.0) for k, v in w["dpo"].items()})
-    extra = (f" | reward acc {row['rewards/accuracies']:.3f} margin {row['rewards/margins']:.3f}"
-             if cfg.stage == "dpo" else "")
-    log.info("step %d/%d | loss %.4f | lr %s | grad norm %.3f | %.1f samples/s | %.0f tokens/s%s%s%s | eta %s",
-             step, cfg.optim.steps, loss, " ".join(f"{v:.2e}" for v in lrs.values()), norm, sps, tps,
-             f" | mfu {mfu:.1%}" if mfu is not None else "", f" | peak mem {mem:.1f} GiB" if mem is not None else "",
-             extra, _duration(eta))
-    if metrics:
-        metrics.write(row)
-    if wandb_run:
-        wandb_run.log({f"train/{k}": v for k, v in row.items() if v is not None and k != "step"}, step=step)
-
-
-def _finish(cfg, model, run_dir, counters, loader, dist, start_time, wandb_run) -> dict:
-    counts = distributed.all_gather_object(dist, loader.counts())
+def finish(run) -> dict:
+    """Exports (final/, best/), summary.json and the closing log line."""
+    counters, run_dir = run.counters, run.run_dir
     skipped = {}
-    for c in counts:
+    for c in run.all_gather(run.loader.counts()):
         for src, reasons in c["skipped"].items():
             for reason, n in reasons.items():
                 skipped.setdefault(src, {}).setdefault(reason, 0)
                 skipped[src][reason] += n
     summary = {"steps": counters["step"], "samples": counters["samples"], "tokens": counters["tokens"],
                "train_seconds": round(counters["train_seconds"], 1),
-               "wall_seconds": round(time.perf_counter() - start_time, 1),
+               "wall_seconds": round(time.perf_counter() - run.start_time, 1),
                "samples_per_s": counters["samples"] / max(counters["train_seconds"], 1e-9),
                "skipped_nonfinite": counters["skipped_nonfinite"], "skipped_oom": counters["skipped_oom"],
                "data_skipped": skipped, "best": counters["best"], "final": str(run_dir / "final")}
-    if dist.is_main:
-        ckpt.export_pretrained(model, run_dir / "final")
+    if run.dist.is_main:
+        ckpt.export_pretrained(run.model, run_dir / "final")
         best = counters["best"]
         if best:  # training is over: the model can take the best weights for their export
-            model.load_state_dict(ckpt.load_checkpoint(ckpt.checkpoint_dir(run_dir) / best["file"])["model"])
-            ckpt.export_pretrained(model, run_dir / "best")
+            run.model.load_state_dict(ckpt.load_checkpoint(ckpt.checkpoint_dir(run_dir) / best["file"])["model"])
+            ckpt.export_pretrained(run.model, run_dir / "best")
             summary["best_export"] = str(run_dir / "best")
         ckpt.write_json(run_dir / "summary.json", summary)
         log.info("done: %d steps, %d samples in %s (%.2f samples/s) | skipped steps: %d non-finite, %d OOM | "
@@ -604,22 +625,10 @@ def _finish(cfg, model, run_dir, counters, loader, dist, start_time, wandb_run) 
                  _duration(summary["train_seconds"]), summary["samples_per_s"], summary["skipped_nonfinite"],
                  summary["skipped_oom"], skipped or "none",
                  f"{best['metric']:.4f} at step {best['step']}" if best else "n/a", run_dir / "final")
-    if wandb_run:
-        wandb_run.finish()
-    distributed.barrier(dist)
+    if run.wandb:
+        run.wandb.finish()
+    run.barrier()
     return summary
-
-
-def _wandb(cfg, run_dir: Path):
-    try:
-        import wandb
-    except ImportError as e:
-        raise ConfigError("log.wandb: true needs the wandb package (pip install wandb)") from e
-    id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
-    id_file.write_text(run_id)
-    return wandb.init(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode, id=run_id, resume="allow",
-                      dir=str(run_dir), config=cfg.to_dict(), name=run_dir.name)
 
 
 def main(argv=None) -> dict:

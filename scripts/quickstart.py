@@ -24,11 +24,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
-import distributed  # noqa: E402
 import make_synthetic  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
-from model import MODES, FoveatedVLM  # noqa: E402
+from config import MODES  # noqa: E402
+from model import FoveatedVLM  # noqa: E402
+from objectives import TextCE  # noqa: E402
 from validation import validate  # noqa: E402
 
 DATA = Path("data/synthetic")
@@ -109,11 +110,11 @@ def evaluate_final(n: int) -> dict:
     """Stage n's final export scored on val_sft with SFT masks, in all three modes."""
     cfg = load_config(ROOT / "configs" / "tiny_stage2.yaml")
     model = FoveatedVLM.from_pretrained(f"runs/tiny_stage{n}/final")
-    dist = distributed.setup("cpu")
-    loader = train.make_loader(cfg, model.tokenizer, dist, train.sources(cfg.data.val), resampled=False,
+    dist = train.distributed.setup("cpu")
+    loader = train.make_loader(cfg, model, dist, train.sources(cfg.data.val), resampled=False,
                                batch_size=cfg.eval.batch_size, pin=False, budgets=False)
-    return validate(model, loader, stage="sft", modes=MODES, to_device=lambda b: b, autocast=nullcontext(),
-                    max_samples=cfg.eval.max_samples, dist=dist)
+    return validate(model, loader, objectives=[(TextCE(), 1.0)], modes=MODES, to_device=lambda b: b,
+                    autocast=nullcontext(), max_samples=cfg.eval.max_samples)
 
 if __name__ == "__main__":
     main()

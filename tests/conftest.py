@@ -16,7 +16,7 @@ def smollm2_tokenizer():
 def random_dino(seed=0, **overrides) -> Dinov2Model:
     """The tiny DINOv2 (5x5 position grid; 28-px frames use an interpolated 2x2 grid)."""
     torch.manual_seed(seed)
-    model = Dinov2Model(Dinov2Config(**dict(DINO_PRESETS["tiny"], **overrides))).eval()
+    model = Dinov2Model(Dinov2Config(**dict(DINO_PRESETS["tiny"][1], **overrides))).eval()
     with torch.no_grad():  # non-trivial layer scales, embeddings and peaked (not uniform) attention
         for name, p in model.named_parameters():
             if "lambda1" in name or "position_embeddings" in name or "cls_token" in name:

@@ -273,3 +273,30 @@ def test_a_checkpoint_file_with_its_backbones(checkpoint, data_root, tmp_path, t
     b = run(checkpoint, data_root, tmp_path / "b.json", "--bench", "pope", "--mode", "coarse_only")
     replies = lambda r: [(x["uid"], x["reply"]) for x in r["results"]["pope"]["coarse_only"]["raw"]]  # noqa: E731
     assert replies(a) == replies(b)
+
+
+def test_a_training_checkpoint_file_is_evaluated_with_its_own_settings(data_root, tmp_path):
+    """A step checkpoint of a prompt_first model that shows images as 4 tokens scores exactly like its
+    export folder: the checkpoint's stored model config is used, not the published defaults."""
+    import train
+
+    config = tmp_path / "sft.yaml"
+    config.write_text(json.dumps({
+        "stage": "sft", "run_dir": str(tmp_path / "run"), "seed": 0,
+        "model": {"llm": "random:tiny", "dino": "random:tiny", "query_dim": 16, "layout": "prompt_first",
+                  "image_frames": 4, "visual_scale": 0.5},
+        "data": {"train": [{"name": "qa", "shards": str(data_root / "synthetic" / "sft")}], "frame_size": 28,
+                 "max_frames": 3, "max_text_tokens": 256, "batch_size": 4, "num_workers": 0},
+        "optim": {"steps": 2, "lr": {"connector": 1e-3, "dino": 1e-3, "llm": 1e-3}},
+        "checkpoint": {"every_steps": 2}, "log": {"every_steps": 1}}))
+    train.main(["--config", str(config)])
+    step_file = tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    reports = [run(source, data_root, tmp_path / f"{i}.json", "--bench", "pope,synthetic", "--limit", "4")
+               for i, source in enumerate((step_file, tmp_path / "run" / "final"))]
+    for report in reports:
+        assert report["model"]["settings"]["layout"] == "prompt_first"
+        assert report["model"]["settings"]["image_frames"] == 4 and report["model"]["settings"]["visual_scale"] == 0.5
+    for bench in ("pope", "synthetic"):
+        for mode in benchmark.MODES:
+            a, b = ([(r["uid"], r["reply"], r["likelihood"]) for r in rep["results"][bench][mode]["raw"]] for rep in reports)
+            assert a == b and len(a) == 4, (bench, mode)

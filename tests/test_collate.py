@@ -1,10 +1,10 @@
-"""Batching: packed frames, padding, labels, DPO pairs, the budget batcher; a collated uint8 batch
+"""Batching: packed frames, padding, loss targets, DPO pairs, the budget batcher; a collated uint8 batch
 gives the model exactly what each sample gives alone."""
 
 import pytest
 import torch
 
-from collate import IGNORE_INDEX, budget_batches, collate, pack_frames, sample_cost
+from collate import budget_batches, collate, pack_frames, sample_cost
 from tokenization import DEFAULT_SYSTEM_PROMPT, tokenize, tokenize_dpo
 
 g = torch.Generator().manual_seed(0)
@@ -28,8 +28,7 @@ def test_collate_packs_frames_and_pads_text():
     assert batch["input_ids"][0].tolist() == [10, 11, 12, 13, 14, 2, 2]
     assert batch["attention_mask"].sum(1).tolist() == [5, 7, 4]
     assert batch["loss_mask"][0].tolist() == [0, 0, 1, 1, 1, 0, 0]
-    expected = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)
-    assert torch.equal(batch["labels"], expected) and (batch["labels"][0, :2] == IGNORE_INDEX).all()
+    assert not any(k.endswith("labels") for k in batch)  # the model reads loss_mask / target_index
     assert batch["keys"] == ["a", "b", "c"] and batch["frames"].dtype == torch.uint8
     # loss targets as flat indices into the [B, S-1] next-token grid: token j >= 1 is index b*(S-1) + j-1
     s = batch["input_ids"].shape[1]
@@ -122,7 +121,7 @@ def test_uint8_frames_equal_normalised_float_frames(tiny_model, smollm2_tokenize
                           rejected_mask=rm)], tok.pad_token_id)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    args = {k: batch[k] for k in batch if k.startswith(("chosen_", "rejected_")) and not k.endswith("labels")}
+    args = {k: batch[k] for k in batch if k.startswith(("chosen_", "rejected_"))}
     args = {k.replace("input_ids", "ids"): v for k, v in args.items()}
     with torch.no_grad():
         a = tiny_model.dpo_logps(batch["frames"], frame_index=batch["frame_index"], **args)

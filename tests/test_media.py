@@ -105,9 +105,10 @@ def test_decode_image_resize_modes():
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(png, format="PNG")
     for data in (png.getvalue(), encode_jpeg(img, quality=95)):
         assert decode_image(data).shape == (3, 60, 120)
-        squash, crop, pad = (decode_image(data, 30, mode) for mode in ("squash", "crop", "pad"))
+        fill = (124, 116, 104)  # e.g. the ImageNet mean (a backbone's pad_fill)
+        squash, crop, pad = (decode_image(data, 30, mode, fill) for mode in ("squash", "crop", "pad"))
         assert squash.shape == crop.shape == pad.shape == (3, 30, 30)
-        assert pad[:, :5].float().sub(torch.tensor(media.PAD_COLOR).view(3, 1, 1)).abs().max() < 8  # letterbox
+        assert pad[:, :5].float().sub(torch.tensor(fill).view(3, 1, 1)).abs().max() < 8  # letterbox
         assert pad[0, 15, 2] > 200 and crop[0, 2, 2] > 200  # red content kept at the sides
         green = lambda x: (x[1] > 150).float().mean().item()  # noqa: E731
         assert green(crop) > green(squash) > green(pad) > 0  # crop zooms in, pad shrinks
@@ -115,6 +116,8 @@ def test_decode_image_resize_modes():
         decode_image(b"\xff\xd8\xff" + bytes(100), 30)
     with pytest.raises(ValueError):
         decode_image(png.getvalue(), 30, "zoom")
+    with pytest.raises(ValueError, match="needs the fill colour"):
+        decode_image(png.getvalue(), 30, "pad")
 
 
 def test_short_side_resize_exif_rotation_and_transparency():

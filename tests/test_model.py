@@ -76,9 +76,9 @@ def reference_losses(model, frames, ids, lm):
     cache, q = None, model.q_init
     for t in range(T):
         z_t = proj(enc.query(q, [(k[t:t + 1], v[t:t + 1]) for k, v in kv])[0])[None]
-        out = llm.model(inputs_embeds=z_t, past_key_values=cache, use_cache=True)
-        cache, q = out.past_key_values, model.llm_to_query(out.last_hidden_state[:, -1])
-    h_text = llm.model(inputs_embeds=text, past_key_values=cache).last_hidden_state
+        out = llm.model(inputs_embeds=z_t, cache=cache, use_cache=True)
+        cache, q = out.cache, model.llm_to_query(out.last_hidden_state[:, -1])
+    h_text = llm.model(inputs_embeds=text, cache=cache).last_hidden_state
     logits = llm.lm_head(torch.cat([out.last_hidden_state[:, -1:], h_text], 1))
     autoregressive = shifted_ce(logits, torch.cat([pad[:, :1], ids], 1), torch.cat([pad[:, :1].float(), lm], 1))
     return dict(coarse_only=coarse_only, coarse_fine=coarse_fine, autoregressive=autoregressive)
@@ -195,7 +195,7 @@ def test_prompt_first_puts_the_video_after_the_question(tiny_backbones):
     tok = model.tokenizer
     batch = make_batch(model, SAMPLES[:2])
     ids, am = batch["input_ids"], batch["attention_mask"].bool()
-    p = model._find_visual_pos(ids, am, am.long().cumsum(1) - 1)
+    p = model.visual_start(ids, am)
     for i, (_, question, _) in enumerate(SAMPLES[:2]):
         assert tok.decode(ids[i, : p[i]]).endswith("user\n" + question)
         assert tok.decode(ids[i, p[i]:]).startswith("<|im_end|>\n<|im_start|>assistant\n")

@@ -134,16 +134,16 @@ def test_dpo_starts_at_ln2_and_learns_the_pairs(synthetic, tmp_path, reference):
 
 def test_oom_and_non_finite_steps_are_skipped(synthetic, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train.micro_batch_loss
+    real = train.micro_batch_losses
 
     def flaky(model, batch, *args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise torch.OutOfMemoryError("simulated")
-        loss, extra = real(model, batch, *args)
-        return (loss * float("nan") if calls["n"] == 4 else loss), extra
+        [(loss, extra)] = real(model, batch, *args)
+        return [(loss * float("nan") if calls["n"] == 4 else loss, extra)]
 
-    monkeypatch.setattr(train, "micro_batch_loss", flaky)
+    monkeypatch.setattr(train, "micro_batch_losses", flaky)
     run_dir = tmp_path / "run"
     tree = config_tree(synthetic, run_dir)
     tree["data"]["val"] = []
@@ -152,10 +152,47 @@ def test_oom_and_non_finite_steps_are_skipped(synthetic, tmp_path, monkeypatch):
     assert calls["n"] == 6 and summary["samples"] == 16
     assert all(torch.isfinite(v).all() for v in final_state(run_dir).values())
 
-    monkeypatch.setattr(train, "micro_batch_loss", lambda m, b, *a: (real(m, b, *a)[0] * float("nan"), {}))
+    monkeypatch.setattr(train, "micro_batch_losses", lambda m, b, *a: [(l * float("nan"), e) for l, e in real(m, b, *a)])
     tree["run_dir"] = str(tmp_path / "nan")
-    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+    with pytest.raises(RuntimeError, match="3 steps in a row skipped"):
         run(tmp_path, tree, "optim.max_bad_steps=3")
+
+
+def test_an_oom_on_every_retry_stops_the_run(synthetic, tmp_path, monkeypatch):
+    """A batch shape that runs out of memory every time does not loop for ever: max_bad_steps skipped
+    steps in a row (of any kind) stop the run with a clear message."""
+    calls = {"n": 0}
+
+    def always_oom(*args):
+        calls["n"] += 1
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(train, "micro_batch_losses", always_oom)
+    tree = config_tree(synthetic, tmp_path / "run")
+    tree["data"]["val"] = []
+    with pytest.raises(RuntimeError, match=r"4 steps in a row skipped \(oom last\).*optim.max_bad_steps"):
+        run(tmp_path, tree, "optim.max_bad_steps=4")
+    assert calls["n"] == 4
+
+
+@pytest.mark.parametrize("mode", ["coarse_only", "coarse_fine", "autoregressive"])
+def test_a_dinov3_backbone_trains_in_every_mode(synthetic, tmp_path, mode):
+    """model.dino: random:tiny-dinov3 (16-px patches, registers, RoPE) through train.py: it learns, and
+    its export loads back with the DINOv3 backbone."""
+    from dino import Dinov3Backbone
+
+    tree = config_tree(synthetic, tmp_path / "run")
+    tree["model"]["dino"] = "random:tiny-dinov3"
+    with pytest.raises(ConfigError, match="data.frame_size 56 is not a multiple of the vision backbone's 16-px"):
+        run(tmp_path, tree, f"mode={mode}")
+    tree["data"]["frame_size"] = 64
+    tree["run_dir"] = str(tmp_path / "run64")
+    summary = run(tmp_path, tree, f"mode={mode}", "eval.at_start=true", "optim.steps=6")
+    assert summary["steps"] == 6
+    val = [float(r["loss"]) for r in read_csv(tmp_path / "run64" / "val.csv") if r["source"] == "all"]
+    assert val[-1] < val[0]  # it learns
+    model = FoveatedVLM.from_pretrained(tmp_path / "run64" / "final")
+    assert isinstance(model.encoder.dino, Dinov3Backbone) and model.config.dino == "random:tiny-dinov3"
 
 
 def test_parameter_groups_freeze_and_weight_decay(synthetic, tmp_path):
@@ -222,23 +259,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_compile_compiles_the_training_function(synthetic, tmp_path, stage):
-    """The function train.py compiles (losses.micro_batch_loss) is one graph with no breaks, and gives
-    the eager loss."""
-    from losses import micro_batch_loss
+    """The function train.py compiles (objectives.micro_batch_losses) is one graph with no breaks, and
+    gives the eager loss."""
+    from objectives import build, micro_batch_losses
 
     tree = config_tree(synthetic, tmp_path / "run", stage=stage)
     cfg = load_config(write_config(tmp_path / "c.yaml", tree))
-    model = train.build_model(cfg).train()
-    loader = train.make_loader(cfg, model.tokenizer, train.distributed.setup("cpu"),
-                               train.sources(cfg.data.train), True, 3, False)
-    batch = next(iter(loader))
-    reference = train.copy.deepcopy(model).eval() if stage == "dpo" else None
+    run_ = train.setup(cfg, train.distributed.setup("cpu"))
+    units = tuple(o for o, _ in run_.objectives)
+    batch = run_.to_device(next(iter(run_.loader)))
+    assert [type(o) for o in units] == [type(o) for o, _ in build(cfg)]
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = torch.compile(micro_batch_loss, backend="aot_eager")
-    loss, _ = compiled(model, batch, stage, "coarse_fine", 0.1, reference)
-    eager, _ = micro_batch_loss(model, batch, stage, "coarse_fine", 0.1, reference)
+    compiled = torch.compile(micro_batch_losses, backend="aot_eager")
+    [(loss, _)] = compiled(run_.model, batch, units, "coarse_fine")
+    [(eager, _)] = micro_batch_losses(run_.model, batch, units, "coarse_fine")
     assert loss.item() == pytest.approx(eager.item(), rel=1e-5)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
 

@@ -33,22 +33,22 @@ def main():
         if int(fault_rank) == rank:
             faults[int(call)] = kind
     calls = {"n": 0}
-    real_loss, real_finish = train.micro_batch_loss, train._finish
+    real_loss, real_finish = train.micro_batch_losses, train.finish
 
     def loss(model, batch, *args):
         calls["n"] += 1
         if faults.get(calls["n"]) == "oom":
             raise torch.OutOfMemoryError("injected")
-        value, extra = real_loss(model, batch, *args)
-        return (value * float("nan") if faults.get(calls["n"]) == "nan" else value), extra
+        nan = faults.get(calls["n"]) == "nan"
+        return [(value * float("nan") if nan else value, extra) for value, extra in real_loss(model, batch, *args)]
 
     seen = {}
 
-    def finish(cfg, model, *args):
-        seen["digest"] = digest(model)  # before rank 0 swaps in the best weights for their export
-        return real_finish(cfg, model, *args)
+    def finish(run):
+        seen["digest"] = digest(run.model)  # before rank 0 swaps in the best weights for their export
+        return real_finish(run)
 
-    train.micro_batch_loss, train._finish = loss, finish
+    train.micro_batch_losses, train.finish = loss, finish
     initial = digest(train.build_model(load_config(config, argv[argv.index("--config") + 2:])))
     summary = train.main(argv)
     out = Path(config).parent / f"rank{rank}.json"
