@@ -23,7 +23,6 @@ BUCKET_BYTES = 128 * 2**20
 class Dist:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -49,7 +48,7 @@ def setup(device: str = "auto") -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                 **({"device_id": dev} if use_cuda else {}))
-    return Dist(rank, world, local, dev)
+    return Dist(rank, world, dev)
 
 
 def teardown(d: Dist):

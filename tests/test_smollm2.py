@@ -11,6 +11,7 @@ def real_model(tiny_backbones):
     return FoveatedVLM(llm_name=str(smollm2_gguf()), dino_name=tiny_backbones[1], query_dim=24).eval()
 
 
+@pytest.mark.slow
 def test_text_only_generation_is_sensible_and_stops_at_end_of_turn(real_model):
     tok = real_model.tokenizer
     assert real_model.llm.config.hidden_size == 576 and real_model.llm.config.num_hidden_layers == 30

@@ -175,7 +175,8 @@ def test_an_oom_on_every_retry_stops_the_run(synthetic, tmp_path, monkeypatch):
     assert calls["n"] == 4
 
 
-@pytest.mark.parametrize("mode", ["coarse_only", "coarse_fine", "autoregressive"])
+@pytest.mark.parametrize("mode", [pytest.param("coarse_only", marks=pytest.mark.slow), "coarse_fine",
+                                  pytest.param("autoregressive", marks=pytest.mark.slow)])
 def test_a_dinov3_backbone_trains_in_every_mode(synthetic, tmp_path, mode):
     """model.dino: random:tiny-dinov3 (16-px patches, registers, RoPE) through train.py: it learns, and
     its export loads back with the DINOv3 backbone."""
@@ -228,6 +229,7 @@ def test_bad_configs_fail_before_training(synthetic, tmp_path):
         run(tmp_path, tree, "optim.steps=2", "optim.lr.llm=1e-4")
 
 
+@pytest.mark.slow
 def test_init_from_continues_from_an_earlier_stage(synthetic, tmp_path):
     tree = config_tree(synthetic, tmp_path / "s1", stage="alignment")
     tree["data"]["val"] = []
@@ -257,6 +259,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_compile_compiles_the_training_function(synthetic, tmp_path, stage):
     """The function train.py compiles (objectives.micro_batch_losses) is one graph with no breaks, and
@@ -375,6 +378,7 @@ def test_torchrun_two_gloo_processes_stay_in_step(synthetic, tmp_path):
     assert float(read_csv(tmp_path / "dpo" / "metrics.csv")[0]["loss"]) == pytest.approx(math.log(2), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_wandb_mirror_is_optional_and_resumes_its_run(synthetic, tmp_path, monkeypatch):
     """log.wandb: true hands the metrics to wandb (offline by default) under one run id that a resume
     reuses; without the package it is a clear error."""
