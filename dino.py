@@ -42,10 +42,6 @@ class Dinov2Backbone(ViTBackbone):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, d))
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(config)
-
     def embed(self, pixels):
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))
         gh, gw = x.shape[-2:]
@@ -99,10 +95,6 @@ class Dinov3Backbone(ViTBackbone):
         # head_dim / 4 frequencies per axis: each of y and x rotates a quarter of the pairs
         freqs = 1 / cfg.rope_theta ** torch.arange(0, 1, 4 / (d // n_heads), dtype=torch.float32)
         self.register_buffer("rope_freqs", freqs, persistent=False)
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(config)
 
     def embed(self, pixels):
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))
@@ -167,45 +159,46 @@ def rename_state(state: dict, renames, fused, unused: str) -> dict:
     return out
 
 
+def _block_names(layer: str, out_proj: str, qkv: tuple) -> tuple[list, list]:
+    """(renames, fused parts) of the block weights both DINO generations name alike: `layer` matches
+    the block prefix (its index captured), `out_proj` the attention output, `qkv` the q / k / v."""
+    renames = [(layer + r"norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+               (layer + rf"attention\.(?:{out_proj})\.(weight|bias)", r"blocks.\1.proj.\2"),
+               (layer + r"layer_scale([12])\.lambda1", r"blocks.\1.ls\2")]
+    fused = [(layer + rf"attention\.(?:{name})\.(weight|bias)", r"blocks.\1.qkv.\2", i, 3) for i, name in enumerate(qkv)]
+    return renames, fused
+
+
+def _gated(layer: str) -> list:
+    """A gated MLP's gate and up projections, stored fused as fc1 = [gate; up]."""
+    return [(layer + r"mlp\.gate_proj\.(weight|bias)", r"blocks.\1.fc1.\2", 0, 2),
+            (layer + r"mlp\.up_proj\.(weight|bias)", r"blocks.\1.fc1.\2", 1, 2)]
+
+
+# DINOv2: transformers-4 and transformers-5 spellings both listed
 _L2 = r"encoder\.layer\.(\d+)\."
-_DINOV2_RENAMES = [  # (transformers pattern, our name); transformers-4 and transformers-5 spellings both listed
+_V2_BLOCK, _V2_QKV = _block_names(_L2, r"output\.dense|o_proj",
+                                  (r"attention\.query|q_proj", r"attention\.key|k_proj", r"attention\.value|v_proj"))
+_DINOV2_RENAMES = _V2_BLOCK + [
     (r"embeddings\.cls_token", "cls_token"),
     (r"embeddings\.position_embeddings", "pos_embed"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.\1"),
-    (_L2 + r"norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
-    (_L2 + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"blocks.\1.proj.\2"),
-    (_L2 + r"layer_scale([12])\.lambda1", r"blocks.\1.ls\2"),
     (_L2 + r"mlp\.fc([12])\.(weight|bias)", r"blocks.\1.fc\2.\3"),
     (_L2 + r"mlp\.weights_in\.(weight|bias)", r"blocks.\1.fc1.\2"),
     (_L2 + r"mlp\.(?:weights_out|down_proj)\.(weight|bias)", r"blocks.\1.fc2.\2"),
     (r"layernorm\.(weight|bias)", r"norm.\1"),
 ]
-_DINOV2_FUSED = [  # parts that we store fused: (transformers pattern, our name, part index, number of parts)
-    (_L2 + r"attention\.(?:attention\.query|q_proj)\.(weight|bias)", r"blocks.\1.qkv.\2", 0, 3),
-    (_L2 + r"attention\.(?:attention\.key|k_proj)\.(weight|bias)", r"blocks.\1.qkv.\2", 1, 3),
-    (_L2 + r"attention\.(?:attention\.value|v_proj)\.(weight|bias)", r"blocks.\1.qkv.\2", 2, 3),
-    (_L2 + r"mlp\.gate_proj\.(weight|bias)", r"blocks.\1.fc1.\2", 0, 2),
-    (_L2 + r"mlp\.up_proj\.(weight|bias)", r"blocks.\1.fc1.\2", 1, 2),
-]
+_DINOV2_FUSED = _V2_QKV + _gated(_L2)
 
+# DINOv3 ViT: the hub files' `layer.N.` and transformers-5's `model.layer.N.`
 _L3 = r"(?:model\.)?layer\.(\d+)\."
-_DINOV3_RENAMES = [
+_V3_BLOCK, _DINOV3_FUSED = _block_names(_L3, "o_proj", ("q_proj", "k_proj", "v_proj"))
+_DINOV3_RENAMES = _V3_BLOCK + [
     (r"embeddings\.cls_token", "cls_token"),
     (r"embeddings\.register_tokens", "register_tokens"),
     (r"embeddings\.patch_embeddings\.(weight|bias)", r"patch_embed.\1"),
-    (_L3 + r"norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
-    (_L3 + r"attention\.o_proj\.(weight|bias)", r"blocks.\1.proj.\2"),
-    (_L3 + r"layer_scale([12])\.lambda1", r"blocks.\1.ls\2"),
     (_L3 + r"mlp\.down_proj\.(weight|bias)", r"blocks.\1.fc2.\2"),
     (r"norm\.(weight|bias)", r"norm.\1"),
 ]
 _DINOV3_PLAIN_UP = [(_L3 + r"mlp\.up_proj\.(weight|bias)", r"blocks.\1.fc1.\2")]
-_DINOV3_FUSED = [
-    (_L3 + r"attention\.q_proj\.(weight|bias)", r"blocks.\1.qkv.\2", 0, 3),
-    (_L3 + r"attention\.k_proj\.(weight|bias)", r"blocks.\1.qkv.\2", 1, 3),
-    (_L3 + r"attention\.v_proj\.(weight|bias)", r"blocks.\1.qkv.\2", 2, 3),
-]
-_DINOV3_GATED_UP = [  # gated MLP: fc1 holds [gate; up]
-    (_L3 + r"mlp\.gate_proj\.(weight|bias)", r"blocks.\1.fc1.\2", 0, 2),
-    (_L3 + r"mlp\.up_proj\.(weight|bias)", r"blocks.\1.fc1.\2", 1, 2),
-]
+_DINOV3_GATED_UP = _gated(_L3)

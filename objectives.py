@@ -25,8 +25,7 @@ log = logging.getLogger("fvlm.objectives")
 
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected")
-# per-sample sums validation collects for the text of a sample, and what they summarise into
-TEXT_SCORES = ("nll", "tokens", "correct_tokens", "answer_ok", "static_h", "static_n", "dynamic_h", "dynamic_n")
+# what validation reports of a sample's text (text_scores -> text_summary)
 TEXT_METRICS = ("samples", "tokens", "loss", "token_acc", "answer_acc", "static_entropy", "dynamic_entropy")
 
 
@@ -105,8 +104,6 @@ class DPO(Objective):
     val_loss = "dpo_loss"
 
     def __init__(self, beta: float, mode: str, reference: str = "model"):
-        if mode not in ("coarse_only", "coarse_fine"):
-            raise ValueError(f"DPO trains in coarse_only or coarse_fine, not {mode!r}")
         self.beta, self.mode, self.reference = beta, mode, reference
         self.reference_model = None
         self.table = None  # (source, key) -> (chosen, rejected) reference log-probs

@@ -59,7 +59,7 @@ def train(cfg, dist) -> dict:
     run = setup(cfg, dist)
     if not run.resumed and cfg.eval.at_start:
         validate_and_log(run, 0)
-    window, bad_in_row, saved = Window(), 0, run.step
+    window, bad_in_row, saved = Steps(), 0, run.step
     while run.step < cfg.optim.steps:
         result = train_step(run, draw_micro_batches(run))
         if result.status == "out_of_data":
@@ -85,7 +85,7 @@ def train(cfg, dist) -> dict:
         step, last = run.step, run.step == cfg.optim.steps
         if step % cfg.log.every_steps == 0 or last:
             log_step(run, window)
-            window = Window()
+            window = Steps()
         metric = validate_and_log(run, step) if last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) \
             else None
         if last or step % cfg.checkpoint.every_steps == 0:
@@ -318,8 +318,11 @@ def peak_flops(device) -> float | None:
 # ---- one optimizer step ----------------------------------------------------------------------------
 
 @dataclass
-class StepResult:
-    status: str  # ok | out_of_data | oom | nonfinite
+class Steps:
+    """What optimizer steps did, summed: one step (train_step's result) or the steps since the last
+    log line (Steps().add(...))."""
+    status: str = "ok"  # of a single step: ok | out_of_data | oom | nonfinite
+    steps: int = 0
     loss_sums: list = field(default_factory=list)  # per objective, summed over the effective batch
     normalisers: list = field(default_factory=list)  # per objective, over the effective batch
     metrics: dict = field(default_factory=dict)  # summed over the effective batch
@@ -328,10 +331,26 @@ class StepResult:
     tokens: int = 0
     flops: float = 0.0
     seconds: float = 0.0
-    lrs: dict = field(default_factory=dict)
+    lrs: dict = field(default_factory=dict)  # the last step's
+
+    def add(self, r: "Steps") -> "Steps":
+        if not self.steps:
+            self.loss_sums, self.normalisers = [0.0] * len(r.loss_sums), [0.0] * len(r.normalisers)
+        self.steps += r.steps
+        self.loss_sums = [a + b for a, b in zip(self.loss_sums, r.loss_sums)]
+        self.normalisers = [a + b for a, b in zip(self.normalisers, r.normalisers)]
+        for name, value in r.metrics.items():
+            self.metrics[name] = self.metrics.get(name, 0.0) + value
+        self.grad_norm += r.grad_norm
+        self.samples += r.samples
+        self.tokens += r.tokens
+        self.flops += r.flops
+        self.seconds += r.seconds
+        self.lrs = r.lrs
+        return self
 
 
-def train_step(run, micro_batches: list[dict]) -> StepResult:
+def train_step(run, micro_batches: list[dict]) -> Steps:
     """One optimizer step on this rank's micro-batches (host batches); every rank calls it together."""
     cfg, dist, device = run.cfg, run.dist, run.device
     start = time.perf_counter()
@@ -342,9 +361,10 @@ def train_step(run, micro_batches: list[dict]) -> StepResult:
     local = [sum(u.normaliser(h) for h in micro_batches) for u in units]
     have_all, *normalisers = distributed.agree(dist, [have, *local], ["min"] + ["sum"] * len(units))
     if have_all < 1:
-        return StepResult("out_of_data")
+        return Steps("out_of_data")
     lrs = set_lrs(run.optimizer, cfg, run.step)
-    scale = torch.tensor([w / max(n, 1.0) for (_, w), n in zip(run.objectives, normalisers)], device=device)
+    # each objective's summed loss, weighted and divided by its normaliser over the effective batch
+    scales = [w / max(n, 1.0) for (_, w), n in zip(run.objectives, normalisers)]
     loss_sums = torch.zeros(len(units), device=device)
     metric_sums = {name: torch.zeros((), device=device) for u in units for name in u.metrics}
     samples = tokens = flops = oom = 0
@@ -352,8 +372,7 @@ def train_step(run, micro_batches: list[dict]) -> StepResult:
         try:
             with run.autocast():
                 terms = run.loss_fn(run.model, run.to_device(host), units, cfg.mode)
-            sums = torch.stack([loss for loss, _ in terms]).float()
-            (sums * scale).sum().backward()
+            sum(scale * loss for scale, (loss, _) in zip(scales, terms)).backward()
         except torch.OutOfMemoryError:
             oom = 1
             run.optimizer.zero_grad(set_to_none=True)
@@ -361,7 +380,7 @@ def train_step(run, micro_batches: list[dict]) -> StepResult:
             log.warning("CUDA out of memory at step %d (%d samples, %d frames)", run.step, len(host["keys"]),
                         0 if host["frames"] is None else host["frames"].shape[0])
             break
-        loss_sums += sums.detach()
+        loss_sums += torch.stack([loss.detach().float() for loss, _ in terms])
         for _, metrics in terms:
             for name, value in metrics.items():
                 metric_sums[name] += value
@@ -370,7 +389,7 @@ def train_step(run, micro_batches: list[dict]) -> StepResult:
         flops += sum(u.flops(run.flop_count, host, cfg.mode) for u in units)
     if distributed.agree(dist, [oom], ["max"])[0]:  # an OOM anywhere skips the step everywhere
         run.optimizer.zero_grad(set_to_none=True)
-        return StepResult("oom")
+        return Steps("oom")
     distributed.all_reduce_grads(dist, run.params)
     sums = torch.cat([loss_sums, torch.stack(list(metric_sums.values()))]) if metric_sums else loss_sums
     distributed.all_reduce_sum_(dist, [sums])
@@ -378,11 +397,11 @@ def train_step(run, micro_batches: list[dict]) -> StepResult:
     values = torch.cat([norm.reshape(1).float(), sums]).tolist()  # the step's one host sync
     if not math.isfinite(values[0]):
         run.optimizer.zero_grad(set_to_none=True)
-        return StepResult("nonfinite")
+        return Steps("nonfinite")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     totals = distributed.agree(dist, [samples, tokens, flops], ["sum"] * 3)
-    return StepResult("ok", loss_sums=values[1:1 + len(units)], normalisers=normalisers,
+    return Steps("ok", steps=1, loss_sums=values[1:1 + len(units)], normalisers=normalisers,
                       metrics=dict(zip(metric_sums, values[1 + len(units):])), grad_norm=values[0],
                       samples=int(totals[0]), tokens=int(totals[1]), flops=totals[2],
                       seconds=time.perf_counter() - start, lrs=lrs)
@@ -396,36 +415,6 @@ def batch_tokens(host: dict) -> int:
 
 # ---- logging ---------------------------------------------------------------------------------------
 
-@dataclass
-class Window:
-    """Sums over the steps since the last log line."""
-    steps: int = 0
-    loss_sums: list = field(default_factory=list)
-    normalisers: list = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
-    grad_norm: float = 0.0
-    samples: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-    seconds: float = 0.0
-    lrs: dict = field(default_factory=dict)
-
-    def add(self, r: StepResult):
-        if not self.steps:
-            self.loss_sums, self.normalisers = [0.0] * len(r.loss_sums), [0.0] * len(r.normalisers)
-        self.steps += 1
-        self.loss_sums = [a + b for a, b in zip(self.loss_sums, r.loss_sums)]
-        self.normalisers = [a + b for a, b in zip(self.normalisers, r.normalisers)]
-        for name, value in r.metrics.items():
-            self.metrics[name] = self.metrics.get(name, 0.0) + value
-        self.grad_norm += r.grad_norm
-        self.samples += r.samples
-        self.tokens += r.tokens
-        self.flops += r.flops
-        self.seconds += r.seconds
-        self.lrs = r.lrs
-
-
 def metric_columns(run) -> list[str]:
     per_objective = [f"{o.name}_loss" for o, _ in run.objectives] if len(run.objectives) > 1 else []
     return ["step", "samples", "tokens", "loss", *per_objective, *[f"lr_{g}" for g in run.cfg.optim.lr], "grad_norm",
@@ -433,7 +422,7 @@ def metric_columns(run) -> list[str]:
             "data_skipped", "elapsed_s", *[m for o, _ in run.objectives for m in o.metrics]]
 
 
-def log_step(run, w: Window):
+def log_step(run, w: Steps):
     cfg, counters, step = run.cfg, run.counters, run.step
     skipped = run.loader.counts()["skipped"]
     data_skipped = sum(n for reasons in skipped.values() for n in reasons.values())

@@ -86,8 +86,8 @@ def apply_rope(x: torch.Tensor, rope, start: int) -> torch.Tensor:
 
 
 class ViTBackbone(nn.Module):
-    """A ViT in our own flat naming. Subclasses implement `embed`, `from_config` and `state_from_hf`
-    and set `model_type`; the block math below is shared."""
+    """A ViT in our own flat naming. Subclasses build themselves from a transformers config, implement
+    `embed` and `state_from_hf` and set `model_type`; the block math below is shared."""
 
     model_type: str = ""  # the transformers config.model_type this class reads
     pixel_mean = IMAGENET_MEAN
@@ -114,7 +114,8 @@ class ViTBackbone(nn.Module):
 
     @classmethod
     def from_config(cls, config) -> "ViTBackbone":
-        raise NotImplementedError
+        """Built from its transformers config (subclasses take it as their one argument)."""
+        return cls(config)
 
     @staticmethod
     def state_from_hf(state: dict) -> dict:

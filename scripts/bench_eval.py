@@ -9,7 +9,6 @@ same 4-way questions about random clips. Prints questions/s (a question = all th
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 from transformers.utils import logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backbones import build_backbones  # noqa: E402
 from benchmark import Item, Runner  # noqa: E402
 from model import MODES, FoveatedVLM  # noqa: E402
 
@@ -50,16 +48,14 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--llm", default="smollm2-135m")
-    parser.add_argument("--dino", default="dinov2-small")
+    parser.add_argument("--llm", default="smollm2-135m", help="random preset (backbones.LLM_PRESETS)")
+    parser.add_argument("--dino", default="dinov2-small", help="random preset (backbones.DINO_PRESETS), e.g. dinov3-vits16")
     parser.add_argument("--skip-predecessor", action="store_true")
     args = parser.parse_args()
     logging.disable_progress_bar()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        llm_dir, dino_dir = build_backbones(tmp, llm=args.llm, dino=args.dino, weights=False)
-        model = FoveatedVLM(llm_name=llm_dir, dino_name=dino_dir, pretrained=False).to(device).eval()
+    model = FoveatedVLM(llm_name=f"random:{args.llm}", dino_name=f"random:{args.dino}").to(device).eval()
     clips = [torch.randint(0, 256, (args.frames, 3, args.size, args.size), dtype=torch.uint8)
              for _ in range(args.questions)]
     listing = "".join(f"\n{x}. {o}" for x, o in zip("ABCD", OPTIONS))

@@ -2,7 +2,6 @@
 few optimizer steps on one batch, and generation. (Training itself: train.py, scripts/quickstart.py.)"""
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -10,19 +9,16 @@ import torch
 from transformers.utils import logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backbones import build_backbones  # noqa: E402
 from model import MODES, FoveatedVLM  # noqa: E402
 
 
 def main():
     logging.disable_progress_bar()
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        llm_dir, dino_dir = build_backbones(tmp)
-        model = FoveatedVLM(llm_name=llm_dir, dino_name=dino_dir, query_dim=32)
+    model = FoveatedVLM(llm_name="random:tiny", dino_name="random:tiny", query_dim=32)
     print(f"FoveatedVLM with tiny random backbones: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
-    frames = torch.randn(2, 4, 3, 56, 56)  # two 4-frame clips, ImageNet-normalised
+    frames = torch.randn(2, 4, 3, 56, 56)  # two 4-frame clips, already normalised
     pairs = [("What moves?", "A small red square."), ("Which way?", "Left.")]
     rows, masks = [], []
     for question, answer in pairs:

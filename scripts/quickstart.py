@@ -4,10 +4,12 @@ validation curves, score each stage's final model on the held-out SFT questions 
 modes (loss, and answer accuracy against chance), and run the synthetic benchmark (benchmark.py) on
 the final model. About 8.5 minutes on 2 CPU cores.
 
-    python scripts/quickstart.py [--fresh]
+    python scripts/quickstart.py [--fresh] [--dino tiny-dinov3]
 
 Rerunning resumes: finished stages are not trained again (--fresh starts over). The runs land in
 runs/tiny_stage{1,2,3} (final/ holds each stage's save_pretrained export); the data in data/synthetic.
+--dino picks another random vision-backbone preset (backbones.py; e.g. tiny-dinov3: 16-px patches,
+registers, RoPE); its runs land in runs/tiny_<preset>_stage{1,2,3}.
 """
 
 import argparse
@@ -62,20 +64,24 @@ def read_csv(path: Path) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fresh", action="store_true", help="delete runs/tiny_stage{1,2,3} first")
+    parser.add_argument("--fresh", action="store_true", help="delete this quickstart's runs first")
+    parser.add_argument("--dino", default="tiny", help="random vision-backbone preset (backbones.DINO_PRESETS)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    runs = "runs/tiny" if args.dino == "tiny" else f"runs/tiny_{args.dino}"
     ensure_data()
     for n, what in STAGES:
-        run_dir = Path(f"runs/tiny_stage{n}")
+        run_dir = Path(f"{runs}_stage{n}")
         if args.fresh and run_dir.exists():
             shutil.rmtree(run_dir)
         print(f"\n=== stage {n}: {what} ===", flush=True)
-        train.main(["--config", str(ROOT / "configs" / f"tiny_stage{n}.yaml")])
+        overrides = [] if args.dino == "tiny" else [f"model.dino=random:{args.dino}", f"run_dir={run_dir}"] + (
+            [f"init_from={runs}_stage{n - 1}/final"] if n > 1 else [])
+        train.main(["--config", str(ROOT / "configs" / f"tiny_stage{n}.yaml"), *overrides])
 
     print("\n=== validation during training (held-out synthetic clips; loss of the stage's objective) ===")
     for n, what in STAGES:
-        val = [r for r in read_csv(Path(f"runs/tiny_stage{n}/val.csv")) if r["source"] == "all"]
+        val = [r for r in read_csv(Path(f"{runs}_stage{n}/val.csv")) if r["source"] == "all"]
         mode = val[0]["mode"]
         column = "dpo_loss" if n == 3 else "loss"
         curve = "  ".join(f"{r['step']}: {float(r[column]):.3f}" for r in val if r["mode"] == mode)
@@ -84,7 +90,7 @@ def main(argv=None):
     print(f"\n=== the final models on the held-out SFT questions (data/synthetic/val_sft) ===")
     print("answer accuracy = every token of the answer right under teacher forcing; a model that only guesses "
           f"the colour / shape / direction scores {CHANCE:.2f}")
-    results = {n: evaluate_final(n) for n in (1, 2, 3)}
+    results = {n: evaluate_final(f"{runs}_stage{n}") for n in (1, 2, 3)}
     modes = list(results[2]["modes"])
     print(f"{'after stage':12s}" + "".join(f"{m + ' loss':>22s}{'acc':>7s}" for m in modes))
     for n, res in results.items():
@@ -97,19 +103,19 @@ def main(argv=None):
     print("\n=== the synthetic benchmark of the final model (benchmark.py; held-out eval clips) ===")
     print("generate: the greedy reply to the open question names the right value (chance 0.21); likelihood: "
           "the option letter of the multiple-choice prompt (a format these tiny models never saw; chance 0.25)")
-    report = benchmark.main(["--checkpoint", "runs/tiny_stage3", "--bench", "synthetic", "--data-root", "data",
+    report = benchmark.main(["--checkpoint", f"{runs}_stage3", "--bench", "synthetic", "--data-root", "data",
                              "--frame-size", "112", "--max-frames", "8", "--workers", "1",
-                             "--output", "runs/tiny_stage3/benchmark.json"])
+                             "--output", f"{runs}_stage3/benchmark.json"])
     by_task = report["results"]["synthetic"]["coarse_fine"]["per_category"]["task"]
     print("coarse_fine generate accuracy per task: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in by_task.items()))
-    print(f"\nfinal weights: runs/tiny_stage3/final (FoveatedVLM.from_pretrained); "
+    print(f"\nfinal weights: {runs}_stage3/final (FoveatedVLM.from_pretrained); "
           f"total {time.perf_counter() - start:.0f}s")
 
 
-def evaluate_final(n: int) -> dict:
-    """Stage n's final export scored on val_sft with SFT masks, in all three modes."""
+def evaluate_final(run_dir: str) -> dict:
+    """A stage's final export scored on val_sft with SFT masks, in all three modes."""
     cfg = load_config(ROOT / "configs" / "tiny_stage2.yaml")
-    model = FoveatedVLM.from_pretrained(f"runs/tiny_stage{n}/final")
+    model = FoveatedVLM.from_pretrained(f"{run_dir}/final")
     dist = train.distributed.setup("cpu")
     loader = train.make_loader(cfg, model, dist, train.sources(cfg.data.val), resampled=False,
                                batch_size=cfg.eval.batch_size, pin=False, budgets=False)

@@ -51,6 +51,10 @@ def test_published_recipe_values():
     ({"optim": {"freeze": ["vision"]}}, r"key 'optim.freeze.0' must be one of"),
     ({"data": {"epochs": 3}}, r"key 'data.epochs' only applies"),
     ({"eval": {"modes": ["fine"]}}, r"key 'eval.modes.0' must be one of"),
+    ({"data": {"val": [{"name": "v", "shards": "a"}, {"name": "v", "shards": "b"}]}},
+     r"key 'data.val' source names must be unique"),
+    ({"model": {"layout": "video_last"}}, r"key 'model.layout' must be one of"),
+    ({"model": {"image_frames": 0}}, r"key 'model.image_frames' must be >= 1"),
 ])
 def test_bad_configs_name_the_key_and_the_file(tmp_path, change, message):
     tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
@@ -149,3 +153,12 @@ def test_load_weights_reads_every_form(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a save_pretrained folder"):
         ckpt.load_weights(tmp_path / "empty")
+
+
+def test_reading_a_config_imports_neither_torch_nor_the_model():
+    import subprocess
+    import sys
+
+    code = ("import sys, config; config.load_config(sys.argv[1]); "
+            "assert not {'torch', 'transformers', 'model'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / "stage2_135M.yaml")], check=True, cwd=ROOT)

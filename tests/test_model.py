@@ -1,5 +1,7 @@
 """FoveatedVLM: modes, padding invariance, teacher forcing, caching, checkpoints, bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -410,6 +412,7 @@ def test_save_pretrained_round_trip_is_exact(tiny_backbones, tmp_path):
     assert (tmp_path / "ckpt" / "config.json").is_file() and (tmp_path / "ckpt" / "model.safetensors").is_file()
     loaded = type(model).from_pretrained(tmp_path / "ckpt")
     assert loaded.layout == "prompt_first" and loaded.image_frames == 4
+    assert dataclasses.replace(loaded.config, pretrained=True) == model.config  # the one config, sources included
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -438,6 +441,21 @@ def test_bad_input_is_a_clear_value_error(tiny_model):
             tiny_model(**dict(batch, **change))
     with pytest.raises(ValueError, match="unknown mode"):
         tiny_model.generate(None, "hi", mode="fast")
+
+
+def test_bad_settings_are_clear_errors_before_anything_loads():
+    from model import FoveatedVLM
+
+    with pytest.raises(ValueError, match="FoveatedVLM: unknown key 'query_dm' \\(did you mean 'query_dim'"):
+        FoveatedVLM(query_dm=24)
+    with pytest.raises(ValueError, match="key 'layout' must be one of"):
+        FoveatedVLM(layout="video_last")
+    with pytest.raises(ValueError, match="key 'image_frames' must be an integer"):
+        FoveatedVLM(image_frames="8")
+    with pytest.raises(ValueError, match="deep_query=False"):
+        FoveatedVLM(deep_query=False)
+    with pytest.raises(ValueError, match="model.dino: unknown random preset 'huge'"):
+        FoveatedVLM(llm_name="random:tiny", dino_name="random:huge")
 
 
 @torch.no_grad()

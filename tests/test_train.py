@@ -21,6 +21,7 @@ import checkpoint as ckpt
 import train
 from config import ConfigError, load_config
 from model import FoveatedVLM
+from objectives import TextCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +131,53 @@ def test_dpo_starts_at_ln2_and_learns_the_pairs(synthetic, tmp_path, reference):
     val = [r for r in read_csv(run_dir / "val.csv") if r["source"] == "all"]
     assert float(val[0]["dpo_loss"]) == pytest.approx(math.log(2), abs=tol)
     assert (run_dir / "reference_logps.pt").is_file() == (reference == "precomputed")
+
+
+class PerSampleCE(TextCE):
+    """The text CE averaged per sample instead of per token: a second objective for the tests."""
+    name = "per_sample"
+
+    def normaliser(self, host):
+        return len(host["keys"])
+
+
+def test_train_step_weights_each_objective_over_its_own_effective_batch(synthetic, tmp_path):
+    """train_step alone, two objectives, two micro-batches: the gradient is that of
+    sum_k w_k * (objective k summed over both micro-batches) / (its normaliser over both)."""
+    tree = config_tree(synthetic, tmp_path / "run")
+    tree["data"]["val"] = []
+    cfg = load_config(write_config(tmp_path / "c.yaml", tree), ["optim.grad_accum=2", "optim.max_grad_norm=0"])
+    run_ = train.setup(cfg, train.distributed.setup("cpu"))
+    run_.objectives = [(TextCE(), 0.3), (PerSampleCE(), 2.0)]
+    micro = train.draw_micro_batches(run_)
+    tokens, samples = (sum(f(h) for h in micro) for f in (TextCE().normaliser, PerSampleCE().normaliser))
+    assert tokens != samples
+    model = run_.model
+    expected_loss = 0.0
+    for host in micro:
+        ce, _ = TextCE().loss(model, run_.to_device(host), cfg.mode)
+        (0.3 * ce / tokens + 2.0 * ce / samples).backward()
+        expected_loss += ce.item()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    seen = {}
+    run_.optimizer.step = lambda: seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
+    result = train.train_step(run_, micro)
+    assert result.status == "ok" and result.normalisers == [tokens, samples]
+    assert result.loss_sums == pytest.approx([expected_loss] * 2, rel=1e-6)
+    for name, grad in expected.items():
+        torch.testing.assert_close(seen[name], grad, atol=2e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_every_active_objective_is_logged(synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.objective_units, "build", lambda cfg: [(TextCE(), 1.0), (PerSampleCE(), 0.5)])
+    tree = config_tree(synthetic, tmp_path / "run")
+    run(tmp_path, tree, "optim.steps=2")
+    for row in read_csv(tmp_path / "run" / "metrics.csv"):
+        text, per_sample = float(row["text_loss"]), float(row["per_sample_loss"])
+        assert float(row["loss"]) == pytest.approx(text + 0.5 * per_sample) and per_sample > text
+    val = read_csv(tmp_path / "run" / "val.csv")
+    assert val and all(r["loss"] != "" for r in val)
 
 
 def test_oom_and_non_finite_steps_are_skipped(synthetic, tmp_path, monkeypatch):
