@@ -11,6 +11,7 @@ import torch
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DINOv3ViTConfig,
                           Dinov2Config, LlamaConfig)
 
+from config import ConfigError
 from encoder import backbone_class
 from tokenization import hub_location, load_tokenizer
 
@@ -42,7 +43,7 @@ def preset_name(spec: str, presets: dict, kind: str) -> str | None:
         return None
     name = str(spec)[len(RANDOM):]
     if name not in presets:
-        raise ValueError(f"model.{kind}: unknown random preset {name!r}; one of {sorted(presets)}")
+        raise ConfigError(f"model.{kind}: unknown random preset {name!r}; one of {sorted(presets)}")
     return name
 
 

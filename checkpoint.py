@@ -9,6 +9,7 @@ of checkpoints or the new one, never a torn file. `best.json` names the checkpoi
 validation loss; pruning never deletes it.
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -127,7 +128,9 @@ def load_weights(path) -> tuple[dict, dict | None, str]:
         if (path / "model.safetensors").is_file():
             from safetensors.torch import load_file
 
-            settings = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+            from config import read_export_config
+
+            settings = dataclasses.asdict(read_export_config(path)) if (path / "config.json").is_file() else None
             return load_file(str(path / "model.safetensors")), settings, f"{path} (save_pretrained export)"
         if (path / "final" / "model.safetensors").is_file():
             return load_weights(path / "final")
@@ -165,6 +168,9 @@ def load_model(path, llm: str | None = None, dino: str | None = None):
 
     path = Path(path)
     if path.is_dir():
+        if llm or dino:
+            raise ValueError(f"{path} is an export folder, which carries its own backbones: --llm / --dino only "
+                             f"apply to checkpoint files")
         folder = path if (path / "config.json").is_file() else path / "final"
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no save_pretrained export (config.json) there or in final/")

@@ -9,6 +9,7 @@ variables (`${DATA}/openvid/*.tar`), so the stage configs work unchanged once DA
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import types
@@ -88,7 +89,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of each group's LR
     target_lr: typing.Optional[float] = None  # converging: the LR every group ends at
     max_grad_norm: float = 1.0  # 0 disables clipping
-    max_bad_steps: int = 10  # abort after this many non-finite steps in a row
+    max_bad_steps: int = 10  # stop after this many skipped steps in a row (non-finite gradients or CUDA OOM)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class EvalConfig:
     at_start: bool = True
     max_samples: int = 1000
     batch_size: int = 16
-    modes: list[str] = field(default_factory=list)  # default: the training mode; the first one picks the best
+    modes: list[str] = field(default_factory=list)  # default: the training mode; the text loss of the first one picks the best
 
 
 @dataclass
@@ -276,6 +277,25 @@ def model_config(tree: dict, where: str) -> ModelConfig:
     cfg = _build(ModelConfig, tree, "", where)
     validate_model(cfg, where, prefix="")
     return cfg
+
+
+EXPORT_FORMAT = "fvlm"  # the `format` of a save_pretrained folder's config.json
+
+
+def read_export_config(directory) -> ModelConfig:
+    """The ModelConfig in a save_pretrained folder's config.json. Older exports stored neither `llm`
+    nor `dino` (the folder's own llm/ and dino/ then stand for them) and a `deep_query: true`."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected a folder written by save_pretrained)")
+    settings = json.loads(path.read_text())
+    if not isinstance(settings, dict) or settings.pop("format", None) != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not an fvlm config")
+    if settings.pop("deep_query", True) is not True:
+        raise ValueError(f"{path}: deep_query=false is not supported")
+    for part in ("llm", "dino"):
+        settings.setdefault(part, str(Path(directory) / part))
+    return model_config(settings, str(path))
 
 
 def validate_model(m: ModelConfig, where: str, prefix: str = "model."):

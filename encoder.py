@@ -1,7 +1,7 @@
 """The foveal encoder: any vision backbone (vit.py) plus the learned query path around it.
 
-Phase 1 (`encode`) runs the frames' patch tokens through every backbone block once and keeps each
-block's K/V. Phase 2 (`query`) projects query vectors into the backbone's width, pushes them
+Phase 1 (`encode`) runs the frames' patch tokens through the backbone once and keeps each block's
+K/V (of the last block only its K/V are computed: nothing reads its outputs). Phase 2 (`query`) projects query vectors into the backbone's width, pushes them
 through every block against that cache and projects the result: one token per query, so one patch
 pass serves any number of queries (the static glance, the LLM-chosen foveal queries, every forward
 mode and every prompt). The backbone is chosen by its transformers config's `model_type`

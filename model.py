@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from backbones import load_llm, vision_config, vision_weights
 from collate import IGNORE_INDEX, pack_frames, pad_rows
-from config import MODES, ModelConfig, model_config
+from config import EXPORT_FORMAT, MODES, ModelConfig, model_config, read_export_config
 from encoder import FoveatedEncoder
 from tokenization import chat_ids, pad_id
 
@@ -111,20 +111,23 @@ class Pass(NamedTuple):
 
 
 class FoveatedVLM(nn.Module):
-    def __init__(self, config: ModelConfig | None = None, *, llm_name: str | None = None,
-                 dino_name: str | None = None, deep_query: bool = True, **settings):
+    def __init__(self, config: ModelConfig | None = None, *, llm_name=None, dino_name=None, deep_query: bool = True,
+                 **settings):
         """config: the model's settings (config.ModelConfig), or its fields as keywords. llm_name /
         dino_name (the published names of `llm` / `dino`): hub id, local folder or random:<preset>
         (llm_name may also be a .gguf file). pretrained=False reads only the backbones' configs and
         initialises them randomly."""
         super().__init__()
+        if config is not None and not isinstance(config, ModelConfig):
+            raise TypeError(f"FoveatedVLM takes a config.ModelConfig or keywords (llm_name=..., dino_name=..., ...), "
+                            f"not {type(config).__name__}")
         if not deep_query:
             raise ValueError("deep_query=False (the single shallow cross-attention) is not supported: "
                              "its tokens barely depend on the query; use the deep query")
-        if llm_name is not None:
-            settings["llm"] = llm_name
-        if dino_name is not None:
-            settings["dino"] = dino_name
+        for key, value in (("llm", llm_name), ("dino", dino_name), ("llm", settings.pop("llm", None)),
+                           ("dino", settings.pop("dino", None))):
+            if value is not None:
+                settings[key] = str(value)  # a path works as well as a string
         base = dataclasses.asdict(config) if config is not None else {}
         cfg = model_config({**base, **settings}, "FoveatedVLM")  # type-checked: unknown keywords are errors
         self.config = cfg
@@ -428,8 +431,9 @@ class FoveatedVLM(nn.Module):
             then computed for those K tokens only, and `logits` is [K, V]: the training path.
         kv: `self.encoder.encode(frames)` computed earlier, to reuse across calls (modes, prompts).
         Returns loss (token-weighted mean), logits [B, S, V], logp_sum [B] (summed log-prob of the
-        loss tokens), num_tokens [B], target_labels / target_rows (each logit row's label, -100 where
-        ignored, and its sample), queries [B, T, query_dim] (the fine queries used, or None), and with
+        loss tokens), num_tokens [B], target_labels / target_rows (the label of each next-token cell
+        scored, -100 where ignored, and its sample: the rows of `logits` with target_index, of
+        `logits[:, :-1]` flattened without), queries [B, T, query_dim] (the fine queries used, or None), and with
         return_attention the per-block attention of the static and dynamic queries,
         [B, T, blocks, heads, keys] (keys: the backbone's CLS and registers, then the patches).
         """
@@ -681,28 +685,11 @@ class FoveatedVLM(nn.Module):
 
         directory = Path(directory)
         stored = read_export_config(directory)
-        model = cls(stored, **dict(overrides, llm=str(directory / "llm"), dino=str(directory / "dino"), pretrained=False))
+        model = cls(stored, **dict(overrides, llm=directory / "llm", dino=directory / "dino", pretrained=False))
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
         # the backbones were built from the folder; the config keeps where they first came from
         model.config = dataclasses.replace(model.config, llm=stored.llm, dino=stored.dino)
         return model
-
-
-EXPORT_FORMAT = "fvlm"
-
-
-def read_export_config(directory) -> ModelConfig:
-    """The ModelConfig in a save_pretrained folder's config.json (older exports' `deep_query: true`,
-    always true, is accepted)."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (expected a folder written by save_pretrained)")
-    settings = json.loads(path.read_text())
-    if not isinstance(settings, dict) or settings.pop("format", None) != EXPORT_FORMAT:
-        raise ValueError(f"{path} is not an fvlm config")
-    if settings.pop("deep_query", True) is not True:
-        raise ValueError(f"{path}: deep_query=false is not supported")
-    return model_config(settings, str(path))
 
 
 def autocast(device: torch.device, enabled: bool = True):

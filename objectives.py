@@ -37,6 +37,7 @@ class Objective:
     val_metrics: tuple = ()  # what validation reports per mode and source (val.csv columns)
     val_brief: tuple = ()  # the validation metrics shown in the log line
     val_loss = ""  # the validation metric the best checkpoint is chosen by
+    val_modes: tuple = ()  # modes it is scored in besides the eval modes
 
     def setup(self, model, run):
         """One-time preparation before training; `run` is train.Run (nothing by default)."""
@@ -105,6 +106,7 @@ class DPO(Objective):
 
     def __init__(self, beta: float, mode: str, reference: str = "model"):
         self.beta, self.mode, self.reference = beta, mode, reference
+        self.val_modes = (mode,)  # the pairs are scored in the training mode (the reference's)
         self.reference_model = None
         self.table = None  # (source, key) -> (chosen, rejected) reference log-probs
 
@@ -172,12 +174,13 @@ def build(cfg) -> list[tuple[Objective, float]]:
         active = [(DPO(cfg.dpo.beta, cfg.mode, cfg.dpo.reference), 1.0)]
     else:
         active = [(TextCE(), 1.0)]
-    seen = {}
-    for objective, _ in active:  # their metrics share the step log's columns
-        for name in objective.metrics:
-            if name in seen:
-                raise ValueError(f"objectives {seen[name]} and {objective.name} both report {name!r}")
-            seen[name] = objective.name
+    for kind in ("metrics", "val_metrics"):  # the objectives share the logs' columns
+        seen = {}
+        for objective, _ in active:
+            for name in getattr(objective, kind):
+                if name in seen:
+                    raise ValueError(f"objectives {seen[name]} and {objective.name} both report {name!r}")
+                seen[name] = objective.name
     return active
 
 

@@ -109,7 +109,7 @@ class Run:
     objectives: list  # [(Objective, weight)]
     loader: Loader
     val_sources: list
-    modes: list  # validation modes; the first one picks the best checkpoint (text objectives)
+    modes: list  # validation modes; the text loss of the first one picks the best checkpoint
     counters: dict
     resumed: bool
     loss_fn: object  # objectives.micro_batch_losses, compiled with compile: true
@@ -374,7 +374,7 @@ def train_step(run, micro_batches: list[dict]) -> Steps:
                 terms = run.loss_fn(run.model, run.to_device(host), units, cfg.mode)
             sum(scale * loss for scale, (loss, _) in zip(scales, terms)).backward()
         except torch.OutOfMemoryError:
-            oom = 1
+            oom, terms = 1, None  # drop the failed graph before returning its memory
             run.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             log.warning("CUDA out of memory at step %d (%d samples, %d frames)", run.step, len(host["keys"]),

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
+import distributed  # noqa: E402
 import make_synthetic  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
@@ -116,7 +117,7 @@ def evaluate_final(run_dir: str) -> dict:
     """A stage's final export scored on val_sft with SFT masks, in all three modes."""
     cfg = load_config(ROOT / "configs" / "tiny_stage2.yaml")
     model = FoveatedVLM.from_pretrained(f"{run_dir}/final")
-    dist = train.distributed.setup("cpu")
+    dist = distributed.setup("cpu")
     loader = train.make_loader(cfg, model, dist, train.sources(cfg.data.val), resampled=False,
                                batch_size=cfg.eval.batch_size, pin=False, budgets=False)
     return validate(model, loader, objectives=[(TextCE(), 1.0)], modes=MODES, to_device=lambda b: b,

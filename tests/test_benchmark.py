@@ -268,6 +268,8 @@ def test_a_checkpoint_file_with_its_backbones(checkpoint, data_root, tmp_path, t
     torch.save({"model": FoveatedVLM.from_pretrained(checkpoint).state_dict(), "step": 7}, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="needs --llm and --dino"):
         run(tmp_path / "checkpoint.pt", data_root, tmp_path / "x.json", "--bench", "pope")
+    with pytest.raises(ValueError, match="only apply to checkpoint files"):
+        run(checkpoint, data_root, tmp_path / "x.json", "--bench", "pope", "--llm", tiny_backbones[0])
     a = run(tmp_path / "checkpoint.pt", data_root, tmp_path / "a.json", "--bench", "pope", "--mode", "coarse_only",
             "--llm", tiny_backbones[0], "--dino", tiny_backbones[1])
     b = run(checkpoint, data_root, tmp_path / "b.json", "--bench", "pope", "--mode", "coarse_only")

@@ -1,6 +1,7 @@
 """FoveatedVLM: modes, padding invariance, teacher forcing, caching, checkpoints, bad input."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -413,6 +414,13 @@ def test_save_pretrained_round_trip_is_exact(tiny_backbones, tmp_path):
     loaded = type(model).from_pretrained(tmp_path / "ckpt")
     assert loaded.layout == "prompt_first" and loaded.image_frames == 4
     assert dataclasses.replace(loaded.config, pretrained=True) == model.config  # the one config, sources included
+    # an export written before ModelConfig (no llm / dino keys, deep_query) loads; its sources are its folders
+    config = tmp_path / "ckpt" / "config.json"
+    old = {k: v for k, v in json.loads(config.read_text()).items() if k not in ("llm", "dino")}
+    config.write_text(json.dumps(dict(old, deep_query=True)))
+    legacy = type(model).from_pretrained(tmp_path / "ckpt")
+    assert legacy.config.llm == str(tmp_path / "ckpt" / "llm") and legacy.layout == "prompt_first"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in legacy.state_dict().items())
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -456,6 +464,8 @@ def test_bad_settings_are_clear_errors_before_anything_loads():
         FoveatedVLM(deep_query=False)
     with pytest.raises(ValueError, match="model.dino: unknown random preset 'huge'"):
         FoveatedVLM(llm_name="random:tiny", dino_name="random:huge")
+    with pytest.raises(TypeError, match="takes a config.ModelConfig or keywords"):
+        FoveatedVLM("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 @torch.no_grad()

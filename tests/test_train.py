@@ -180,6 +180,17 @@ def test_every_active_objective_is_logged(synthetic, tmp_path, monkeypatch):
     assert val and all(r["loss"] != "" for r in val)
 
 
+def test_dpo_pairs_are_validated_in_the_training_mode_whatever_the_eval_modes(synthetic, tmp_path):
+    """eval.modes without the training mode: DPO's pairs (whose reference lives in the training mode)
+    are still scored there, so the best checkpoint has a finite criterion."""
+    run_dir = tmp_path / "dpo"
+    summary = run(tmp_path, config_tree(synthetic, run_dir, stage="dpo"), "eval.modes=[coarse_only]", "optim.steps=2")
+    assert math.isfinite(summary["best"]["metric"])
+    rows = [r for r in read_csv(run_dir / "val.csv") if r["source"] == "all"]
+    assert {r["mode"] for r in rows} == {"coarse_only", "coarse_fine"}
+    assert all((r["dpo_loss"] != "") == (r["mode"] == "coarse_fine") for r in rows)
+
+
 def test_oom_and_non_finite_steps_are_skipped(synthetic, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = train.micro_batch_losses
