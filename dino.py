@@ -29,18 +29,19 @@ class Dinov2Backbone(ViTBackbone):
         if cfg.num_channels != 3:
             raise ValueError(f"dinov2 config has num_channels={cfg.num_channels}; frames are RGB")
         d = cfg.hidden_size
-        hidden = int(d * cfg.mlp_ratio)
-        if cfg.use_swiglu_ffn:  # DINOv2-giant: fused [gate; up] then down, as in the original release
-            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
-        blocks = [Block(d, hidden, eps=cfg.layer_norm_eps, act="silu" if cfg.use_swiglu_ffn else cfg.hidden_act,
-                        gated=cfg.use_swiglu_ffn, layerscale=cfg.layerscale_value, bias=(cfg.qkv_bias,) * 3)
-                  for _ in range(cfg.num_hidden_layers)]
-        super().__init__(dim=d, num_heads=cfg.num_attention_heads, patch_size=cfg.patch_size, num_prefix=1,
-                         blocks=blocks, eps=cfg.layer_norm_eps)
+        super().__init__(dim=d, num_heads=cfg.num_attention_heads, patch_size=cfg.patch_size, num_prefix=1)
         grid = cfg.image_size // cfg.patch_size
         self.patch_embed = nn.Conv2d(3, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, d))
+        hidden = int(d * cfg.mlp_ratio)
+        if cfg.use_swiglu_ffn:  # DINOv2-giant: fused [gate; up] then down, as in the original release
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.blocks = nn.ModuleList(
+            Block(d, hidden, eps=cfg.layer_norm_eps, act="silu" if cfg.use_swiglu_ffn else cfg.hidden_act,
+                  gated=cfg.use_swiglu_ffn, layerscale=cfg.layerscale_value, bias=(cfg.qkv_bias,) * 3)
+            for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
     def embed(self, pixels):
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))
@@ -83,15 +84,16 @@ class Dinov3Backbone(ViTBackbone):
         d, n_heads = cfg.hidden_size, cfg.num_attention_heads
         if (d // n_heads) % 4:
             raise ValueError(f"dinov3_vit: 2-D RoPE needs a head dim divisible by 4, got {d // n_heads}")
-        blocks = [Block(d, cfg.intermediate_size, eps=cfg.layer_norm_eps, act=cfg.hidden_act, gated=cfg.use_gated_mlp,
-                        layerscale=cfg.layerscale_value, bias=(cfg.query_bias, cfg.key_bias, cfg.value_bias),
-                        proj_bias=cfg.proj_bias, mlp_bias=cfg.mlp_bias)
-                  for _ in range(cfg.num_hidden_layers)]
-        super().__init__(dim=d, num_heads=n_heads, patch_size=patch, num_prefix=1 + cfg.num_register_tokens,
-                         blocks=blocks, eps=cfg.layer_norm_eps)
+        super().__init__(dim=d, num_heads=n_heads, patch_size=patch, num_prefix=1 + cfg.num_register_tokens)
         self.patch_embed = nn.Conv2d(3, d, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, d))
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.intermediate_size, eps=cfg.layer_norm_eps, act=cfg.hidden_act, gated=cfg.use_gated_mlp,
+                  layerscale=cfg.layerscale_value, bias=(cfg.query_bias, cfg.key_bias, cfg.value_bias),
+                  proj_bias=cfg.proj_bias, mlp_bias=cfg.mlp_bias)
+            for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         # head_dim / 4 frequencies per axis: each of y and x rotates a quarter of the pairs
         freqs = 1 / cfg.rope_theta ** torch.arange(0, 1, 4 / (d // n_heads), dtype=torch.float32)
         self.register_buffer("rope_freqs", freqs, persistent=False)

@@ -14,8 +14,9 @@ Reading order: `train` is the loop; `setup` builds a Run (model, optimizer, obje
 
 One optimizer step (`train_step`): each rank draws grad_accum micro-batches; the ranks agree that all
 had data and sum each objective's normaliser (objectives.py: target tokens, pairs, ...) over the
-effective batch; each micro-batch's backward runs on sum_k weight_k * loss_k / normaliser_k, so the
-gradients summed across ranks are the mean over the whole effective batch; then clip and step. A
+effective batch; the micro-batches' backward passes and the sum across ranks accumulate the weighted
+summed losses, scaled so that each term is its mean over the whole effective batch; then clip and
+step. A
 CUDA OOM anywhere or a non-finite gradient norm (identical on every rank) skips the step on every
 rank; optim.max_bad_steps skipped steps in a row stop the run.
 """
@@ -363,8 +364,11 @@ def train_step(run, micro_batches: list[dict]) -> Steps:
     if have_all < 1:
         return Steps("out_of_data")
     lrs = set_lrs(run.optimizer, cfg, run.step)
-    # each objective's summed loss, weighted and divided by its normaliser over the effective batch
-    scales = [w / max(n, 1.0) for (_, w), n in zip(run.objectives, normalisers)]
+    # The backward runs on sum_k w_k * loss_k * N_0 / N_k and the summed gradients are divided by N_0
+    # once at the end (N_k: objective k's normaliser over the effective batch): the weighted mean of
+    # every term; with one objective, the plain summed loss scaled once, as a token-weighted mean.
+    base = max(normalisers[0], 1.0)
+    scales = [w * base / max(n, 1.0) for (_, w), n in zip(run.objectives, normalisers)]
     loss_sums = torch.zeros(len(units), device=device)
     metric_sums = {name: torch.zeros((), device=device) for u in units for name in u.metrics}
     samples = tokens = flops = oom = 0
@@ -391,6 +395,9 @@ def train_step(run, micro_batches: list[dict]) -> Steps:
         run.optimizer.zero_grad(set_to_none=True)
         return Steps("oom")
     distributed.all_reduce_grads(dist, run.params)
+    grads = [p.grad for p in run.params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / base)
     sums = torch.cat([loss_sums, torch.stack(list(metric_sums.values()))]) if metric_sums else loss_sums
     distributed.all_reduce_sum_(dist, [sums])
     norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or float("inf"))

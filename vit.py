@@ -54,8 +54,10 @@ class Block(nn.Module):
             return self.qkv.bias
         return self.qkv.bias * self.qkv_bias_mask
 
-    def project(self, x, part: slice):
-        """x through the rows `part` of the fused q|k|v projection."""
+    def project(self, x, part: slice = slice(None)):
+        """x through the rows `part` of the fused q|k|v projection (all of them by default)."""
+        if part == slice(None) and self.qkv_bias_mask is None:
+            return self.qkv(x)
         bias = self.qkv_bias()
         return F.linear(x, self.qkv.weight[part], None if bias is None else bias[part])
 
@@ -93,13 +95,13 @@ class ViTBackbone(nn.Module):
     pixel_mean = IMAGENET_MEAN
     pixel_std = IMAGENET_STD
 
-    def __init__(self, *, dim: int, num_heads: int, patch_size: int, num_prefix: int, blocks, eps: float):
+    def __init__(self, *, dim: int, num_heads: int, patch_size: int, num_prefix: int):
+        """Subclasses then register their embedding parameters, `blocks` (a ModuleList of Block) and the
+        final `norm`, in that order (the parameter order the optimizer and the published weights see)."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.dim, self.num_heads, self.patch_size, self.num_prefix = dim, num_heads, patch_size, num_prefix
-        self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.LayerNorm(dim, eps=eps)
         self.gradient_checkpointing = False  # recompute patch blocks in backward (training memory)
         # uint8 -> normalised, on the frames' device (buffers: no per-call host copies)
         self.register_buffer("_mean", 255 * torch.tensor(self.pixel_mean).view(3, 1, 1), persistent=False)
@@ -163,7 +165,7 @@ class ViTBackbone(nn.Module):
         return kv
 
     def _patch_block(self, blk, x, rope):
-        q, k, v = (heads(t, self.num_heads) for t in blk.project(blk.norm1(x), slice(None)).chunk(3, dim=-1))
+        q, k, v = (heads(t, self.num_heads) for t in blk.project(blk.norm1(x)).chunk(3, dim=-1))
         q, k = apply_rope(q, rope, self.num_prefix), apply_rope(k, rope, self.num_prefix)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
         x = x + blk.proj(a) * blk.ls1
