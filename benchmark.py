@@ -528,7 +528,7 @@ def main(argv=None) -> dict:
         todo = [it for it in items if any((bench, m, it.uid) not in done for m in modes)
                 and (bench, "skipped", it.uid) not in done]
         runner = Runner(model, modes, device)
-        decode_start, scored = time.perf_counter(), 0
+        scored = 0
         with open(items_path, "a") as sink:
             for decoded, batch in batches_by_clip(todo, args.max_frames, args.frame_size, args.batch_size,
                                                   args.workers):
@@ -603,7 +603,7 @@ def markdown(report) -> str:
     for bench, res in report["results"].items():
         if bench == "val":
             cells = [f"loss {res[m]['loss']:.4f} / answer acc {res[m]['answer_acc']:.3f}" for m in modes]
-            lines.append(f"| val | " + " | ".join(cells) + f" | {res[modes[0]]['samples']} | 0 |")
+            lines.append("| val | " + " | ".join(cells) + f" | {res[modes[0]]['samples']} | 0 |")
             continue
         cells = [f"{100 * res[m]['accuracy']:.1f} / {100 * res[m]['likelihood_accuracy']:.1f}" for m in modes]
         lines.append(f"| {bench} | " + " | ".join(cells) + f" | {res[modes[0]]['items']} | {res['skipped']['count']} |")

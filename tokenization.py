@@ -13,7 +13,7 @@ concatenation of its turns (checked; other templates raise).
 
 from pathlib import Path
 
-from config import DEFAULT_SYSTEM_PROMPT, STAGES
+from config import STAGES
 
 ROLES = ("system", "user", "assistant")
 

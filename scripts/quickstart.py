@@ -88,7 +88,7 @@ def main(argv=None):
         curve = "  ".join(f"{r['step']}: {float(r[column]):.3f}" for r in val if r["mode"] == mode)
         print(f"stage {n} {what:28s} {mode} {'DPO loss' if n == 3 else 'loss'} by step  {curve}")
 
-    print(f"\n=== the final models on the held-out SFT questions (data/synthetic/val_sft) ===")
+    print("\n=== the final models on the held-out SFT questions (data/synthetic/val_sft) ===")
     print("answer accuracy = every token of the answer right under teacher forcing; a model that only guesses "
           f"the colour / shape / direction scores {CHANCE:.2f}")
     results = {n: evaluate_final(f"{runs}_stage{n}") for n in (1, 2, 3)}

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from collate import budget_batches, collate, pack_frames, sample_cost
-from tokenization import DEFAULT_SYSTEM_PROMPT, tokenize, tokenize_dpo
+from config import DEFAULT_SYSTEM_PROMPT
+from tokenization import tokenize, tokenize_dpo
 
 g = torch.Generator().manual_seed(0)
 

@@ -104,7 +104,7 @@ def test_prompt_first_matches_a_naive_concatenation(tiny_backbones):
     """[question; visual tokens; rest of the text] as one plain sequence; every text token scored
     from the position just before it."""
     model = make_model(tiny_backbones, layout="prompt_first")
-    frames, (ids, lm) = video(3, 8), sample_ids(model, "Is the dot red?", "Yes.")
+    frames, (ids, _) = video(3, 8), sample_ids(model, "Is the dot red?", "Yes.")
     ids_t = torch.tensor([ids])
     p = ids.index(model._im_end)  # the first <|im_end|> closes the system turn...
     p = ids.index(model._im_end, p + 1)  # ...the second one the user turn: the video goes before it

@@ -2,7 +2,8 @@
 
 import pytest
 
-from tokenization import DEFAULT_SYSTEM_PROMPT, SampleError, chat_ids, tokenize, tokenize_dpo
+from config import DEFAULT_SYSTEM_PROMPT
+from tokenization import SampleError, chat_ids, tokenize, tokenize_dpo
 
 SYSTEM = DEFAULT_SYSTEM_PROMPT
 TURNS = [{"role": "user", "content": "What colour is the circle?"},
