@@ -34,10 +34,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from collate import budget_batches, collate
+from config import DEFAULT_SYSTEM_PROMPT, RESIZE_MODES, STAGES
 from media import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, EmptyVideo, MediaError, decode_image, decode_video,
                    frame_extension_index, sample_frame_indices)
 from shards import ShardError, expand, read_samples
-from config import DEFAULT_SYSTEM_PROMPT, RESIZE_MODES, STAGES
 from tokenization import SampleError, load_tokenizer, pad_id, tokenize, tokenize_dpo
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built

@@ -211,7 +211,7 @@ class FoveatedVLM(nn.Module):
         elif visual_pos is not None:
             start = torch.minimum(visual_pos.to(n_text), n_text)
         else:
-            start = self.visual_start(input_ids, text_valid)
+            start = self.visual_start(input_ids, text_valid, rank)
         text_pos = rank + n_visual[:, None] * (rank >= start[:, None])
         successor = rank + 1  # rank of the token after j
         # the position just before the successor: shifted past the video when it comes after the video
@@ -222,13 +222,14 @@ class FoveatedVLM(nn.Module):
                       pred_pos=pred_pos.clamp(min=0),
                       pred_from_visual=(successor == start[:, None]) & (n_visual[:, None] > 0))
 
-    def visual_start(self, input_ids, text_valid) -> torch.Tensor:
+    def visual_start(self, input_ids, text_valid, rank=None) -> torch.Tensor:
         """prompt_first: [B] text rank of the first <|im_end|> after the first '<|im_start|>user' (0
-        where there is none): the video goes right before it, after the question."""
+        where there is none): the video goes right before it, after the question. rank: the text
+        tokens' ranks (Layout.text_rank), when already computed."""
         if self._im_start is None or self._user is None or self._im_end is None:
             raise ValueError("layout 'prompt_first' needs a ChatML tokenizer or an explicit visual_pos")
         ids, text_valid = input_ids, text_valid.bool()
-        rank = text_valid.long().cumsum(1) - 1
+        rank = text_valid.long().cumsum(1) - 1 if rank is None else rank
         starts = (ids[:, :-1] == self._im_start) & (ids[:, 1:] == self._user) & text_valid[:, :-1] & text_valid[:, 1:]
         starts = F.pad(starts, (0, 1))
         first_user = torch.where(starts.any(1), starts.long().argmax(1), ids.shape[1])
@@ -499,6 +500,7 @@ class FoveatedVLM(nn.Module):
                     chosen_tokens=res["num_tokens"][:b], rejected_tokens=res["num_tokens"][b:])
 
     # ---- generation -----------------------------------------------------------------------------
+
     def chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation in the LLM's chat template, with our system prompt unless the
         conversation has its own."""
@@ -606,7 +608,6 @@ class FoveatedVLM(nn.Module):
                                                    cache_valid, cache)
                 logits = self.llm.lm_head(h[:, 0])
                 pos = pos + 1
-
 
     def _kv(self, vis, kv):
         """The frames' per-block K/V: encoded here, or given (precomputed for these frames)."""
