@@ -7,6 +7,10 @@ step, every rank's data position and RNG states, counters, and the resolved conf
 written to a temporary name and renamed, so a run killed at any moment leaves either the old set
 of checkpoints or the new one, never a torn file. `best.json` names the checkpoint with the lowest
 validation loss; pruning never deletes it.
+
+Files from others (a published checkpoint.pt, someone's run directory) are untrusted: pickle files
+are read with torch's weights_only loader, so nothing in them can execute; only an explicit
+trust=True (`--trust-checkpoint` on the command lines) unpickles arbitrary objects.
 """
 
 import dataclasses
@@ -15,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -55,7 +58,7 @@ def save_checkpoint(run_dir, step: int, state: dict) -> Path:
 
 
 def load_checkpoint(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_torch_file(path)
 
 
 def write_json(path, data):
@@ -116,11 +119,58 @@ def export_pretrained(model, folder):
         shutil.rmtree(old)
 
 
-def load_weights(path) -> tuple[dict, dict | None, str]:
+TRUST_FLAG = "--trust-checkpoint"
+
+
+class UntrustedCheckpoint(ValueError):
+    """A checkpoint file that holds pickled Python objects besides tensors, refused because
+    unpickling them could run code from the file."""
+
+
+def _safe_globals() -> list:
+    """Beyond tensors and plain containers, what training scripts commonly store as numbers: numpy
+    scalars and dtypes (rebuilt from bytes; nothing is called). Under their numpy 1 names too."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n != "ObjectDType"]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+def read_torch_file(path, trust: bool = False):
+    """torch.load a file from someone else. Only tensors, plain containers and numbers are unpickled
+    (weights_only with a short allow-list); anything else is an UntrustedCheckpoint naming the file,
+    the objects and the opt-in: trust=True (the command lines' --trust-checkpoint) unpickles
+    everything, which runs whatever code the file carries."""
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  torch raises many types on foreign or damaged files
+        error = e
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001  not a zip-format torch file at all
+        unsafe = []
+    allowed = {name for g in _safe_globals() for name in ([g[1]] if isinstance(g, tuple) else
+                                                           [f"{g.__module__}.{g.__qualname__}"])}
+    unsafe = [g for g in unsafe if g not in allowed]
+    if unsafe:
+        raise UntrustedCheckpoint(
+            f"{path} holds pickled Python objects besides tensors ({', '.join(unsafe[:5])}"
+            f"{', ...' if len(unsafe) > 5 else ''}); they were not loaded, because unpickling them can run code "
+            f"from the file. If you trust the file, pass {TRUST_FLAG} (trust=True in Python)") from None
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {first_line})") from None
+
+
+def load_weights(path, trust: bool = False) -> tuple[dict, dict | None, str]:
     """A model state dict from: a save_pretrained folder, a run directory (its final export), a
     training checkpoint or published `checkpoint.pt` (its "model" entry, or a bare state dict), or a
     .safetensors file. Returns (state dict, the model settings stored with it (config.json, or a
-    training checkpoint's config.model) or None, what was read). A missing path is an error."""
+    training checkpoint's config.model) or None, what was read). A missing path is an error; a
+    pickle file is read with `read_torch_file` (trust as there)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -140,14 +190,7 @@ def load_weights(path) -> tuple[dict, dict | None, str]:
         from safetensors.torch import load_file
 
         return load_file(str(path)), None, str(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  published files may pickle plain Python objects
-        if "weights_only" not in str(e) and "Unpickler" not in str(e):
-            raise
-        warnings.warn(f"{path} holds pickled Python objects besides tensors; loading it with "
-                      f"weights_only=False, which runs code from the file: only do this for files you trust")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = read_torch_file(path, trust)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         config = obj.get("config")
         settings = config.get("model") if isinstance(config, dict) else None
@@ -157,12 +200,12 @@ def load_weights(path) -> tuple[dict, dict | None, str]:
     raise ValueError(f"{path} holds neither a state dict nor a dict with a 'model' state dict")
 
 
-def load_model(path, llm: str | None = None, dino: str | None = None):
+def load_model(path, llm: str | None = None, dino: str | None = None, trust: bool = False):
     """(FoveatedVLM, what was read) from any form load_weights reads, built with the settings stored
     with the weights: an export's config.json, a training checkpoint's config.model. A bare state dict
     (the published checkpoint.pt) gets the published settings, with the query width read from the
     weights, and needs llm / dino (hub ids or folders of the backbones); given otherwise, they replace
-    the stored backbone sources of a checkpoint file."""
+    the stored backbone sources of a checkpoint file. trust: as in `read_torch_file`."""
     from config import ModelConfig, expand_path, model_config
     from model import FoveatedVLM
 
@@ -175,7 +218,7 @@ def load_model(path, llm: str | None = None, dino: str | None = None):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no save_pretrained export (config.json) there or in final/")
         return FoveatedVLM.from_pretrained(folder), str(folder)
-    state, settings, what = load_weights(path)
+    state, settings, what = load_weights(path, trust)
     if settings is None:
         if not llm or not dino:
             raise ValueError(f"{what} stores no model settings: it needs --llm and --dino (hub ids or folders of "
