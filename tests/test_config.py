@@ -99,9 +99,36 @@ def test_environment_variables_in_shard_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("DATA", str(tmp_path))
     cfg = load_config(write(tmp_path, dict(MINIMAL, data={"train": [{"name": "a", "shards": "${DATA}/shards"}]})))
     assert train.sources(cfg.data.train)[0].shards == (str(tmp_path / "shards" / "x.tar"),)
-    monkeypatch.delenv("DATA")
-    with pytest.raises(FileNotFoundError, match=r"\$\{DATA\}/shards"):
+    monkeypatch.delenv("DATA")  # unset: the error says so and names the key, not a pattern that matches nothing
+    with pytest.raises(ConfigError, match=r"key 'data.train.0.shards' .*the environment variable DATA is not set"):
         train.sources(cfg.data.train)
+    cfg.data.train[0].shards = str(tmp_path / "nothing" / "*.tar")
+    with pytest.raises(ConfigError, match=r"data.train.0.shards \(source 'a'\): .*matches no file"):
+        train.sources(cfg.data.train)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan"])  # YAML floats, then strings
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match="key 'optim.lr.llm' must be a (finite )?number"):
+        load_config(write(tmp_path, MINIMAL), [f"optim.lr.llm={value}"])
+
+
+def test_every_key_is_listed_with_its_default():
+    import dataclasses
+
+    from config import Config, defaults_text
+
+    text = defaults_text()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.type, type) and dataclasses.is_dataclass(f.type)):
+                yield from keys(f.type, prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+    listed = [line.split(":")[0].strip() for line in text.splitlines()]
+    assert listed == list(keys(Config)) and "optim.max_bad_steps" in listed
+    assert "  optim.lr: {\"connector\": 0.0001, \"dino\": 1e-05, \"llm\": 1e-05}  (mapping to float)" in text
 
 
 def test_schedules():

@@ -496,3 +496,23 @@ def test_packed_training_forward_is_one_graph_without_host_syncs(tiny_model, mod
     torch._dynamo.reset()
     explained = torch._dynamo.explain(tiny_model.train())(**packed, mode=mode)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("part", ["llm", "dino"])
+def test_a_hub_id_that_cannot_be_fetched_names_the_offline_alternatives(monkeypatch, part):
+    """No network: one error naming the setting and what works offline, not transformers' traceback."""
+    import backbones
+    from model import FoveatedVLM
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(backbones, "load_tokenizer", offline)
+    monkeypatch.setattr(backbones.AutoConfig, "from_pretrained", offline)
+    names = {"llm_name": "random:tiny", "dino_name": "random:tiny", f"{part}_name": "someone/some-model"}
+    with pytest.raises(OSError) as err:
+        FoveatedVLM(**names, query_dim=16)
+    message = str(err.value)
+    assert message.startswith(f"model.{part} 'someone/some-model' could not be loaded") and "couldn't connect" in message
+    assert "a local folder" in message and "random:<preset>" in message and ("a .gguf file" in message) == (part == "llm")
+    assert err.value.__suppress_context__  # transformers' traceback is not chained in

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,64 @@ def test_an_oom_on_every_retry_stops_the_run(synthetic, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"4 steps in a row skipped \(oom last\).*optim.max_bad_steps"):
         run(tmp_path, tree, "optim.max_bad_steps=4")
     assert calls["n"] == 4
+    assert "error: 4 steps in a row skipped (oom last)" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_run_that_trains_nothing_is_an_error(synthetic, tmp_path):
+    """Exact (resampled: false) data where every sample is unusable: an error naming the skips, not
+    "0 steps" with exit 0 and an untrained final/ export."""
+    from shards import ShardWriter
+
+    with ShardWriter(tmp_path / "broken") as writer:
+        for i in range(6):  # fewer than the loader's fail-fast threshold
+            writer.write(f"s{i}", {"json": b"{not json", "000.jpg": b"garbage"})
+    tree = config_tree(synthetic, tmp_path / "run")
+    tree["data"]["train"] = [{"name": "broken", "shards": str(tmp_path / "broken")}]
+    tree["data"]["resampled"] = False
+    with pytest.raises(RuntimeError, match=r"no usable batch \(skipped samples: \{'broken': \{'bad_json': 6\}\}\)"):
+        run(tmp_path, tree)
+    assert not (tmp_path / "run" / "final").exists()
+    assert "a run that trains nothing is an error" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_bad_paths_fail_before_the_run_directory_is_touched(synthetic, tmp_path):
+    """run_dir that is a file, init_from that is not a checkpoint (or carries a pickle payload), a
+    shard pattern that matches nothing: ConfigErrors naming the key, raised before anything loads and
+    before run_dir/train.log exists."""
+    tree = config_tree(synthetic, tmp_path / "file")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="run_dir: .*file exists and is not a directory"):
+        run(tmp_path, tree)
+    tree["run_dir"] = str(tmp_path / "run")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match=r"init_from: .*notes.txt is not a checkpoint.*not a readable PyTorch"):
+        run(tmp_path, tree, f"init_from={tmp_path / 'notes.txt'}")
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    torch.save({"model": {}, "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ConfigError, match="init_from: .*evil.pt holds pickled Python objects.*--trust-checkpoint"):
+        run(tmp_path, tree, f"init_from={tmp_path / 'evil.pt'}")
+    assert not (tmp_path / "ran").exists()
+    with pytest.raises(ValueError, match="does not fit the model"):  # the opt-in reaches the loader, which runs it
+        train.main(["--config", write_config(tmp_path / "c.yaml", tree), "--trust-checkpoint",
+                    f"init_from={tmp_path / 'evil.pt'}"])
+    assert (tmp_path / "ran").exists()
+    shutil.rmtree(tmp_path / "run")
+    tree["data"]["val"] = [{"name": "val", "shards": str(tmp_path / "nothing" / "*.tar")}]
+    with pytest.raises(ConfigError, match=r"data.val.0.shards \(source 'val'\): shard pattern .*matches no file"):
+        run(tmp_path, tree)
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_examples_and_every_default(capsys):
+    with pytest.raises(SystemExit) as done:
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "examples:" in out and "torchrun --nproc_per_node" in out
+    assert "optim.max_bad_steps: 10  (int)" in out and "--trust-checkpoint" in out
 
 
 @pytest.mark.parametrize("mode", [pytest.param("coarse_only", marks=pytest.mark.slow), "coarse_fine",
@@ -297,7 +356,7 @@ def test_init_from_continues_from_an_earlier_stage(synthetic, tmp_path):
     tree["data"]["val"] = []
     for source in (tmp_path / "s1", tmp_path / "s1" / "final", tmp_path / "s1" / "checkpoints" / "step_00000002.pt"):
         cfg = load_config(write_config(tmp_path / "c.yaml", tree), [f"init_from={source}"])
-        model = train.build_model(cfg)
+        model = train.build_model(cfg, train.initial_weights(cfg))
         s1 = final_state(tmp_path / "s1")
         assert all(torch.equal(model.state_dict()[k], v) for k, v in s1.items()), source
 
@@ -393,6 +452,88 @@ def test_metrics_resume_after_a_kill_continue_like_an_uninterrupted_run(syntheti
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_signal_saves_and_the_resumed_run_equals_an_uninterrupted_one(synthetic, tmp_path, monkeypatch):
+    """SIGTERM in the middle of step 3 (checkpoints every 4): the step finishes, a checkpoint is
+    written, train raises Stopped. The run directory is then moved and resumed under its new name
+    (with a trailing slash): losses, weights and the RNG streams equal an uninterrupted run's. The
+    loss draws from torch's and Python's RNGs, as dropout or augmentation would."""
+    import random
+
+    real, calls = train.micro_batch_losses, {"n": 0, "signal_at": None}
+
+    def noisy(model, batch, *args):
+        calls["n"] += 1
+        if calls["n"] == calls["signal_at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        noise = 1 + 0.1 * torch.rand(()) + 0.1 * random.random()
+        return [(loss * noise, extra) for loss, extra in real(model, batch, *args)]
+
+    monkeypatch.setattr(train, "micro_batch_losses", noisy)
+    tree = config_tree(synthetic, tmp_path / "whole")
+    tree["data"]["num_workers"] = 1
+    tree["optim"]["steps"] = 6
+    tree["eval"]["every_steps"] = 2
+    tree["checkpoint"]["every_steps"] = 4
+    run(tmp_path, tree)
+    calls.update(n=0, signal_at=3)
+    tree["run_dir"] = str(tmp_path / "stopped")
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(train.Stopped):
+        run(tmp_path, tree)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # restored
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "stopped")] == [3]
+    assert "stopped by a signal after step 3" in (tmp_path / "stopped" / "train.log").read_text()
+    assert not (tmp_path / "stopped" / "final").exists()
+    (tmp_path / "stopped").rename(tmp_path / "moved")
+    calls.update(signal_at=None)
+    tree["run_dir"] = str(tmp_path / "moved") + "/"
+    run(tmp_path, tree)
+    assert "resumed from" in (tmp_path / "moved" / "train.log").read_text()
+    a, b = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "moved" / "metrics.csv")
+    assert [r["step"] for r in b] == [str(s) for s in range(1, 7)]
+    assert [(r["loss"], r["grad_norm"], r["samples"]) for r in a] == [(r["loss"], r["grad_norm"], r["samples"]) for r in b]
+    va, vb = read_csv(tmp_path / "whole" / "val.csv"), read_csv(tmp_path / "moved" / "val.csv")
+    assert [(r["step"], r["loss"]) for r in va] == [(r["step"], r["loss"]) for r in vb]
+    sa, sb = final_state(tmp_path / "whole"), final_state(tmp_path / "moved")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_sigterm_exits_75_after_saving_and_a_second_signal_exits_at_once(synthetic, tmp_path):
+    """The command line as a cluster sees it: SIGTERM -> checkpoint, exit code 75; the same command
+    resumes; two Ctrl-Cs in a row end the process at once, without saving."""
+    tree = config_tree(synthetic, tmp_path / "run")
+    tree["optim"]["steps"] = 400
+    tree["checkpoint"]["every_steps"] = 1000
+    tree["eval"]["at_start"] = False
+    tree["data"]["val"] = []
+    config = write_config(tmp_path / "c.yaml", tree)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", config]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def start_and_wait_for(step):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 180
+        while not (tmp_path / "run" / "metrics.csv").exists() or len(read_csv(tmp_path / "run" / "metrics.csv")) < step:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        return proc
+
+    proc = start_and_wait_for(2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == train.EXIT_STOPPED, proc.stderr.read()
+    [(step, _)] = ckpt.list_checkpoints(tmp_path / "run")
+    assert 2 <= step < 400 and not (tmp_path / "run" / "final").exists()
+    proc = start_and_wait_for(step + 2)  # the same command resumes
+    assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
+    proc.send_signal(signal.SIGINT)
+    while "finishing the current step" not in proc.stderr.readline():  # the first one has been handled
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == -signal.SIGINT
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [step]  # the second signal did not wait to save
+
+
 WORKER = ROOT / "tests" / "torchrun_worker.py"
 
 
@@ -435,6 +576,23 @@ def test_torchrun_two_gloo_processes_stay_in_step(synthetic, tmp_path):
     a, b = torchrun(tmp_path, write_config(tmp_path / "dpo.yaml", tree))
     assert a["digest"] == b["digest"] != a["initial_digest"]
     assert float(read_csv(tmp_path / "dpo" / "metrics.csv")[0]["loss"]) == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_agree_to_stop_on_a_signal_and_resume_exactly(synthetic, tmp_path):
+    """SIGTERM reaches rank 0 only, in step 3: both ranks stop after that step with one checkpoint;
+    the same command then finishes with the weights of an uninterrupted run."""
+    tree = config_tree(synthetic, tmp_path / "whole")
+    tree["optim"]["steps"] = 5
+    tree["checkpoint"]["every_steps"] = 4
+    whole = torchrun(tmp_path, write_config(tmp_path / "whole.yaml", tree))
+    tree["run_dir"] = str(tmp_path / "stopped")
+    config = write_config(tmp_path / "stopped.yaml", tree)
+    assert torchrun(tmp_path, config, fault="term:0:3") == [{"stopped_at": 3}, {"stopped_at": 3}]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "stopped")] == [3]
+    resumed = torchrun(tmp_path, config)
+    assert resumed[0]["digest"] == resumed[1]["digest"] == whole[0]["digest"]
+    assert resumed[0]["summary"]["samples"] == whole[0]["summary"]["samples"]
 
 
 @pytest.mark.slow

@@ -1,11 +1,13 @@
 """Run by tests/test_train.py under torchrun: train.main with optional injected faults
-(FVLM_TEST_FAULT="oom:RANK:CALL,nan:RANK:CALL" makes that rank's CALL-th micro-batch raise a CUDA OOM
-or return a NaN loss), then write this rank's summary and a digest of its weights to
-rank<RANK>.json next to the config."""
+(FVLM_TEST_FAULT="oom:RANK:CALL,nan:RANK:CALL,term:RANK:CALL" makes that rank's CALL-th micro-batch
+raise a CUDA OOM, return a NaN loss, or send its own process SIGTERM), then write this rank's summary
+and a digest of its weights (or the step a signal stopped it at) to rank<RANK>.json next to the
+config."""
 
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +39,8 @@ def main():
 
     def loss(model, batch, *args):
         calls["n"] += 1
+        if faults.get(calls["n"]) == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
         if faults.get(calls["n"]) == "oom":
             raise torch.OutOfMemoryError("injected")
         nan = faults.get(calls["n"]) == "nan"
@@ -50,8 +54,12 @@ def main():
 
     train.micro_batch_losses, train.finish = loss, finish
     initial = digest(train.build_model(load_config(config, argv[argv.index("--config") + 2:])))
-    summary = train.main(argv)
     out = Path(config).parent / f"rank{rank}.json"
+    try:
+        summary = train.main(argv)
+    except train.Stopped as stopped:
+        out.write_text(json.dumps({"stopped_at": stopped.args[0]}))
+        return
     out.write_text(json.dumps({"digest": seen["digest"], "initial_digest": initial, "summary": summary}))
 
 
