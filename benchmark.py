@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from checkpoint import load_model
 from collate import pack_frames
 from config import MODES
+from data import Loader, SampleSpec, ShardStream, Source
 from media import MediaError, decode_image, decode_video, frame_extension_index
 from model import autocast
 
@@ -255,13 +256,20 @@ def synthetic_items(root: Path) -> list[Item]:
     from shards import expand, read_samples
 
     folder = root / "synthetic"
+    if not (folder / "README.json").is_file():
+        raise FileNotFoundError(f"synthetic: no {folder / 'README.json'} (scripts/make_synthetic.py --out {folder} "
+                                f"writes it)")
     readme = json.loads((folder / "README.json").read_text())
     if "directions" not in readme:
         raise ValueError(f"{folder} was made by an older make_synthetic.py; generate it again")
     vocabulary = {"colour": tuple(readme["palette"]), "shape": tuple(readme["shapes"]),
                   "motion": tuple(readme["directions"])}
+    try:
+        paths = expand(folder / "eval")
+    except FileNotFoundError as e:  # expand's message names the path (and hints at what is there)
+        raise FileNotFoundError(f"synthetic: {e}") from None
     items = []
-    for path in expand(folder / "eval"):
+    for path in paths:
         for key, files in read_samples(path):
             doc = json.loads(files["json"])
             meta = doc["meta"]
@@ -463,29 +471,116 @@ def _sync_time(start, device):
     return time.perf_counter() - start
 
 
-def run_val(model, args, modes, device) -> dict:
+def val_source(data_root: Path) -> Source:
+    """The held-out shards (DATA_ROOT/val/*.tar), found before the model is loaded."""
+    try:
+        return Source.from_patterns("val", data_root / "val")
+    except FileNotFoundError as e:  # expand's message names the path (and hints at what is there)
+        raise FileNotFoundError(f"val: {e}") from None
+
+
+class FirstSamples(ShardStream):
+    """An exact pass that ends after its first `limit` usable samples, so that its last batch ends
+    there too: validate() stops only between batches, which would score up to a batch more."""
+
+    def __init__(self, *args, limit: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.limit = limit
+
+    def samples(self, worker: int = 0, workers: int = 1):
+        usable = 0
+        for sample, state in super().samples(worker, workers):
+            yield sample, state
+            usable += sample is not None
+            if usable >= self.limit:
+                return
+
+
+def run_val(model, source: Source, args, modes, device) -> dict:
     """Held-out shards in our format (DATA_ROOT/val): loss, token and answer accuracy per mode."""
-    from data import Loader, SampleSpec, ShardStream, Source
     from objectives import TextCE
     from validation import validate
 
-    source = Source.from_patterns("val", args.data_root / "val")
     spec = SampleSpec(stage=args.val_stage, frame_size=args.frame_size, max_frames=args.max_frames,
                       system_prompt=model.system_prompt, image_frames=model.image_frames)
-    stream = ShardStream([source], spec, model.tokenizer, batch_size=args.batch_size, resampled=False)
+    workers = args.workers
+    if args.limit is None:
+        stream = ShardStream([source], spec, model.tokenizer, batch_size=args.batch_size, resampled=False)
+    else:
+        # --limit N means the first N, as for the other benchmarks: one reader (several would each
+        # read their share of the shards, so which N samples came first would depend on --workers)
+        stream = FirstSamples([source], spec, model.tokenizer, batch_size=args.batch_size, resampled=False,
+                              limit=args.limit)
+        workers = min(workers, 1)
     to_device = lambda b: {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}  # noqa: E731
     start = time.perf_counter()
-    res = validate(model, Loader(stream, num_workers=args.workers), objectives=[(TextCE(), 1.0)], modes=modes,
-                   to_device=to_device, autocast=autocast(device), max_samples=args.limit or 10**9)
+    res = validate(model, Loader(stream, num_workers=workers), objectives=[(TextCE(), 1.0)], modes=modes,
+                   to_device=to_device, autocast=autocast(device),
+                   max_samples=args.limit if args.limit is not None else sys.maxsize)
     if not res["samples"]:
         raise ValueError(f"val: no usable sample in {args.data_root / 'val'}")
     return {m: {**r["all"], "per_category": {"source": r["by_source"]}, "seconds": time.perf_counter() - start}
             for m, r in res["modes"].items()}
 
 
+def _int_at_least(low: int):
+    """An argparse `type` for an integer flag >= low, so a bad value is refused at parse time with
+    the flag's name ("argument --limit: must be an integer >= 1, got '0'"), before anything loads."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default (not the empty ones: "(default: None)" says nothing) and
+    keeps the example commands of the epilog as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+EXAMPLES = """examples:
+  # a run directory (its final/ export) or a save_pretrained folder, in every forward mode
+  python benchmark.py --checkpoint runs/stage3_135M --data-root /data/benchmarks --output results.json
+
+  # the published checkpoint.pt (weights only): name its backbones
+  python benchmark.py --checkpoint checkpoint.pt --llm HuggingFaceTB/SmolLM2-1.7B-Instruct \\
+      --dino facebook/dinov2-small --data-root /data/benchmarks --bench mvbench,videomme --mode coarse_fine
+
+  # continue an interrupted run: keeps what results.json.items.jsonl already holds
+  python benchmark.py --checkpoint runs/stage3_135M --data-root /data/benchmarks --output results.json --resume
+"""
+
+
+def read_benchmarks(benches, data_root: Path, limit: int | None) -> dict:
+    """Every requested benchmark's items ({bench: [Item]}; val: its shard Source), read before the
+    model is loaded: a missing dataset then fails in seconds, not after minutes of loading weights."""
+    found = {}
+    for bench in benches:
+        if bench == "val":
+            found[bench] = val_source(data_root)
+            continue
+        items = LOADERS[bench](data_root)[:limit]
+        if not items:
+            raise ValueError(f"{bench}: no items in {data_root / bench}")
+        found[bench] = items
+    return found
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", default="all", choices=[*MODES, "all"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--mode", default="all", choices=[*MODES, "all"], help="forward mode(s) to score")
     parser.add_argument("--checkpoint", required=True, help="run directory, save_pretrained folder or checkpoint file")
     parser.add_argument("--llm", help="backbone LLM (hub id or folder) for a checkpoint file: needed for the "
                                       "published checkpoint.pt, else replaces the one stored in the checkpoint")
@@ -493,22 +588,33 @@ def main(argv=None) -> dict:
     parser.add_argument("--bench", default="mvbench,videomme,scienceqa,pope",
                         help=f"comma-separated, from {','.join(BENCHES)}")
     parser.add_argument("--data-root", type=Path, required=True, help="folder holding the benchmarks' data")
-    parser.add_argument("--output", type=Path, default=Path("results.json"))
-    parser.add_argument("--max-frames", type=int, default=64, help="frames sampled uniformly from each video")
-    parser.add_argument("--frame-size", type=int, default=224)
-    parser.add_argument("--limit", type=int, help="at most N items per benchmark (the first N)")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per batch")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
+    parser.add_argument("--output", type=Path, default=Path("results.json"),
+                        help="the report (JSON); items are appended to OUTPUT.items.jsonl as they are scored")
+    parser.add_argument("--max-frames", type=_int_at_least(1), default=64,
+                        help="frames sampled uniformly from each video")
+    parser.add_argument("--frame-size", type=_int_at_least(1), default=224,
+                        help="frame side in pixels (a multiple of the vision backbone's patch size)")
+    parser.add_argument("--limit", type=_int_at_least(1), metavar="N",
+                        help="score only the first N items of each benchmark (val: its first N samples) "
+                             "(default: all)")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=16, help="questions per batch")
+    parser.add_argument("--workers", type=_int_at_least(0), default=min(8, os.cpu_count() or 1),
+                        help="decoding processes (0: decode in this process) (default: min(8, CPUs), here "
+                             "%(default)s)")
     parser.add_argument("--val-stage", default="sft", choices=["alignment", "sft"], help="loss masks for `val`")
     parser.add_argument("--resume", action="store_true", help="keep the items already scored in OUTPUT.items.jsonl")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint file that holds pickled Python objects besides tensors; unpickling "
+                             "can run code from the file, so only for files you trust")
     args = parser.parse_args(argv)
     benches = [b.strip() for b in args.bench.split(",") if b.strip()]
     unknown = [b for b in benches if b not in BENCHES]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     modes = list(MODES) if args.mode == "all" else [args.mode]
+    data = read_benchmarks(benches, args.data_root, args.limit)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, source = load_model(args.checkpoint, args.llm, args.dino)
+    model, source = load_model(args.checkpoint, args.llm, args.dino, trust=args.trust_checkpoint)
     model.to(device).eval()
     patch = model.encoder.dino.patch_size
     if args.frame_size % patch:
@@ -522,9 +628,9 @@ def main(argv=None) -> dict:
     for bench in benches:
         start = time.perf_counter()
         if bench == "val":
-            results["val"] = run_val(model, args, modes, device)
+            results["val"] = run_val(model, data["val"], args, modes, device)
             continue
-        items = LOADERS[bench](args.data_root)[: args.limit]
+        items = data[bench]
         todo = [it for it in items if any((bench, m, it.uid) not in done for m in modes)
                 and (bench, "skipped", it.uid) not in done]
         runner = Runner(model, modes, device)
@@ -617,4 +723,6 @@ if __name__ == "__main__":
     try:
         main()
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        # bad input exits 2, as argparse's errors do (sys.exit(message) would exit 1); one line, no traceback
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)

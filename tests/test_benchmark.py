@@ -1,12 +1,16 @@
 """benchmark.py: lmms-eval's answer parsers on tricky replies; every benchmark read from its public
 layout (made here: mp4 via PyAV, parquet with embedded images, our shards) and run end to end on a
 tiny model in all modes; scores independent of the batch size; a model that always answers "A";
-resume; and a trained tiny model far above chance on the synthetic probe."""
+resume; the command line's checks, made before the model is loaded; and a trained tiny model far
+above chance on the synthetic probe."""
 
 import importlib.util
 import io
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -229,6 +233,106 @@ def test_no_usable_item_is_an_error(checkpoint, data_root, tmp_path):
         run(checkpoint, root, tmp_path / "r.json", "--bench", "mvbench")
     with pytest.raises(FileNotFoundError, match="Video-MME: no parquet"):
         run(checkpoint, root, tmp_path / "r.json", "--bench", "videomme")
+
+
+# ---- the command line: checks that come before the model is loaded ------------------------------------
+
+def refuse_to_load(*args, **kwargs):
+    raise AssertionError("load_model was called before the command line and the data were checked")
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--limit", "-1"), ("--limit", "two"), ("--max-frames", "0"),
+                                         ("--batch-size", "0"), ("--frame-size", "0"), ("--workers", "-1")])
+def test_numeric_flags_are_refused_at_parse_time_naming_the_flag(flag, value, tmp_path, monkeypatch, capsys):
+    """--limit 0 used to mean everything for `val` and an error elsewhere, --limit -1 scored all but
+    the last item, --max-frames 0 ended in torch.stack: now each is an argparse error (exit 2)."""
+    monkeypatch.setattr(benchmark, "load_model", refuse_to_load)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "checkpoint", tmp_path, tmp_path / "r.json", "--bench", "pope,val", flag, value)
+    assert e.value.code == 2
+    low = 0 if flag == "--workers" else 1
+    assert f"argument {flag}: must be an integer >= {low}, got '{value}'" in capsys.readouterr().err
+
+
+def test_limit_scores_the_first_n_val_samples_like_the_first_n_items(checkpoint, data_root, tmp_path):
+    """`val` stops at the limit even inside a batch (5 samples in batches of 2), as the other
+    benchmarks score exactly their first N items."""
+    report = run(checkpoint, data_root, tmp_path / "r.json", "--bench", "val,pope", "--limit", "5", "--batch-size", "2",
+                 "--mode", "coarse_only")
+    assert report["results"]["val"]["coarse_only"]["samples"] == 5
+    assert report["results"]["pope"]["coarse_only"]["items"] == 4  # POPE has only 4
+
+
+@pytest.mark.parametrize("missing, name, expected", [
+    ("mvbench", "MVBench", "mvbench/json"), ("videomme", "Video-MME", "videomme"),
+    ("scienceqa", "ScienceQA", "scienceqa"), ("pope", "POPE", "pope"),
+    ("synthetic", "synthetic", "synthetic/README.json"), ("val", "val", "val")])
+def test_missing_benchmark_data_fails_before_the_model_is_loaded(missing, name, expected, data_root, tmp_path,
+                                                                 monkeypatch):
+    """Loading a 1.7B model takes minutes: every requested benchmark's data is read first, and a
+    missing one is an error naming the benchmark and the path it looked for."""
+    root = tmp_path / "root"
+    present = "scienceqa" if missing == "pope" else "pope"  # listed first: it is not run before the check
+    shutil.copytree(data_root / present, root / present)
+    monkeypatch.setattr(benchmark, "load_model", refuse_to_load)
+    with pytest.raises(FileNotFoundError) as e:
+        run(tmp_path / "checkpoint", root, tmp_path / "r.json", "--bench", f"{present},{missing}")
+    assert str(e.value).startswith(f"{name}: ") and str(root / expected) in str(e.value)
+
+
+def test_a_benchmark_without_items_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "load_model", refuse_to_load)
+    (tmp_path / "mvbench" / "json").mkdir(parents=True)
+    (tmp_path / "mvbench" / "json" / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match=re.escape(f"mvbench: no items in {tmp_path / 'mvbench'}")):
+        run(tmp_path / "checkpoint", tmp_path, tmp_path / "r.json", "--bench", "mvbench")
+    (tmp_path / "synthetic").mkdir()
+    (tmp_path / "synthetic" / "README.json").write_text(json.dumps({"palette": [], "shapes": [], "directions": []}))
+    with pytest.raises(FileNotFoundError) as e:
+        run(tmp_path / "checkpoint", tmp_path, tmp_path / "r.json", "--bench", "synthetic")
+    assert str(e.value).startswith("synthetic: ") and str(tmp_path / "synthetic" / "eval") in str(e.value)
+
+
+def test_help_shows_the_defaults_and_example_commands(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps to the terminal; keep each help on one line
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for shown in ("(default: all)", "(default: mvbench,videomme,scienceqa,pope)", "(default: results.json)",
+                  "(default: 64)", "(default: 224)", "(default: 16)", "(default: sft)", "--trust-checkpoint"):
+        assert shown in out, shown
+    assert "(default: None)" not in out and "(default: False)" not in out
+    examples = [line.strip() for line in out.splitlines() if line.strip().startswith("python benchmark.py")]
+    assert any("--checkpoint runs/" in line for line in examples)
+    assert any("--checkpoint checkpoint.pt --llm" in line for line in examples)
+    assert any(line.endswith("--resume") for line in examples)
+
+
+@pytest.mark.parametrize("flags, trusted", [((), False), (("--trust-checkpoint",), True)])
+def test_trust_checkpoint_reaches_load_model(flags, trusted, data_root, tmp_path, monkeypatch):
+    class Loaded(Exception):
+        pass
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise Loaded
+
+    monkeypatch.setattr(benchmark, "load_model", record)
+    with pytest.raises(Loaded):
+        run(tmp_path / "checkpoint.pt", data_root, tmp_path / "r.json", "--bench", "pope", *flags)
+    assert calls == [((str(tmp_path / "checkpoint.pt"), None, None), {"trust": trusted})]
+
+
+def test_bad_input_exits_2_with_a_one_line_error(tmp_path):
+    """As argparse's own errors: exit status 2 (sys.exit(message) gave 1) and one line on stderr."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--checkpoint", str(tmp_path / "none"),
+                           "--data-root", str(tmp_path), "--bench", "pope"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"error: POPE: no parquet files under {tmp_path / 'pope'}"]
 
 
 @pytest.mark.slow
