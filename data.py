@@ -21,11 +21,13 @@ logged once per reason; a source where most samples fail raises.
 import argparse
 import bisect
 import copy
+import hashlib
 import itertools
 import json
 import logging
 import os
 import random
+import signal
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -92,6 +94,11 @@ def decode_sample(key: str, files: dict, spec: SampleSpec, tokenizer) -> dict:
     chosen_mask, rejected_ids, rejected_mask). frames: uint8 [T, 3, S, S] (video), [3, S, S] (image)
     or None (text only). Raises SampleError / MediaError (the sample is skipped)."""
     if "json" not in files:
+        dotted = sorted(ext for ext in files if ext.endswith(".json"))
+        if dotted:  # e.g. clip.v2.json: key 'clip', extension 'v2.json'
+            raise SampleError("dotted_key", f"members {[f'{key}.{ext}' for ext in dotted]} give key {key!r} with "
+                                            f"extensions {dotted}: sample keys cannot contain dots (the key ends "
+                                            "at the first dot of the file name); rename the members")
         raise SampleError("missing_json", "no KEY.json member")
     try:
         meta = json.loads(files["json"])
@@ -188,9 +195,12 @@ class _SourceReader:
                     produced = True
                     yield key, files, current
             except ShardError as e:
-                self.position["offset"] += 1  # the sample it broke off in counts as read
-                produced = True
-                yield None, e, current
+                # The sample it broke off in counts as read. An offset already past it means this
+                # break was reported before the resume that skipped to here: report it only once.
+                if self.position["offset"] <= e.samples:
+                    self.position["offset"] = e.samples + 1
+                    produced = True
+                    yield None, e, current
             self.position = {"shard": self.position["shard"] + 1, "offset": 0}
             empty_run = 0 if produced else empty_run + 1
             if self.resampled and empty_run >= 10 * len(self.source.shards):
@@ -300,6 +310,13 @@ class ShardStream(IterableDataset):
         return None
 
 
+def _ignore_interrupts(worker_id):
+    """Ctrl-C reaches the whole process group: workers leave it to the training process, which
+    finishes its step and saves (train.py); a worker that died of it would fail that step. (SIGTERM
+    keeps torch's handling: the loader's own shutdown uses it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Loader:
     """A DataLoader over a ShardStream that remembers where the consumer is: `state_dict()` after a
     batch describes the stream right after that batch (batches prefetched by workers but not yet
@@ -317,8 +334,12 @@ class Loader:
         self.stream.worker_offset = self.next_worker
         self.stream.start_states = dict(self.states)
         kwargs = dict(prefetch_factor=self.prefetch_factor) if self.num_workers else {}
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, **kwargs)
+        # A DataLoader draws its workers' base seed when iterated: from its own generator, not from
+        # torch's global RNG, so that opening a loader (again after a resume, or for validation)
+        # leaves the training RNG stream (dropout, augmentation) where an uninterrupted run has it.
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(self.stream.seed),
+                            worker_init_fn=_ignore_interrupts, **kwargs)
         for batch in loader:
             state = batch.pop("_state")
             self.states[state["worker"]] = state
@@ -342,6 +363,7 @@ class Loader:
     def state_dict(self) -> dict:
         return {"rank": self.stream.rank, "world_size": self.stream.world_size, "num_workers": self.num_workers,
                 "seed": self.stream.seed, "epoch": self.stream.epoch, "sources": [s.name for s in self.stream.sources],
+                "shard_lists": {s.name: _shard_list_id(s.shards) for s in self.stream.sources},
                 "next_worker": self.next_worker, "workers": {str(k): v for k, v in self.states.items()},
                 "past": self.past}
 
@@ -351,9 +373,29 @@ class Loader:
             if state[key] != mine[key]:
                 raise ValueError(f"data position was saved with {key}={state[key]!r} but this run has "
                                  f"{mine[key]!r}; resuming needs the same data setup")
+        # Positions index into each source's shard list: over another list they would point at other
+        # shards (and samples), silently. Positions saved before the lists were recorded are taken as they are.
+        for name, old in state.get("shard_lists", {}).items():
+            new = mine["shard_lists"][name]
+            if old != new:
+                change = (f"{old['count']} shards then, {new['count']} now" if old["count"] != new["count"] else
+                          f"{new['count']} shards then and now, but not the same paths")
+                raise ValueError(f"data source {name!r} resolves to a different shard list than when this data "
+                                 f"position was saved ({change}); restore the shard list or start a new run "
+                                 "directory")
         self.stream.epoch = state["epoch"]
         self.states = {int(k): v for k, v in state["workers"].items()}
         self.next_worker, self.past = state["next_worker"], state["past"]
+
+
+def _shard_list_id(shards) -> dict:
+    """{'count', 'sha256'} of a source's resolved shard list (in its order, which `expand` sorts) by
+    the paths below their common folder: shards added, removed or renamed change it; the dataset
+    moved or mounted elsewhere (another $DATA) does not."""
+    paths = [os.path.abspath(p) for p in shards]
+    base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
+    names = [os.path.relpath(p, base) for p in paths]
+    return {"count": len(paths), "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]}
 
 
 FRAME_BINS = ((1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, None))
@@ -451,16 +493,21 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="processes to stream with")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     args = parser.parse_args(argv)
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    else:
-        from backbones import offline_tokenizer
+    try:
+        spec = SampleSpec(stage=args.stage, frame_size=args.frame_size, max_frames=args.max_frames,
+                          max_text_tokens=args.max_text_tokens)
+        for pattern in args.shards:  # a wrong path fails here, before the tokenizer takes its seconds to load
+            expand(pattern)
+        if args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer)
+        else:
+            from backbones import offline_tokenizer
 
-        tokenizer = offline_tokenizer()
-    spec = SampleSpec(stage=args.stage, frame_size=args.frame_size, max_frames=args.max_frames,
-                      max_text_tokens=args.max_text_tokens)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    stats = collect_stats(args.shards, spec, tokenizer, args.workers, args.world_size, args.seed, args.jobs)
+            tokenizer = offline_tokenizer()
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        stats = collect_stats(args.shards, spec, tokenizer, args.workers, args.world_size, args.seed, args.jobs)
+    except (FileNotFoundError, ValueError, ShardError) as e:  # bad input: say what, not where in the code
+        parser.exit(2, f"error: {e}\n")
     if args.json:
         print(json.dumps(stats, indent=1))
     else:

@@ -91,6 +91,12 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """uint8 [3, H, W] (a view of an [H, W, 3] buffer: whoever stacks the frames makes the one copy)."""
     if img.getexif().get(0x0112, 1) != 1:  # phone photos store their rotation in EXIF
         img = ImageOps.exif_transpose(img)
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit grayscale (PNG) opens as I;16 (older Pillow: I), whose convert("RGB") clips every value
+        # above 255 to white: scale 0..65535 to 0..255 instead. (16-bit colour PNGs already open as
+        # 8-bit RGB/RGBA, scaled by Pillow.)
+        wide = np.asarray(img).astype(np.int64).clip(0, 65535)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent areas onto white: charts and documents are drawn for a white page
         rgba = img.convert("RGBA")

@@ -11,6 +11,7 @@ import io
 import json
 import re
 import tarfile
+import zlib
 from pathlib import Path
 
 KEY_CHARS = re.compile(r"^[A-Za-z0-9_\-/]+$")
@@ -19,7 +20,12 @@ _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
 class ShardError(Exception):
-    """A shard that cannot be read to its end (truncated or corrupt tar)."""
+    """A shard that cannot be read to its end (truncated or corrupt tar). `samples` counts the
+    complete samples before the break (yielded or skipped); the one after them is lost."""
+
+    def __init__(self, message: str, samples: int = 0):
+        super().__init__(message)
+        self.samples = samples
 
 
 def expand(patterns) -> list[str]:
@@ -29,16 +35,33 @@ def expand(patterns) -> list[str]:
         patterns = [patterns]
     found = []
     for pattern in patterns:
-        matched = []
+        matched, hints = [], []
         for p in _expand_braces(str(pattern)):
             if Path(p).is_dir():
                 matched += sorted(glob.glob(str(Path(p) / "*.tar")))
+                hints += _split_folders_hint(Path(p))
             else:
-                matched += sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if Path(p).is_file() else [])
+                for m in (sorted(glob.glob(p)) if glob.has_magic(p) else [p]):
+                    # a glob may match folders (`data/*/`): their *.tar, as for a folder named outright
+                    matched += sorted(glob.glob(str(Path(m) / "*.tar"))) if Path(m).is_dir() else \
+                        ([m] if Path(m).is_file() else [])
         if not matched:
-            raise FileNotFoundError(f"shard pattern {pattern!r} matches no file")
+            raise FileNotFoundError(f"shard pattern {str(pattern)!r} matches no file" + "".join(hints))
         found += matched
     return sorted(set(found))
+
+
+def _split_folders_hint(directory: Path) -> list[str]:
+    """For a folder without *.tar whose subfolders hold some (a dataset root with one folder per
+    split, e.g. data/synthetic/{sft,eval}): the message naming them."""
+    if any(directory.glob("*.tar")):
+        return []
+    subfolders = sorted(d.name for d in directory.iterdir() if d.is_dir() and any(d.glob("*.tar")))
+    if not subfolders:
+        return []
+    names = ", ".join(subfolders[:5]) + (", ..." if len(subfolders) > 5 else "")
+    return [(f": {directory} holds no *.tar shards itself; its subfolders do: {names} — name one of them "
+             f"(or a glob like {directory / '*' / '*.tar'})")]
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -60,8 +83,9 @@ def split_name(name: str) -> tuple[str, str]:
 
 def read_samples(path, skip: int = 0):
     """Yield (key, {extension: bytes}) for each sample of a tar shard, after skipping `skip` samples
-    without reading their data. Raises ShardError when the tar breaks off; the samples before the
-    break have been yielded, the one being read is lost."""
+    without reading their data. Raises ShardError when the tar breaks off or lacks its end-of-archive
+    marker (a shard cut at a member boundary); the samples before the break have been yielded, the
+    one being read is lost (never yielded with members missing)."""
     key, files, index = None, {}, 0
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -78,10 +102,26 @@ def read_samples(path, skip: int = 0):
                         index += 1
                     key, files = k, {}
                 files[ext] = tar.extractfile(member).read() if index >= skip else b""
-        if key is not None and index >= skip:
-            yield key, files
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise ShardError(f"{path}: unreadable after {index} samples ({type(e).__name__}: {e})") from e
+            missing_end = None if _ends_with_marker(tar) else tar.offset
+    # zlib.error: a damaged .tar.gz whose deflate stream breaks inside member data (tarfile converts
+    # it to ReadError only in headers)
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
+        raise ShardError(f"{path}: unreadable after {index} samples ({type(e).__name__}: {e})", index) from e
+    if missing_end is not None:
+        # tarfile ends its member loop without an error where the file stops at or inside a header,
+        # or where a header is garbage. Members of the pending sample may be missing: drop it too.
+        raise ShardError(f"{path}: truncated or corrupt tar (no end-of-archive marker at byte {missing_end}); "
+                         f"{index} complete samples before it, the one being read there is lost", index)
+    if key is not None and index >= skip:
+        yield key, files
+
+
+def _ends_with_marker(tar) -> bool:
+    """Whether tarfile stopped at an end-of-archive marker: a full 512-byte block of zeros where the
+    next header would be (POSIX writes two; one is enough to know nothing was cut before it)."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    return block == bytes(tarfile.BLOCKSIZE)
 
 
 class ShardWriter:

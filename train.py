@@ -229,10 +229,10 @@ def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
     resume = ckpt.load_checkpoint(latest) if latest else None
     if resume:
         check_resume_config(cfg, resume["config"], latest)
-    init_state = None if resume else initial_weights(cfg, trust_checkpoint)
     objectives = objective_units.build(cfg)
     train_sources, val_sources = sources(cfg.data.train, "data.train"), sources(cfg.data.val, "data.val")
     expand_path(cfg.model.llm, "model.llm"), expand_path(cfg.model.dino, "model.dino")
+    init_state = None if resume else initial_weights(cfg, trust_checkpoint)
 
     setup_logging(run_dir, dist)
     device = dist.device
@@ -300,7 +300,9 @@ def initial_weights(cfg, trust: bool = False) -> tuple[dict, str] | None:
         state, _, what = ckpt.load_weights(path, trust)
     except ckpt.UntrustedCheckpoint as e:
         raise ConfigError(f"init_from: {e}") from None
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    except ValueError as e:
         raise ConfigError(f"init_from: {cfg.init_from} is not a checkpoint, run directory or save_pretrained "
                           f"folder ({e})") from None
     return state, what

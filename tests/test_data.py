@@ -272,3 +272,109 @@ def test_bad_sources_and_patterns(tmp_path, smollm2_tokenizer):
         Source.from_patterns("y", tmp_path, weight=0)
     with pytest.raises(ValueError, match="rank"):
         ShardStream([src], SPEC, smollm2_tokenizer, 2, rank=2, world_size=2)
+
+
+def cut_shard(directory, member, into=0):
+    """Cut DIRECTORY's second shard `into` bytes past the start of `member`'s header."""
+    path = sorted(directory.glob("*.tar"))[1]
+    with tarfile.open(path) as tar:
+        cut = tar.getmember(member).offset + into
+    path.write_bytes(path.read_bytes()[:cut])
+
+
+def test_a_shard_cut_at_a_member_boundary_is_counted_as_corrupt(tmp_path, smollm2_tokenizer):
+    keys = write_shards(tmp_path, 9, 3)  # shard 1 holds s0003 (text), s0004 (image), s0005 (frames)
+    cut_shard(tmp_path, "s0005.000.jpg")  # the file ends where s0005 starts
+    stats = data.collect_stats([tmp_path], SPEC, smollm2_tokenizer)
+    # s0004 is whole on disk, but nothing tells it apart from a sample whose last members were cut
+    # off: it is the broken sample, counted; s0005 is gone with the rest of the file
+    assert stats["samples"] == len(keys) - 2 and stats["read"] == len(keys) - 1
+    assert stats["skipped"] == {str(tmp_path): {"corrupt_shard": 1}}
+    assert "skipped:\n  " in data.format_stats(stats)  # not "skipped: none"
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_next_to_a_broken_shard_reports_it_once(tmp_path, smollm2_tokenizer, resampled):
+    write_shards(tmp_path, 9, 3)
+    cut_shard(tmp_path, "s0004.jpg", into=600)  # inside s0004's image
+    source = Source.from_patterns("toy", tmp_path)
+
+    def run(start=None, n=24):
+        stream = ShardStream([source], SPEC, smollm2_tokenizer, 2, resampled=resampled, seed=1, rank=0, world_size=1)
+        stream.start_states = {0: start} if start else {}
+        return [((s or {}).get("key"), state) for (s, state), _ in zip(stream.samples(0, 1), range(n))]
+
+    reference = run()
+    assert [key for key, _ in reference].count(None) >= 1  # the broken shard was read
+    for i, (_, state) in enumerate(reference[:-1]):
+        resumed = run(json.loads(json.dumps(state)), len(reference) - i - 1)
+        assert [k for k, _ in resumed] == [k for k, _ in reference[i + 1:]], i
+        assert resumed[-1][1]["skipped"] == reference[-1][1]["skipped"], i
+
+
+def test_keys_with_dots_are_named_as_such(tmp_path, smollm2_tokenizer):
+    files = {"v2.json": json.dumps(conversation("clip")).encode(), "v2.000.jpg": JPEG}  # clip.v2.json, ...
+    with pytest.raises(data.SampleError, match="keys cannot contain dots") as e:
+        data.decode_sample("clip", files, SPEC, smollm2_tokenizer)
+    assert e.value.reason == "dotted_key" and "clip.v2.json" in str(e.value)
+    with pytest.raises(data.SampleError) as e:
+        data.decode_sample("clip", {"jpg": JPEG}, SPEC, smollm2_tokenizer)
+    assert e.value.reason == "missing_json"
+    with ShardWriter(tmp_path) as w:
+        w.write("clip", {"v2.json": json.dumps(conversation("clip")).encode(), "v2.000.jpg": JPEG})
+        w.write("fine", {"json": conversation("fine"), "jpg": JPEG})
+    stats = data.collect_stats([tmp_path], SPEC, smollm2_tokenizer)
+    assert stats["samples"] == 1 and stats["skipped"] == {str(tmp_path): {"dotted_key": 1}}
+
+
+def test_stats_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    for split in ("sft", "eval"):
+        write_shards(tmp_path / "synthetic" / split, 2, 2)
+    for args, message in [([str(tmp_path / "synthetic")], "its subfolders do: eval, sft"),
+                          ([str(tmp_path / "nothing*.tar")], "matches no file"),
+                          ([str(tmp_path / "synthetic" / "sft"), "--max-frames", "0"], "max_frames must be >= 1")]:
+        with pytest.raises(SystemExit) as e:
+            data.main(["stats", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_resume_refuses_a_changed_shard_list(tmp_path, smollm2_tokenizer):
+    write_shards(tmp_path, 12, 3)  # 4 shards
+
+    def loader():
+        stream = ShardStream([Source.from_patterns("toy", tmp_path)], SPEC, smollm2_tokenizer, 3, rank=0,
+                             world_size=1)
+        return Loader(stream)
+
+    first = loader()
+    next(iter(first))
+    state = json.loads(json.dumps(first.state_dict()))
+    loader().load_state_dict(state)  # the same shards
+    extra = tmp_path / "s-00004.tar"
+    extra.write_bytes((tmp_path / "s-00000.tar").read_bytes())
+    with pytest.raises(ValueError, match="'toy'.*4 shards then, 5 now.*restore the shard list or start a new run"):
+        loader().load_state_dict(state)
+    old_format = {k: v for k, v in state.items() if k != "shard_lists"}
+    loader().load_state_dict(old_format)  # saved before shard lists were recorded: not checked
+    extra.unlink()
+    (tmp_path / "s-00003.tar").rename(tmp_path / "s-00009.tar")
+    with pytest.raises(ValueError, match="4 shards then and now, but not the same"):
+        loader().load_state_dict(state)
+    (tmp_path / "s-00009.tar").unlink()
+    with pytest.raises(ValueError, match="'toy'.*4 shards then, 3 now"):
+        loader().load_state_dict(state)
+
+
+def test_resume_accepts_the_same_shards_in_a_moved_folder(tmp_path, smollm2_tokenizer):
+    write_shards(tmp_path / "a", 12, 3)
+
+    def loader(folder):
+        return Loader(ShardStream([Source.from_patterns("toy", folder)], SPEC, smollm2_tokenizer, 3, rank=0,
+                                  world_size=1))
+
+    first = loader(tmp_path / "a")
+    next(iter(first))
+    state = first.state_dict()
+    (tmp_path / "a").rename(tmp_path / "b")  # e.g. another $DATA on another cluster
+    loader(tmp_path / "b").load_state_dict(state)

@@ -1,6 +1,7 @@
 """Frame sampling edge cases and decoding (both video decoders, damaged and empty videos, images)."""
 
 import io
+import zlib
 
 import av
 import numpy as np
@@ -154,3 +155,51 @@ def test_jpeg_header_size_and_both_jpeg_decoders_agree(monkeypatch):
     monkeypatch.setattr(media, "decode_jpeg", None)
     slow = decode_image(data, 28)
     assert (fast.int() - slow.int()).abs().max() <= 2  # same libjpeg family, same resize
+
+
+def png16(pixels: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour): pixels uint16 [H, W, C] in
+    the channel layout of color_type (0 gray, 4 gray+alpha, 2 RGB, 6 RGBA)."""
+    height, width = pixels.shape[:2]
+
+    def chunk(kind, body):
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter 0 on every row
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, color_type, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("color_type, channels", [(0, 1), (4, 2), (2, 3), (6, 4)])
+def test_16_bit_pngs_scale_to_8_bits(color_type, channels):
+    from PIL import Image
+
+    rng = np.random.default_rng(color_type)
+    pixels = rng.integers(0, 65536, (6, 5, channels), dtype=np.uint16)
+    pixels[0, :3, 0] = [0, 65535, 257 * 100]  # black, white, and a value that scales exactly
+    if channels in (2, 4):
+        pixels[..., -1] = 65535  # opaque: the colour is not blended with the white background
+    colour = pixels[..., : 3 if channels >= 3 else 1]
+    scaled = np.round(colour.astype(np.float64) * 255 / 65535).astype(np.int64)
+    expected = torch.from_numpy(scaled).permute(2, 0, 1).expand(3, -1, -1)  # gray: the same in R, G and B
+    decoded = decode_image(png16(pixels, color_type))
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 6, 5)
+    assert (decoded.long() - expected).abs().max() <= 1, color_type
+    if color_type == 0:  # also as Pillow writes it (from a uint16 array)
+        buf = io.BytesIO()
+        Image.fromarray(pixels[..., 0]).save(buf, format="PNG")
+        assert Image.open(buf).mode.startswith("I;16")
+        assert (decode_image(buf.getvalue()).long() - expected).abs().max() <= 1
+        for wide in (pixels[..., 0].astype(np.int32), pixels[..., 0].astype(">u2")):  # modes I and I;16B
+            assert (media._pil_to_tensor(Image.fromarray(wide)).long() - expected).abs().max() <= 1
+
+
+def test_8_bit_pngs_are_unchanged():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for pixels in (rng.integers(0, 256, (6, 5), dtype=np.uint8), rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        expected = torch.from_numpy(pixels if pixels.ndim == 3 else np.stack([pixels] * 3, -1)).permute(2, 0, 1)
+        assert torch.equal(decode_image(buf.getvalue()), expected)
