@@ -19,12 +19,15 @@ logged once per reason; a source where most samples fail raises.
 """
 
 import argparse
+import atexit
 import bisect
 import copy
+import functools
 import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -310,11 +313,25 @@ class ShardStream(IterableDataset):
         return None
 
 
-def _ignore_interrupts(worker_id):
-    """Ctrl-C reaches the whole process group: workers leave it to the training process, which
-    finishes its step and saves (train.py); a worker that died of it would fail that step. (SIGTERM
-    keeps torch's handling: the loader's own shutdown uses it.)"""
+# Set when this process exits. Its DataLoader workers read it to tell the SIGTERM that shuts them
+# down with it (multiprocessing terminates workers at exit) from one sent to the whole process group
+# (torchrun stops a rank by signalling its group; schedulers signal every process): that one they
+# ignore, so that the trainer can finish its step with their batches and save (train.py).
+_EXITING = multiprocessing.Value("b", 0, lock=False)
+atexit.register(lambda: setattr(_EXITING, "value", 1))  # runs before multiprocessing's own exit hook
+
+
+def _worker_signals(exiting, worker_id):
+    """DataLoader workers leave SIGINT (Ctrl-C reaches the whole process group) and a group-wide
+    SIGTERM to the training process; they end with their loader, when the training process exits,
+    or (torch's watchdog) when it dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_sigterm(signum, frame):
+        if exiting.value:
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class Loader:
@@ -339,7 +356,7 @@ class Loader:
         # leaves the training RNG stream (dropout, augmentation) where an uninterrupted run has it.
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(self.stream.seed),
-                            worker_init_fn=_ignore_interrupts, **kwargs)
+                            worker_init_fn=functools.partial(_worker_signals, _EXITING), **kwargs)
         for batch in loader:
             state = batch.pop("_state")
             self.states[state["worker"]] = state

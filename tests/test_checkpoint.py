@@ -89,3 +89,16 @@ def test_benchmark_refuses_a_payload_from_the_command_line(tmp_path):
     assert done.returncode != 0 and not marker.exists()
     assert "Traceback" not in done.stderr, done.stderr
     assert ckpt.TRUST_FLAG in done.stderr and str(path) in done.stderr, done.stderr
+
+
+def test_the_readme_usage_loads_a_published_style_checkpoint_into_the_model(tmp_path, tiny_backbones, tiny_model):
+    """README's Usage: FoveatedVLM(...) then load_weights("checkpoint.pt") -> load_state_dict, for a
+    file written the predecessor's way (the model's state next to training state and numpy numbers)."""
+    from conftest import make_model
+
+    torch.save({"model": tiny_model.state_dict(), "step": 2593, "metric": np.float64(0.5),
+                "config": {"stage": 3}}, tmp_path / "checkpoint.pt")
+    fresh = make_model(tiny_backbones, seed=1)
+    state, _, _ = ckpt.load_weights(tmp_path / "checkpoint.pt")
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), tiny_model.state_dict().values()))

@@ -500,19 +500,22 @@ def test_a_signal_saves_and_the_resumed_run_equals_an_uninterrupted_one(syntheti
 
 @pytest.mark.slow
 def test_sigterm_exits_75_after_saving_and_a_second_signal_exits_at_once(synthetic, tmp_path):
-    """The command line as a cluster sees it: SIGTERM -> checkpoint, exit code 75; the same command
+    """The command line as a cluster sees it: SIGTERM to the whole process group (the DataLoader
+    worker too, as torchrun and schedulers send it) -> checkpoint, exit code 75; the same command
     resumes; two Ctrl-Cs in a row end the process at once, without saving."""
     tree = config_tree(synthetic, tmp_path / "run")
     tree["optim"]["steps"] = 400
     tree["checkpoint"]["every_steps"] = 1000
     tree["eval"]["at_start"] = False
     tree["data"]["val"] = []
+    tree["data"]["num_workers"] = 1
     config = write_config(tmp_path / "c.yaml", tree)
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", config]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def start_and_wait_for(step):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         deadline = time.time() + 180
         while not (tmp_path / "run" / "metrics.csv").exists() or len(read_csv(tmp_path / "run" / "metrics.csv")) < step:
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
@@ -520,16 +523,16 @@ def test_sigterm_exits_75_after_saving_and_a_second_signal_exits_at_once(synthet
         return proc
 
     proc = start_and_wait_for(2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == train.EXIT_STOPPED, proc.stderr.read()
     [(step, _)] = ckpt.list_checkpoints(tmp_path / "run")
     assert 2 <= step < 400 and not (tmp_path / "run" / "final").exists()
     proc = start_and_wait_for(step + 2)  # the same command resumes
     assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     while "finishing the current step" not in proc.stderr.readline():  # the first one has been handled
         assert proc.poll() is None
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=60) == -signal.SIGINT
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [step]  # the second signal did not wait to save
 
