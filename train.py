@@ -110,6 +110,8 @@ def train(cfg, dist, trust_checkpoint: bool = False) -> dict:
                     raise fail(run, f"{bad_in_row} steps in a row skipped ({result.status} last); aborting "
                                     f"(see optim.max_bad_steps)")
             if result.stop and run.step < cfg.optim.steps:
+                if window.steps:  # the steps since the last log line
+                    log_step(run, window)
                 if not saved_now:  # the data position and counters moved since the last checkpoint
                     save(run)
                 log.info("stopped by a signal after step %d; the checkpoint holds everything: rerun the same "
