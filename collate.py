@@ -6,6 +6,11 @@ once (an image shown as `image_frames` visual tokens is stored, and encoded by D
 is `frame_index >= 0`). Text is right-padded. `target_index` lists the loss targets as flat indices
 into the [B, S-1] next-token grid, computed here on the host so that the model can compute logits
 only where the loss needs them without a device sync.
+
+Samples that carry precomputed per-frame latents (`SampleSpec(latents=True)`) give `latents`
+[N, C, h, w], packed like `frames` (row i is the latent of frame i; an image's one latent serves all
+its visual tokens), so the target of visual token (b, t) is `latents[frame_index[b, t]]`. The key is
+always there: None when no sample carries latents (as `frames` is None for text-only batches).
 """
 
 import torch
@@ -37,6 +42,32 @@ def pack_frames(samples, image_frames: int = 8):
     return (torch.cat(pixels) if pixels else None), index
 
 
+def pack_latents(samples) -> torch.Tensor | None:
+    """Per-sample latents aligned with `pack_frames` over the same samples: [N, C, h, w], row i the
+    latent of packed frame i; None when no sample has latents. Every sample with frames must then have
+    one latent per stored frame (an image: 1), all of one shape."""
+    if all(s.get("latents") is None for s in samples):
+        return None
+    rows, shape = [], None
+    for s in samples:
+        f, lat = s["frames"], s.get("latents")
+        if f is None:
+            if lat is not None:
+                raise ValueError(f"sample {s['key']!r}: latents {tuple(lat.shape)} but no frames")
+            continue
+        frames = 1 if f.dim() == 3 else f.shape[0]
+        if lat is None or lat.dim() != 4 or lat.shape[0] != frames:
+            got = "none" if lat is None else str(tuple(lat.shape))
+            raise ValueError(f"sample {s['key']!r}: {frames} frame(s) need latents [{frames}, C, h, w], got {got} "
+                             "(a batch mixes samples with and without latents?)")
+        if shape is not None and lat.shape[1:] != shape[1]:
+            raise ValueError(f"latents of sample {s['key']!r} are {tuple(lat.shape[1:])} per frame but those of "
+                             f"{shape[0]!r} are {tuple(shape[1])}: precomputed with different settings?")
+        shape = shape or (s["key"], lat.shape[1:])
+        rows.append(lat)
+    return torch.cat(rows)
+
+
 def pad_rows(rows, value: int) -> torch.Tensor:
     """Lists of ints -> [len(rows), longest] long tensor, right-padded with value."""
     out = torch.full((len(rows), max((len(r) for r in rows), default=0)), value, dtype=torch.long)
@@ -63,11 +94,12 @@ def pad_text(ids, masks, pad_id: int, prefix: str = "") -> dict:
 
 
 def collate(samples, pad_id: int, image_frames: int = 8) -> dict:
-    """Samples {frames, input_ids, loss_mask, key, source} (DPO samples: chosen_* and rejected_*
-    instead of input_ids/loss_mask) -> one batch. Both replies of a DPO pair share the frames."""
+    """Samples {frames, input_ids, loss_mask, key, source, optional latents} (DPO samples: chosen_* and
+    rejected_* instead of input_ids/loss_mask) -> one batch. Both replies of a DPO pair share the
+    frames (and latents)."""
     frames, frame_index = pack_frames([s["frames"] for s in samples], image_frames)
-    batch = dict(frames=frames, frame_index=frame_index, keys=[s["key"] for s in samples],
-                 sources=[s["source"] for s in samples])
+    batch = dict(frames=frames, frame_index=frame_index, latents=pack_latents(samples),
+                 keys=[s["key"] for s in samples], sources=[s["source"] for s in samples])
     if "chosen_ids" in samples[0]:
         for side in ("chosen", "rejected"):
             batch.update(pad_text([s[f"{side}_ids"] for s in samples], [s[f"{side}_mask"] for s in samples],

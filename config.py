@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("alignment", "sft", "dpo")
+STAGES = ("alignment", "sft", "dpo", "next_frame")  # next_frame: the self-supervised proof of concept
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
 LAYOUTS = ("video_first", "prompt_first")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."  # the published model's
@@ -30,6 +30,7 @@ RESIZE_MODES = ("squash", "crop", "pad")  # to the square frames the model reads
 PRECISIONS = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 REFERENCES = ("model", "precomputed")
+TARGETS = ("pixels", "vae", "taesd")  # what the next-frame head predicts (latents.py)
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,9 @@ class ModelConfig:
     image_frames: int = 8  # an image is shown as this many visual tokens (encoded once)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     pretrained: bool = True  # load the backbones' weights (False: random init from their configs)
+    # the next-frame prediction head (predict.py): the [C, H, W] it predicts, or null for no head
+    next_frame: typing.Optional[list[int]] = None
+    next_frame_width: int = 256  # its channels
 
 
 @dataclass
@@ -100,6 +104,14 @@ class DPOConfig:
 
 
 @dataclass
+class NextFrameConfig:
+    """Stage next_frame: predict frame t + 1's target from the LLM state at frame t (no text)."""
+    target: str = "pixels"  # pixels: frames area-downsampled on the fly; vae / taesd: precomputed KEY.latents.npy
+    pixels_size: int = 16  # the pixels target's side
+    entropy_weight: float = 0.0  # + weight x the dynamic queries' attention entropy (guide section 12; 0 = off)
+
+
+@dataclass
 class EvalConfig:
     every_steps: int = 0  # 0: only at the start and the end
     at_start: bool = True
@@ -133,10 +145,14 @@ class Config:
     precision: str = "bf16"  # bf16: autocast on CUDA over fp32 master weights (CPU always computes in fp32)
     gradient_checkpointing: bool = False
     compile: bool = False
+    # weight of the coarse pass's (static query's) loss beside the fine pass's, for the text CE and
+    # next_frame: > 0 trains the coarse-only path, a fair static baseline (0: the published recipe)
+    coarse_weight: float = 0.0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    next_frame: NextFrameConfig = field(default_factory=NextFrameConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -304,9 +320,12 @@ def read_export_config(directory) -> ModelConfig:
 def validate_model(m: ModelConfig, where: str, prefix: str = "model."):
     if m.layout not in LAYOUTS:
         raise ConfigError(f"{where}: key '{prefix}layout' must be one of {list(LAYOUTS)}, got {m.layout!r}")
-    for key in ("query_dim", "image_frames"):
+    for key in ("query_dim", "image_frames", "next_frame_width"):
         if getattr(m, key) < 1:
             raise ConfigError(f"{where}: key '{prefix}{key}' must be >= 1, got {getattr(m, key)}")
+    if m.next_frame is not None and (len(m.next_frame) != 3 or min(m.next_frame) < 1):
+        raise ConfigError(f"{where}: key '{prefix}next_frame' must be [channels, height, width] (>= 1), "
+                          f"got {m.next_frame}")
 
 
 def validate(cfg: Config, where: str):
@@ -366,6 +385,20 @@ def validate(cfg: Config, where: str):
     check(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
     check(o.max_bad_steps >= 1, "optim.max_bad_steps", "must be >= 1")
     check(cfg.dpo.beta > 0, "dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
+    check(cfg.coarse_weight >= 0, "coarse_weight", f"must be >= 0, got {cfg.coarse_weight}")
+    check(cfg.coarse_weight == 0 or cfg.stage in ("alignment", "sft", "next_frame"), "coarse_weight",
+          "applies to the text CE (alignment, sft) and next_frame")
+    n = cfg.next_frame
+    choice(n.target, "next_frame.target", TARGETS)
+    check(n.pixels_size >= 1 and n.entropy_weight >= 0, "next_frame", "pixels_size must be >= 1, entropy_weight >= 0")
+    if cfg.stage == "next_frame":
+        shape = cfg.model.next_frame
+        want = "[3, next_frame.pixels_size, next_frame.pixels_size]" if n.target == "pixels" else "[4, H, W]"
+        check(shape is not None, "model.next_frame", f"is required by stage next_frame: the head's output, {want}")
+        check(n.target != "pixels" or shape == [3, n.pixels_size, n.pixels_size], "model.next_frame",
+              f"must be {want} = {[3, n.pixels_size, n.pixels_size]} for the pixels target, got {shape}")
+        check(n.target == "pixels" or shape[0] == 4, "model.next_frame",
+              f"must have the latents' 4 channels for target {n.target}, got {shape}")
     e = cfg.eval
     check(e.every_steps >= 0 and e.max_samples >= 1 and e.batch_size >= 1, "eval",
           "every_steps must be >= 0, max_samples and batch_size >= 1")

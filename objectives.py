@@ -8,6 +8,11 @@ so each term is a mean over the whole effective batch, whatever the micro-batch 
 of ranks (train.py knows every normaliser before the first forward of a step).
 
 - TextCE (stages alignment and sft): the summed -log p of the target tokens; normaliser: targets.
+  With coarse_weight > 0 (coarse_fine / autoregressive), + coarse_weight x the same CE of the
+  coarse-only pass (one backbone encode for both), so the static path is trained as a baseline.
+- NextFrame (stage next_frame, the proof of concept): from the LLM state at each frame (no text), the
+  head predicts the next frame's target (VAE latent or downsampled pixels); the squared error per
+  element, of the fine pass + coarse_weight x of the coarse pass; normaliser: (frame, next frame) pairs.
 - DPO (stage dpo): the sigmoid DPO loss of each pair, -log sigmoid(beta * ((pi_c - ref_c) -
   (pi_r - ref_r))) on summed answer-token log-probs; normaliser: pairs. Metrics carry TRL's names
   (rewards/chosen = beta * (pi_c - ref_c), ...). The reference is a frozen copy of the initial
@@ -38,6 +43,11 @@ class Objective:
     val_brief: tuple = ()  # the validation metrics shown in the log line
     val_loss = ""  # the validation metric the best checkpoint is chosen by
     val_modes: tuple = ()  # modes it is scored in besides the eval modes
+    derived: tuple = ()  # per-step columns computed from the metrics' means (derive)
+
+    def derive(self, means: dict) -> dict:
+        """The `derived` columns from the step window's metric means."""
+        return {}
 
     def setup(self, model, run):
         """One-time preparation before training; `run` is train.Run (nothing by default)."""
@@ -74,18 +84,38 @@ class TextCE(Objective):
     val_brief = ("loss", "answer_acc")
     val_loss = "loss"
 
+    def __init__(self, coarse_weight: float = 0.0, mode: str = "coarse_fine"):
+        # the coarse pass is a second loss only where the training mode has a fine one
+        self.coarse_weight = coarse_weight if mode != "coarse_only" else 0.0
+        if self.coarse_weight:
+            self.metrics, self.brief, self.derived = ("loss_fine", "loss_coarse"), ("loss_coarse",), COARSE_FINE
+            self.derive = coarse_fine_gain
+
     def normaliser(self, host):
         return host["target_index"].numel()
 
     def loss(self, model, batch, mode):
-        out = model(frames=batch["frames"], frame_index=batch["frame_index"], input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"], loss_mask=batch["loss_mask"], mode=mode,
-                    target_index=batch["target_index"])
-        return -out["logp_sum"].sum(), {}
+        frames = batch["frames"]
+        kv = model.encoder.encode(frames) if self.coarse_weight and frames is not None else None
+        fine = -self._logps(model, batch, mode, kv)
+        if not self.coarse_weight:
+            return fine, {}
+        # a text-only batch has no coarse pass of its own: both passes are the same one
+        coarse = -self._logps(model, batch, "coarse_only", kv) if kv is not None else fine
+        return fine + self.coarse_weight * coarse, {"loss_fine": fine.detach(), "loss_coarse": coarse.detach()}
+
+    @staticmethod
+    def _logps(model, batch, mode, kv):
+        return model(frames=batch["frames"], frame_index=batch["frame_index"], input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"], loss_mask=batch["loss_mask"], mode=mode,
+                     target_index=batch["target_index"], kv=kv)["logp_sum"].sum()
 
     def flops(self, count, host, mode):
         rows = count.rows(host["attention_mask"], host["frame_index"])
-        return 3 * count.forward(rows, _frames(host), host["target_index"].numel(), mode)
+        total = count.forward(rows, _frames(host), host["target_index"].numel(), mode)
+        if self.coarse_weight:  # the coarse-only forward beside it (the backbone encode shared)
+            total += count.forward(rows, 0, host["target_index"].numel(), "coarse_only") + _frames(host) * count.query
+        return 3 * total
 
     def val_scores(self, model, batch, mode, kv):
         return text_scores(model, batch, mode, kv)
@@ -168,12 +198,144 @@ class DPO(Objective):
         return out
 
 
+COARSE_FINE = ("ratio", "improvement")
+
+
+def coarse_fine_gain(means: dict) -> dict:
+    """ratio = loss_coarse / loss_fine (> 1: looking helps) and improvement = (coarse - fine) / coarse
+    (the guide's success measure: 5-15 % solid, > 15 % strong)."""
+    fine, coarse = means.get("loss_fine"), means.get("loss_coarse")
+    if fine is None or coarse is None:
+        return {}
+    return {"ratio": coarse / fine if fine else float("nan"),
+            "improvement": (coarse - fine) / coarse if coarse else float("nan")}
+
+
+class NextFrame(Objective):
+    """See the module docstring. Besides the two losses it reports, per (frame, next frame) pair, two
+    reference losses that make them interpretable: `copy_loss` (predict frame t + 1 as frame t) and
+    `mean_loss` (predict the batch's mean target), and the attention entropy of the static and the
+    dynamic queries of the frames that are predicted from. entropy_weight > 0 adds that many times the
+    dynamic queries' entropy to the loss (sharper attention; guide section 12)."""
+    name = "next_frame"
+    val_metrics = ("samples", "pairs", "loss", "loss_fine", "loss_coarse", "ratio", "improvement", "copy_loss",
+                   "mean_loss", "static_entropy", "dynamic_entropy")
+    val_brief = ("loss_fine", "loss_coarse", "improvement", "copy_loss")
+    val_loss = "loss"
+
+    def __init__(self, target: str, pixels_size: int, coarse_weight: float, entropy_weight: float, mode: str):
+        self.target, self.pixels_size = target, pixels_size
+        self.coarse_weight, self.entropy_weight = coarse_weight, entropy_weight
+        self.fine = mode != "coarse_only"
+        self.batch_keys = ("frames", "frame_index") + (("latents",) if target != "pixels" else ())
+        self.metrics = tuple(m for m in ("loss_fine", "loss_coarse", "copy_loss", "mean_loss", "static_entropy",
+                                         "dynamic_entropy") if self.fine or m not in ("loss_fine", "dynamic_entropy"))
+        self.brief = ("loss_fine", "loss_coarse") if self.fine else ("loss_coarse", "copy_loss")
+        self.derived = COARSE_FINE if self.fine else ()
+        self.shape = None
+
+    derive = staticmethod(coarse_fine_gain)
+
+    def setup(self, model, run):
+        if model.next_frame is None:
+            raise ValueError("stage next_frame needs the model's prediction head (model.next_frame)")
+        self.shape = tuple(model.next_frame.shape)
+
+    def prepare(self, host):
+        """Before the first forward: precomputed latents must fit the head."""
+        if self.target != "pixels" and self.shape is not None and host.get("latents") is not None:
+            got = tuple(host["latents"].shape[1:])
+            if got != self.shape:
+                raise ValueError(f"next_frame: the data's latents are {list(got)} per frame but the head "
+                                 f"(model.next_frame) predicts {list(self.shape)}")
+        return host
+
+    def normaliser(self, host):
+        return int(((host["frame_index"] >= 0).sum(1) - 1).clamp(min=0).sum())
+
+    def _targets(self, batch) -> torch.Tensor:
+        """[B, T, C, H, W]: each visual token's target (padding: frame 0's, never scored)."""
+        if self.target == "pixels":
+            from latents import pixel_target
+
+            per_frame = pixel_target(batch["frames"], self.pixels_size)
+        else:
+            per_frame = batch["latents"].float()
+        return per_frame[batch["frame_index"].clamp(min=0)]
+
+    def _errors(self, model, batch, mode, kv=None, attention=False) -> dict:
+        """Per pair [B, T - 1] (0 where frame t or t + 1 is padding): the mean squared error of the fine
+        and coarse predictions and of the references; `pair`: the mask; entropies per predicting token."""
+        st = model.frame_states(batch["frames"], batch["frame_index"], mode=mode, return_attention=attention, kv=kv)
+        target = self._targets(batch)
+        valid = st["valid"]
+        pair = (valid[:, :-1] & valid[:, 1:]).float()
+        nxt = target[:, 1:]
+        error = lambda pred: ((pred.float() - nxt) ** 2).mean((-3, -2, -1)) * pair  # noqa: E731
+        w = valid.float()[..., None, None, None]
+        mean = (target * w).sum((0, 1)) / w.sum().clamp(min=1)  # the batch's mean target
+        out = {"pair": pair, "coarse": error(model.next_frame(st["coarse"][:, :-1])),
+               "copy": error(target[:, :-1]), "mean": error(mean.expand_as(nxt))}
+        if st["fine"] is not None:
+            out["fine"] = error(model.next_frame(st["fine"][:, :-1]))
+        for kind, attn in st["attention"].items():
+            if attn is not None:  # the tokens whose state predicts a next frame
+                out[f"{kind}_entropy"] = attention_entropy(attn[:, :-1], pair.bool())[0]
+        return out
+
+    def _loss(self, e):
+        return e["fine"] + self.coarse_weight * e["coarse"] if "fine" in e else e["coarse"]
+
+    def loss(self, model, batch, mode):
+        e = self._errors(model, batch, mode, attention=True)
+        loss = self._loss(e).sum()
+        if self.entropy_weight and "dynamic_entropy" in e:
+            loss = loss + self.entropy_weight * e["dynamic_entropy"].sum()
+        metrics = {"loss_fine": e.get("fine"), "loss_coarse": e["coarse"], "copy_loss": e["copy"],
+                   "mean_loss": e["mean"], "static_entropy": e.get("static_entropy"),
+                   "dynamic_entropy": e.get("dynamic_entropy")}
+        return loss, {k: metrics[k].detach().sum() for k in self.metrics}
+
+    def flops(self, count, host, mode):
+        from flops import Row
+
+        visual = (host["frame_index"] >= 0).sum(1).tolist()
+        rows, frames = [Row(0, v) for v in visual], _frames(host)
+        total = count.forward(rows, frames, 0, mode)
+        if mode == "autoregressive":  # the coarse pass beside it, for loss_coarse
+            total += frames * count.query + sum(visual) * count.project + count._llm(sum(visual),
+                                                                                     sum(v * v for v in visual))
+        return 3 * (total + self.normaliser(host) * (2 if self.fine else 1) * count.next_frame)
+
+    def val_scores(self, model, batch, mode, kv):
+        e = self._errors(model, batch, mode, kv=kv, attention=True)
+        scores = {"pairs": e["pair"].sum(1), "loss": self._loss(e).sum(1), "coarse": e["coarse"].sum(1),
+                  "copy": e["copy"].sum(1), "mean": e["mean"].sum(1)}
+        for key in ("fine", "static_entropy", "dynamic_entropy"):
+            if key in e:
+                scores[key] = e[key].sum(1) if key == "fine" else e[key]
+        return scores
+
+    def val_summary(self, sums, samples):
+        pairs = sums["pairs"]
+        mean = lambda k: sums[k] / pairs if pairs else float("nan")  # noqa: E731
+        out = {"samples": samples, "pairs": int(pairs), "loss": mean("loss"), "loss_coarse": mean("coarse"),
+               "copy_loss": mean("copy"), "mean_loss": mean("mean"), "static_entropy": mean("static_entropy")}
+        if "fine" in sums:
+            out.update(loss_fine=mean("fine"), dynamic_entropy=mean("dynamic_entropy"))
+            out.update(coarse_fine_gain(out))
+        return out
+
+
 def build(cfg) -> list[tuple[Objective, float]]:
     """The active objectives of a training config, with their weights."""
     if cfg.stage == "dpo":
         active = [(DPO(cfg.dpo.beta, cfg.mode, cfg.dpo.reference), 1.0)]
+    elif cfg.stage == "next_frame":
+        n = cfg.next_frame
+        active = [(NextFrame(n.target, n.pixels_size, cfg.coarse_weight, n.entropy_weight, cfg.mode), 1.0)]
     else:
-        active = [(TextCE(), 1.0)]
+        active = [(TextCE(cfg.coarse_weight, cfg.mode), 1.0)]
     for kind in ("metrics", "val_metrics"):  # the objectives share the logs' columns
         seen = {}
         for objective, _ in active:

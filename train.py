@@ -57,6 +57,8 @@ log = logging.getLogger("fvlm.train")
 # (compile may change bf16 rounding slightly); run_dir and init_from are paths (a moved run
 # directory resumes; init_from is not read again, the checkpoint holds the weights).
 RESUME_MAY_CHANGE = ("log", "checkpoint", "eval", "compile", "gradient_checkpointing", "run_dir", "init_from")
+# Attention entropy above this fraction of ln(keys) counts as near uniform (warn_if_uniform).
+UNIFORM = 0.98
 # The exit code of a run stopped by SIGTERM / SIGINT after saving ("temporary failure", sysexits.h):
 # rerun the same command to resume.
 EXIT_STOPPED = 75
@@ -185,6 +187,7 @@ class Run:
     wandb: object = None
     data: object = None  # the micro-batch iterator
     signals: "StopSignals | None" = None
+    uniform_validations: int = 0  # validations in a row with near-uniform dynamic attention
     start_time: float = field(default_factory=time.perf_counter)
 
     @property
@@ -372,7 +375,8 @@ def sample_spec(cfg, model) -> SampleSpec:
     return SampleSpec(stage=cfg.stage, frame_size=data.frame_size, max_frames=data.max_frames,
                       max_text_tokens=data.max_text_tokens, system_prompt=model.system_prompt, resize=data.resize,
                       pad_fill=model.encoder.dino.pad_fill, target_fps=data.target_fps,
-                      image_frames=model.image_frames)
+                      image_frames=model.image_frames,
+                      latents=cfg.stage == "next_frame" and cfg.next_frame.target != "pixels")
 
 
 def make_loader(cfg, model, dist, srcs, resampled: bool, batch_size: int, pin: bool, budgets=True) -> Loader:
@@ -527,7 +531,7 @@ def metric_columns(run) -> list[str]:
     per_objective = [f"{o.name}_loss" for o, _ in run.objectives] if len(run.objectives) > 1 else []
     return ["step", "samples", "tokens", "loss", *per_objective, *[f"lr_{g}" for g in run.cfg.optim.lr], "grad_norm",
             "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb", "skipped_nonfinite", "skipped_oom",
-            "data_skipped", "elapsed_s", *[m for o, _ in run.objectives for m in o.metrics]]
+            "data_skipped", "elapsed_s", *[m for o, _ in run.objectives for m in (*o.metrics, *o.derived)]]
 
 
 def log_step(run, w: Steps):
@@ -552,6 +556,7 @@ def log_step(run, w: Steps):
             brief.append(f"{objective.name} {losses[i]:.4f}")
         for name in objective.metrics:  # metrics are sums over the objective's normaliser
             row[name] = w.metrics[name] / max(w.normalisers[i], 1.0)
+        row.update(objective.derive(row))
         brief += [f"{name} {row[name]:.3f}" for name in objective.brief]
     log.info("step %d/%d | loss %.4f%s | lr %s | grad norm %.3f | %.1f samples/s | %.0f tokens/s%s%s | eta %s",
              step, cfg.optim.steps, loss, "".join(f" | {b}" for b in brief),
@@ -578,9 +583,12 @@ def validate_and_log(run, step: int) -> float | None:
     parts = [f"{m}: " + ", ".join(f"{k} {r['all'][k]:.4f}" for k in brief if k in r["all"])
              for m, r in res["modes"].items()]
     first = res["modes"][run.modes[0]]["all"]
-    entropy = (f" | attention entropy static {first['static_entropy']:.3f} dynamic {first['dynamic_entropy']:.3f}"
-               if "static_entropy" in first else "")
-    log.info("val @ step %d (%d samples): %s%s", step, res["samples"], " | ".join(parts), entropy)
+    entropy = "".join(f" {kind} {first[f'{kind}_entropy']:.3f}" for kind in ("static", "dynamic")
+                      if f"{kind}_entropy" in first)
+    log.info("val @ step %d (%d samples): %s%s", step, res["samples"], " | ".join(parts),
+             f" | attention entropy{entropy}" if entropy else "")
+    if step > 0:  # at initialisation near-uniform attention is expected
+        warn_if_uniform(run, first.get("dynamic_entropy"))
     if run.val_log:
         for m, r in res["modes"].items():
             for source, row in [("all", r["all"]), *r["by_source"].items()]:
@@ -588,6 +596,20 @@ def validate_and_log(run, step: int) -> float | None:
     if run.wandb:
         run.wandb.log({f"val/{m}/{k}": v for m, r in res["modes"].items() for k, v in r["all"].items()}, step=step)
     return res["loss"]
+
+
+def warn_if_uniform(run, entropy: float | None):
+    """Query collapse (guide 8.3): the dynamic queries' attention near uniform, i.e. its entropy within
+    2 % of ln(keys), for two validations in a row, is worth a warning."""
+    if entropy is None or not math.isfinite(entropy):
+        return
+    gh, gw = run.model.encoder.dino.grid(run.cfg.data.frame_size, run.cfg.data.frame_size)
+    uniform = math.log(run.model.encoder.dino.num_prefix + gh * gw)
+    run.uniform_validations = run.uniform_validations + 1 if entropy > UNIFORM * uniform else 0
+    if run.uniform_validations >= 2:
+        log.warning("the dynamic queries' attention has stayed near uniform for %d validations (entropy %.3f, "
+                    "uniform %.3f): query collapse? Check that llm_to_query and q_init get gradients; "
+                    "next_frame.entropy_weight sharpens it", run.uniform_validations, entropy, uniform)
 
 
 def setup_logging(run_dir: Path, dist):

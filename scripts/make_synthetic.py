@@ -235,7 +235,7 @@ def write_split(out, split, split_seed, count, args):
                     "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
                     "source": "synthetic/text", "meta": {"task": "text", "kind": kind}}}
             else:
-                task = TASKS[i % len(TASKS)]
+                task = args.tasks[i % len(args.tasks)]
                 files = video_sample(split, rng, task, args)
             writer.write(f"{split}-{i:06d}", files)
             counts[task] = counts.get(task, 0) + 1
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="object side as a fraction of the frame side (at least 10 px)")
     parser.add_argument("--distractors", type=int, nargs=2, default=(6, 12), metavar=("MIN", "MAX"),
                         help="distractors per clip, drawn uniformly")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
+                        help="the clips' tasks, in turn (e.g. motion only: every clip has a moving target, "
+                             "for next-frame prediction)")
     return parser
 
 

@@ -88,6 +88,58 @@ def test_oversized_sample_forms_its_own_batch():
     assert [[s["key"] for s in b] for b in out] == [["a"], ["big"], ["b"]]
 
 
+def with_latents(sample, n):
+    """The sample with n random float16 latents [n, 4, 2, 2] (None for a text-only sample)."""
+    latents = None if n == 0 else torch.randn(n, 4, 2, 2, generator=g).half()
+    return dict(sample, latents=latents)
+
+
+def test_latents_are_packed_like_frames():
+    video3, image, video2 = frames(3, 3, 8, 8), frames(3, 8, 8), frames(2, 3, 8, 8)
+    samples = [with_latents(text_sample("a", 5, video3), 3), with_latents(text_sample("b", 4), 0),
+               with_latents(text_sample("c", 4, image), 1), with_latents(text_sample("d", 6, video2), 2)]
+    batch = collate(samples, pad_id=0, image_frames=4)
+    assert batch["latents"].shape == (6, 4, 2, 2) and batch["frames"].shape == (6, 3, 8, 8)
+    tokens = {"a": 3, "b": 0, "c": 4, "d": 2}
+    for b, s in enumerate(samples):
+        for t, i in enumerate(batch["frame_index"][b].tolist()):
+            if t >= tokens[s["key"]]:
+                assert i == -1
+                continue
+            # the target of visual token (b, t) is latents[frame_index[b, t]]: the latent of the frame it reads
+            frame = 0 if s["frames"].dim() == 3 else t  # an image's tokens all read its one frame
+            assert torch.equal(batch["latents"][i], s["latents"][frame]), (b, t)
+            assert torch.equal(batch["frames"][i], s["frames"] if s["frames"].dim() == 3 else s["frames"][t])
+    assert collate([text_sample("a", 5, video3)], pad_id=0)["latents"] is None  # no sample has latents
+
+
+def test_latents_must_match_every_sample_with_frames():
+    video = frames(3, 3, 8, 8)
+    with pytest.raises(ValueError, match="'plain': 3 frame.* got none"):
+        collate([with_latents(text_sample("a", 5, video), 3), text_sample("plain", 5, video)], pad_id=0)
+    with pytest.raises(ValueError, match=r"'short': 3 frame.* got \(2, 4, 2, 2\)"):
+        collate([with_latents(text_sample("short", 5, video), 2)], pad_id=0)
+    other = dict(text_sample("big", 5, video), latents=torch.zeros(3, 4, 4, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="different settings"):
+        collate([with_latents(text_sample("a", 5, video), 3), other], pad_id=0)
+
+
+def test_budget_batches_keep_latents_with_their_frames():
+    gen = torch.Generator().manual_seed(2)
+    samples = []
+    for i in range(30):
+        t = int(torch.randint(0, 5, (1,), generator=gen))
+        f = None if t == 0 else (frames(3, 4, 4) if t == 1 else frames(t, 3, 4, 4))
+        samples.append(with_latents(text_sample(str(i), 6, f), 0 if t == 0 else 1 if t == 1 else t))
+    for group in budget_batches(iter(samples), 4, max_frames=6, image_frames=3):
+        batch = collate(group, pad_id=0, image_frames=3)
+        if batch["frames"] is None:
+            assert batch["latents"] is None
+            continue
+        expected = torch.cat([s["latents"] for s in group if s["latents"] is not None])
+        assert torch.equal(batch["latents"], expected) and len(expected) == len(batch["frames"])
+
+
 def _forward(model, batch, mode):
     keep = ("frames", "frame_index", "input_ids", "attention_mask", "loss_mask")
     with torch.no_grad():

@@ -25,7 +25,7 @@ def write(tmp_path, tree, name="c.yaml"):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = load_config(path)
-    assert cfg.to_dict()["stage"] in ("alignment", "sft", "dpo")
+    assert cfg.to_dict()["stage"] in ("alignment", "sft", "dpo", "next_frame")
 
 
 def test_published_recipe_values():

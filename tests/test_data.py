@@ -7,6 +7,7 @@ import tarfile
 from collections import Counter
 
 import av
+import numpy as np
 import pytest
 import torch
 
@@ -378,3 +379,73 @@ def test_resume_accepts_the_same_shards_in_a_moved_folder(tmp_path, smollm2_toke
     state = first.state_dict()
     (tmp_path / "a").rename(tmp_path / "b")  # e.g. another $DATA on another cluster
     loader(tmp_path / "b").load_state_dict(state)
+
+
+# --- precomputed latents (SampleSpec(latents=True)) -------------------------------------------
+
+def latents_npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=array.dtype == object)
+    return buf.getvalue()
+
+
+def numbered_latents(n):
+    """[n, 2, 3, 3] float16 latents whose every value is the frame number."""
+    return np.broadcast_to(np.arange(n, dtype=np.float16).reshape(n, 1, 1, 1), (n, 2, 3, 3)).copy()
+
+
+def grey_jpeg(level):
+    return encode_jpeg(torch.full((3, 20, 24), level, dtype=torch.uint8))
+
+
+def test_latents_are_thinned_with_the_frames(smollm2_tokenizer):
+    spec = SampleSpec(stage="sft", frame_size=28, max_frames=4, latents=True)
+    files = {"json": json.dumps(conversation("clip")).encode(), "latents.npy": latents_npy(numbered_latents(6)),
+             **{f"{i:03d}.jpg": grey_jpeg(40 * i) for i in range(6)}}
+    out = data.decode_sample("clip", files, spec, smollm2_tokenizer)
+    keep = data.sample_frame_indices(6, 4)
+    assert keep == [0, 2, 3, 5]
+    assert out["latents"].dtype == torch.float16 and out["latents"].shape == (4, 2, 3, 3)
+    assert out["latents"][:, 0, 0, 0].tolist() == keep  # latent i is that of the frame the model sees as i
+    assert [round(f.float().mean().item() / 40) for f in out["frames"]] == keep
+    one = latents_npy(numbered_latents(1))
+    image = data.decode_sample("img", {"json": files["json"], "jpg": JPEG, "latents.npy": one}, spec, smollm2_tokenizer)
+    assert image["frames"].shape == (3, 28, 28) and image["latents"].shape == (1, 2, 3, 3)
+    assert data.decode_sample("text", {"json": files["json"]}, spec, smollm2_tokenizer)["latents"] is None
+    assert "latents" not in data.decode_sample("clip", files, SPEC, smollm2_tokenizer)  # not asked for
+
+
+def test_samples_without_usable_latents_are_skipped_and_counted(tmp_path, smollm2_tokenizer, capsys):
+    frames = {f"{i:03d}.jpg": JPEG for i in range(3)}
+    nan = numbered_latents(3)
+    nan[1, 0, 0, 0] = np.nan
+    cases = {  # key: (skip reason or None, members besides json)
+        "good": (None, {**frames, "latents.npy": latents_npy(numbered_latents(3))}),
+        "text": (None, {}),
+        "image": (None, {"jpg": JPEG, "latents.npy": latents_npy(numbered_latents(1))}),
+        "missing": ("missing_latents", dict(frames)),
+        "fewer": ("latent_mismatch", {**frames, "latents.npy": latents_npy(numbered_latents(2))}),
+        "video": ("missing_latents", {"mp4": write_video(tmp_path / "v.mp4", 4), "latents.npy": b""}),
+        "pickled": ("bad_latents", {**frames, "latents.npy": latents_npy(np.array([{"run": "code"}] * 3))}),
+        "flat": ("bad_latents", {**frames, "latents.npy": latents_npy(np.zeros((3, 4), np.float16))}),
+        "nan": ("bad_latents", {**frames, "latents.npy": latents_npy(nan)}),
+    }
+    with ShardWriter(tmp_path / "shards") as w:
+        for key, (_, members) in cases.items():
+            w.write(key, {"json": conversation(key), **members})
+    spec = SampleSpec(stage="sft", frame_size=28, max_frames=4, latents=True)
+    stats = data.collect_stats([tmp_path / "shards"], spec, smollm2_tokenizer)
+    expected = Counter(reason for reason, _ in cases.values() if reason)
+    assert stats["skipped"] == {str(tmp_path / "shards"): dict(expected)}
+    assert stats["samples"] == sum(reason is None for reason, _ in cases.values())
+    # without latents every sample is usable
+    assert data.collect_stats([tmp_path / "shards"], SPEC, smollm2_tokenizer)["skipped"] == {}
+    with pytest.raises(data.SampleError, match="holds 2 latents but the sample stores 3 frames"):
+        data.decode_sample("fewer", {"json": json.dumps(conversation("x")).encode(), **cases["fewer"][1]}, spec,
+                           smollm2_tokenizer)
+    tok_dir = tmp_path / "tok"
+    smollm2_tokenizer.save_pretrained(tok_dir)
+    cli = data.main(["stats", str(tmp_path / "shards"), "--latents", "--frame-size", "28", "--json",
+                     "--tokenizer", str(tok_dir)])
+    assert cli["skipped"] == stats["skipped"]
+    assert json.loads(capsys.readouterr().out)["skipped"] == stats["skipped"]

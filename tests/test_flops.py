@@ -76,3 +76,25 @@ def test_backbone_flops_equal_the_counted_ones(preset):
     assert counted(lambda: backbone.encode(pixels)) == 2 * patch_pass
     kv = backbone.encode(pixels)
     assert counted(lambda: backbone.query(torch.randn(2, backbone.dim), kv)) == 2 * query
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_next_frame_flops_equal_the_counted_ones(tiny_backbones, mode):
+    from objectives import NextFrame
+
+    model = make_model(tiny_backbones, next_frame=[3, 8, 8], next_frame_width=8)
+    host = sft_batch(model, [frames(4)])
+    batch = {k: v for k, v in host.items() if k not in ("keys", "sources")}
+    unit = NextFrame("pixels", 8, 1.0, 0.0, mode)
+    unit.setup(model, None)
+    real = counted(lambda: unit.loss(model, batch, mode))
+    assert unit.flops(FlopCount(model, 28), host, mode) == 3 * real
+
+
+@pytest.mark.parametrize("mode", ["coarse_fine", "autoregressive"])
+def test_text_flops_with_the_coarse_pass_weighted_in(tiny_backbones, mode):
+    model = make_model(tiny_backbones)
+    host = sft_batch(model, [frames(3)])
+    batch = {k: v for k, v in host.items() if k not in ("keys", "sources")}
+    unit = TextCE(0.5, mode)
+    assert unit.flops(FlopCount(model, 28), host, mode) == 3 * counted(lambda: unit.loss(model, batch, mode))

@@ -624,3 +624,29 @@ def test_wandb_mirror_is_optional_and_resumes_its_run(synthetic, tmp_path, monke
     tree["run_dir"] = str(tmp_path / "other")
     with pytest.raises(ConfigError, match="needs the wandb package"):
         run(tmp_path, tree, "log.wandb=true", "optim.steps=2")
+
+
+def test_next_frame_stage_trains_logs_its_metrics_and_exports_the_head(synthetic, tmp_path):
+    """Stage next_frame (pixels target) end to end: metrics.csv and val.csv carry both losses, their
+    ratio and improvement, the two reference losses and the entropies; the export keeps the head;
+    text-only samples are skipped as not_video."""
+    tree = config_tree(synthetic, tmp_path / "run", stage="alignment")
+    tree.update(stage="next_frame", coarse_weight=1.0, next_frame={"target": "pixels", "pixels_size": 8})
+    tree["model"].update(next_frame=[3, 8, 8], next_frame_width=16)
+    tree["data"]["train"].append({"name": "text", "shards": str(synthetic / "text")})
+    tree["eval"].update(modes=["coarse_fine", "autoregressive"], every_steps=2)
+    summary = run(tmp_path, tree)
+    assert summary["steps"] == 4 and summary["data_skipped"].get("text", {}).get("not_video", 0) > 0
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    for column in ("loss_fine", "loss_coarse", "ratio", "improvement", "copy_loss", "mean_loss", "static_entropy",
+                   "dynamic_entropy"):
+        assert all(r[column] != "" for r in rows), column
+    r = rows[-1]
+    assert float(r["loss"]) == pytest.approx(float(r["loss_fine"]) + float(r["loss_coarse"]), rel=1e-5)
+    assert float(r["ratio"]) == pytest.approx(float(r["loss_coarse"]) / float(r["loss_fine"]), rel=1e-6)
+    val = [v for v in read_csv(tmp_path / "run" / "val.csv") if v["source"] == "all"]
+    assert {v["mode"] for v in val} == {"coarse_fine", "autoregressive"}
+    assert all(float(v["loss"]) == pytest.approx(float(v["loss_fine"]) + float(v["loss_coarse"]), rel=1e-5)
+               for v in val)
+    model = FoveatedVLM.from_pretrained(tmp_path / "run" / "final")
+    assert model.config.next_frame == [3, 8, 8] and model.next_frame is not None
