@@ -650,3 +650,12 @@ def test_next_frame_stage_trains_logs_its_metrics_and_exports_the_head(synthetic
                for v in val)
     model = FoveatedVLM.from_pretrained(tmp_path / "run" / "final")
     assert model.config.next_frame == [3, 8, 8] and model.next_frame is not None
+    # phase 2: the text stages continue from phase 1's weights (the head carried along), with the coarse
+    # pass trained as well
+    tree = config_tree(synthetic, tmp_path / "phase2", stage="alignment")
+    tree["model"].update(next_frame=[3, 8, 8], next_frame_width=16)
+    tree.update(init_from=str(tmp_path / "run"), coarse_weight=1.0)
+    run(tmp_path, tree, "optim.steps=2")
+    rows = read_csv(tmp_path / "phase2" / "metrics.csv")
+    assert all(float(r["loss"]) == pytest.approx(float(r["loss_fine"]) + float(r["loss_coarse"]), rel=1e-5)
+               for r in rows)
