@@ -151,3 +151,29 @@ def test_configs_for_next_frame(tmp_path):
     path.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match="coarse_weight' applies to the text CE"):
         load_config(path)
+
+
+def test_entropy_weight_adds_the_dynamic_attention_entropy(model):
+    batch = packed([clip(4, 1), clip(3, 2)])
+    plain, metrics = NextFrame("pixels", 4, 1.0, 0.0, "coarse_fine").loss(model, batch, "coarse_fine")
+    sharpened, _ = NextFrame("pixels", 4, 1.0, 0.1, "coarse_fine").loss(model, batch, "coarse_fine")
+    torch.testing.assert_close(sharpened, plain + 0.1 * metrics["dynamic_entropy"], atol=1e-5, rtol=1e-5)
+
+
+def test_near_uniform_dynamic_attention_twice_in_a_row_is_a_warning(model, caplog):
+    import math
+    import types
+
+    import train
+
+    run = types.SimpleNamespace(model=model, cfg=types.SimpleNamespace(data=types.SimpleNamespace(frame_size=SIZE)),
+                                uniform_validations=0)
+    uniform = math.log(model.encoder.dino.num_prefix + 4)  # 28 px: 2 x 2 patches
+    with caplog.at_level("WARNING", logger="fvlm.train"):
+        train.warn_if_uniform(run, uniform * 0.999)
+        assert not caplog.records
+        train.warn_if_uniform(run, uniform * 0.5)  # a sharp validation resets the count
+        train.warn_if_uniform(run, uniform * 0.999)
+        assert not caplog.records
+        train.warn_if_uniform(run, uniform)
+    assert len(caplog.records) == 1 and "near uniform for 2 validations" in caplog.text
