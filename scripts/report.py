@@ -410,21 +410,21 @@ def predictions(run) -> Section:
 
 
 def pixels_to_image(prediction: torch.Tensor, size: int) -> np.ndarray:
-    """A pixels-target prediction [3, s, s] in [-1, 1] -> uint8 [size, size, 3] (nearest upsampling)."""
-    img = ((prediction.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    img = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="nearest")[0].to(torch.uint8)
-    return img.permute(1, 2, 0).cpu().numpy()
+    """A pixels-target prediction [3, s, s] in [-1, 1] -> uint8 [size, size, 3]."""
+    return upsampled(((prediction.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), size)
+
+
+def upsampled(image: torch.Tensor, size: int) -> np.ndarray:
+    """uint8 [3, h, w] -> [size, size, 3] (nearest: one target pixel stays one block)."""
+    image = torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode="nearest")[0]
+    return image.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def latent_decoder(name: str, kind: str):
     from latents import decode, load_autoencoder
 
     ae = load_autoencoder(name, kind, setting="--autoencoder")
-
-    def to_image(prediction: torch.Tensor, size: int) -> np.ndarray:
-        return pixels_to_image(decode(ae, prediction[None].float().cpu())[0].float() / 127.5 - 1, size)
-
-    return to_image
+    return lambda prediction, size: upsampled(decode(ae, prediction[None])[0], size)
 
 
 @torch.no_grad()

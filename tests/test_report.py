@@ -15,9 +15,11 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
+import test_latents
 import test_train
 
 ROOT = Path(__file__).resolve().parents[1]
+autoencoders = test_latents.autoencoders  # tiny random autoencoders (fixture)
 synthetic = test_train.synthetic  # the training tests' synthetic dataset fixture (clips of 3 frames)
 CLIP_FRAMES = 3
 
@@ -208,3 +210,17 @@ def test_a_next_frame_run_gets_its_prediction_figure(synthetic, tmp_path):
     assert sorted(tmp_path / "run" / p for p in images_in(text)) == sorted(out["figures"])
     for path in predictions:
         assert_real_image(path)
+
+
+
+def test_latent_predictions_are_decoded_through_the_autoencoder(autoencoders):
+    """--autoencoder: a predicted latent becomes the decoder's image, upsampled to the frame size."""
+    import diffusers
+
+    from latents import decode
+
+    to_image = report.latent_decoder(autoencoders["vae"], "vae")
+    latent = torch.randn(4, 8, 8)
+    image = to_image(latent, 32)  # the tiny VAE decodes 8 x 8 latents to 16 x 16 images
+    expected = decode(diffusers.AutoencoderKL.from_pretrained(autoencoders["vae"]), latent[None])[0]
+    assert image.shape == (32, 32, 3) and np.array_equal(image[::2, ::2], expected.permute(1, 2, 0).numpy())
