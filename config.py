@@ -51,6 +51,10 @@ class ModelConfig:
     # the next-frame prediction head (predict.py): the [C, H, W] it predicts, or null for no head
     next_frame: typing.Optional[list[int]] = None
     next_frame_width: int = 256  # its channels
+    # null: the foveated token (one per frame, the published model). N = s * s: the "frames as images"
+    # baseline, each frame read as N tokens (its final patch tokens average-pooled to an s x s grid),
+    # no queries and no foveation
+    tokens_per_frame: typing.Optional[int] = None
 
 
 @dataclass
@@ -109,6 +113,9 @@ class NextFrameConfig:
     target: str = "pixels"  # pixels: frames area-downsampled on the fly; vae / taesd: precomputed KEY.latents.npy
     pixels_size: int = 16  # the pixels target's side
     entropy_weight: float = 0.0  # + weight x the dynamic queries' attention entropy (guide section 12; 0 = off)
+    # true: the head predicts the change from frame t's target (prediction = target_t + head(state)), so a
+    # head that outputs zero scores copy_loss and only what moves has to be learned
+    residual: bool = False
 
 
 @dataclass
@@ -323,6 +330,12 @@ def validate_model(m: ModelConfig, where: str, prefix: str = "model."):
     for key in ("query_dim", "image_frames", "next_frame_width"):
         if getattr(m, key) < 1:
             raise ConfigError(f"{where}: key '{prefix}{key}' must be >= 1, got {getattr(m, key)}")
+    n = m.tokens_per_frame
+    if n is not None and (n < 1 or math.isqrt(n) ** 2 != n):
+        raise ConfigError(f"{where}: key '{prefix}tokens_per_frame' must be a square (1, 4, 16, 64, ...: an s x s "
+                          f"grid of pooled patch tokens) or null (the foveated token), got {n}")
+    if n is not None and m.next_frame is not None:
+        raise ConfigError(f"{where}: key '{prefix}next_frame' needs the foveated model (tokens_per_frame: null)")
     if m.next_frame is not None and (len(m.next_frame) != 3 or min(m.next_frame) < 1):
         raise ConfigError(f"{where}: key '{prefix}next_frame' must be [channels, height, width] (>= 1), "
                           f"got {m.next_frame}")
@@ -388,6 +401,8 @@ def validate(cfg: Config, where: str):
     check(cfg.coarse_weight >= 0, "coarse_weight", f"must be >= 0, got {cfg.coarse_weight}")
     check(cfg.coarse_weight == 0 or cfg.stage in ("alignment", "sft", "next_frame"), "coarse_weight",
           "applies to the text CE (alignment, sft) and next_frame")
+    check(cfg.coarse_weight == 0 or cfg.model.tokens_per_frame is None, "coarse_weight",
+          "needs the foveated model: with model.tokens_per_frame there is no coarse pass")
     n = cfg.next_frame
     choice(n.target, "next_frame.target", TARGETS)
     check(n.pixels_size >= 1 and n.entropy_weight >= 0, "next_frame", "pixels_size must be >= 1, entropy_weight >= 0")

@@ -13,6 +13,7 @@ of ranks (train.py knows every normaliser before the first forward of a step).
 - NextFrame (stage next_frame, the proof of concept): from the LLM state at each frame (no text), the
   head predicts the next frame's target (VAE latent or downsampled pixels); the squared error per
   element, of the fine pass + coarse_weight x of the coarse pass; normaliser: (frame, next frame) pairs.
+  With `residual` the head predicts the change from frame t (prediction = target_t + head(state)).
 - DPO (stage dpo): the sigmoid DPO loss of each pair, -log sigmoid(beta * ((pi_c - ref_c) -
   (pi_r - ref_r))) on summed answer-token log-probs; normaliser: pairs. Metrics carry TRL's names
   (rewards/chosen = beta * (pi_c - ref_c), ...). The reference is a frozen copy of the initial
@@ -96,7 +97,7 @@ class TextCE(Objective):
 
     def loss(self, model, batch, mode):
         frames = batch["frames"]
-        kv = model.encoder.encode(frames) if self.coarse_weight and frames is not None else None
+        kv = model.encode_frames(frames) if self.coarse_weight and frames is not None else None
         fine = -self._logps(model, batch, mode, kv)
         if not self.coarse_weight:
             return fine, {}
@@ -223,8 +224,9 @@ class NextFrame(Objective):
     val_brief = ("loss_fine", "loss_coarse", "improvement", "copy_loss")
     val_loss = "loss"
 
-    def __init__(self, target: str, pixels_size: int, coarse_weight: float, entropy_weight: float, mode: str):
-        self.target, self.pixels_size = target, pixels_size
+    def __init__(self, target: str, pixels_size: int, coarse_weight: float, entropy_weight: float, mode: str,
+                 residual: bool = False):
+        self.target, self.pixels_size, self.residual = target, pixels_size, residual
         self.coarse_weight, self.entropy_weight = coarse_weight, entropy_weight
         self.fine = mode != "coarse_only"
         self.batch_keys = ("frames", "frame_index") + (("latents",) if target != "pixels" else ())
@@ -263,6 +265,12 @@ class NextFrame(Objective):
             per_frame = batch["latents"].float()
         return per_frame[batch["frame_index"].clamp(min=0)]
 
+    def predict(self, model, states: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """The prediction of the next frame's target from the states at frames whose targets are
+        `current` (residual: the head gives the change from them)."""
+        out = model.next_frame(states).float()
+        return current.float() + out if self.residual else out
+
     def _errors(self, model, batch, mode, kv=None, attention=False) -> dict:
         """Per pair [B, T - 1] (0 where frame t or t + 1 is padding): the mean squared error of the fine
         and coarse predictions and of the references; `pair`: the mask; entropies per predicting token."""
@@ -274,10 +282,10 @@ class NextFrame(Objective):
         error = lambda pred: ((pred.float() - nxt) ** 2).mean((-3, -2, -1)) * pair  # noqa: E731
         w = valid.float()[..., None, None, None]
         mean = (target * w).sum((0, 1)) / w.sum().clamp(min=1)  # the batch's mean target
-        out = {"pair": pair, "coarse": error(model.next_frame(st["coarse"][:, :-1])),
+        out = {"pair": pair, "coarse": error(self.predict(model, st["coarse"][:, :-1], target[:, :-1])),
                "copy": error(target[:, :-1]), "mean": error(mean.expand_as(nxt))}
         if st["fine"] is not None:
-            out["fine"] = error(model.next_frame(st["fine"][:, :-1]))
+            out["fine"] = error(self.predict(model, st["fine"][:, :-1], target[:, :-1]))
         for kind, attn in st["attention"].items():
             if attn is not None:  # the tokens whose state predicts a next frame
                 out[f"{kind}_entropy"] = attention_entropy(attn[:, :-1], pair.bool())[0]
@@ -333,7 +341,8 @@ def build(cfg) -> list[tuple[Objective, float]]:
         active = [(DPO(cfg.dpo.beta, cfg.mode, cfg.dpo.reference), 1.0)]
     elif cfg.stage == "next_frame":
         n = cfg.next_frame
-        active = [(NextFrame(n.target, n.pixels_size, cfg.coarse_weight, n.entropy_weight, cfg.mode), 1.0)]
+        active = [(NextFrame(n.target, n.pixels_size, cfg.coarse_weight, n.entropy_weight, cfg.mode,
+                              n.residual), 1.0)]
     else:
         active = [(TextCE(cfg.coarse_weight, cfg.mode), 1.0)]
     for kind in ("metrics", "val_metrics"):  # the objectives share the logs' columns

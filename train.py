@@ -289,7 +289,8 @@ def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
         run.wandb = _wandb(cfg, run_dir) if cfg.log.wandb else None
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s stage (%s), %s mode | %.1fM parameters (%.1fM trained) | %d rank(s) on %s | %d steps x %d "
-             "micro-batches of <= %d samples", cfg.stage, ", ".join(o.name for o, _ in objectives), cfg.mode,
+             "micro-batches of <= %d samples", cfg.stage, ", ".join(o.name for o, _ in objectives),
+             cfg.mode if model.pooled is None else f"{model.tokens_per_frame} pooled tokens per frame (no queries), one",
              n_params / 1e6, sum(p.numel() for p in run.params) / 1e6, dist.world_size, device, cfg.optim.steps,
              cfg.optim.grad_accum, cfg.data.batch_size)
     return run
@@ -320,11 +321,14 @@ def build_model(cfg, init_state: tuple[dict, str] | None = None) -> FoveatedVLM:
     model = FoveatedVLM(m, llm=expand_path(m.llm), dino=expand_path(m.dino), pretrained=m.pretrained and not cfg.init_from)
     if init_state is not None:
         state, what = init_state
+        # a text model may start a next_frame run: the prediction head it lacks starts fresh
+        own = model.state_dict()
+        fresh = {k: v for k, v in own.items() if k.startswith("next_frame.") and k not in state}
         try:
-            model.load_state_dict(state)
+            model.load_state_dict({**fresh, **state})
         except RuntimeError as e:
             raise ValueError(f"init_from {what} does not fit the model of this config: {e}") from e
-        log.info("initialised from %s", what)
+        log.info("initialised from %s%s", what, " (the next-frame head, which it lacks, starts fresh)" if fresh else "")
     return model
 
 

@@ -41,11 +41,11 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint as ckpt  # noqa: E402
+import objectives  # noqa: E402
 import train  # noqa: E402
 from config import MODES, ConfigError, load_config  # noqa: E402
 from data import ShardStream  # noqa: E402
 from media import sample_frame_indices  # noqa: E402
-from objectives import attention_entropy  # noqa: E402
 
 NEXT_FRAME = ("loss_fine", "loss_coarse")  # the next-frame objective's losses with and without foveation
 REFERENCE_LOSSES = ("copy_loss", "mean_loss")  # its baselines (copy frame t; predict the mean frame)
@@ -399,8 +399,12 @@ def predictions(run) -> Section:
     samples = [s for s in samples if s["frames"].dim() == 4][:PREDICTION_CLIPS]
     if not samples:
         return Section(f"{head}\n\nNot drawn: no video in {key}.")
+    unit = objectives.build(run.cfg)[0][0]  # the run's NextFrame: how a head output becomes a prediction
+    if target != "pixels" and unit.residual and any(s.get("latents") is None for s in samples):
+        return Section(f"{head}\n\nNot drawn: a residual {target} head predicts the change from frame t's "
+                       f"latent, and a clip of {key} has no precomputed latents.")
     decode = pixels_to_image if target == "pixels" else latent_decoder(run.args.autoencoder, target)
-    figures = [draw_predictions(model, s, decode, i, run.out_dir / f"fig4_predictions_clip{i}.png")
+    figures = [draw_predictions(model, unit, s, decode, i, run.out_dir / f"fig4_predictions_clip{i}.png")
                for i, s in enumerate(samples)]
     text = (f"Model {what}: for each frame t, the prediction of frame t + 1 from the fine pass (coarse_fine: "
             f"queries chosen by the LLM) and from the coarse pass (the static query), and the actual frame t + 1; "
@@ -428,17 +432,21 @@ def latent_decoder(name: str, kind: str):
 
 
 @torch.no_grad()
-def draw_predictions(model, sample, decode, index: int, path: Path) -> Path:
+def draw_predictions(model, unit, sample, decode, index: int, path: Path) -> Path:
+    from latents import pixel_target
+
     frames = sample["frames"]
     device = next(model.parameters()).device
     states = model.frame_states(frames[None].to(device), mode="coarse_fine")
+    current = (pixel_target(frames, unit.pixels_size) if unit.target == "pixels" else sample["latents"]).to(device)
+    predict = lambda kind, t: unit.predict(model, states[kind][0, t], current[t])  # noqa: E731
     size = frames.shape[-1]
     rows = sample_frame_indices(len(frames) - 1, MAX_ROWS)
     titles = ("frame t", "fine prediction of t + 1", "coarse prediction of t + 1", "actual t + 1")
     fig, axes = plt.subplots(len(rows), 4, figsize=(8.6, 2.1 * len(rows) + 0.8), squeeze=False, layout="constrained")
     for r, t in enumerate(rows):
-        images = (frames[t].permute(1, 2, 0).numpy(), decode(model.next_frame(states["fine"][0, t]), size),
-                  decode(model.next_frame(states["coarse"][0, t]), size), frames[t + 1].permute(1, 2, 0).numpy())
+        images = (frames[t].permute(1, 2, 0).numpy(), decode(predict("fine", t), size),
+                  decode(predict("coarse", t), size), frames[t + 1].permute(1, 2, 0).numpy())
         for c, image in enumerate(images):
             axes[r, c].imshow(image, interpolation="nearest")
             axes[r, c].set_xticks([])
@@ -505,7 +513,7 @@ def clip_attention(model, sample: dict, mode: str) -> dict:
     for kind in KINDS:
         attn = out["attention"].get(kind)
         if attn is not None:
-            h, n = attention_entropy(attn, torch.ones(attn.shape[:2], dtype=torch.bool, device=device))
+            h, n = objectives.attention_entropy(attn, torch.ones(attn.shape[:2], dtype=torch.bool, device=device))
             maps[kind], drawn = last_block_map(attn[0], prefix, grid)
             entropy[kind] = {"all": (h / n).item(), "drawn": drawn}
     return dict(frames=frames.permute(0, 2, 3, 1).numpy(), maps=maps, entropy=entropy, key=sample["key"],

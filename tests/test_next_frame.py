@@ -64,13 +64,14 @@ def test_head_shape_and_size():
     assert NextFrameHead(64, (3, 12, 12), 8).start == (3, 3)
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-def test_next_frame_loss_equals_a_hand_computation(model, mode):
+def test_next_frame_loss_equals_a_hand_computation(model, mode, residual):
     from latents import pixel_target
 
     clips = [clip(4, 1), clip(2, 2), clip(3, 3)]
     batch = packed(clips)
-    unit = NextFrame("pixels", 4, coarse_weight=0.5, entropy_weight=0.0, mode=mode)
+    unit = NextFrame("pixels", 4, coarse_weight=0.5, entropy_weight=0.0, mode=mode, residual=residual)
     unit.setup(model, None)
     assert unit.normaliser(batch) == 3 + 1 + 2
     loss, metrics = unit.loss(model, batch, mode)
@@ -79,9 +80,10 @@ def test_next_frame_loss_equals_a_hand_computation(model, mode):
     for c, st in zip(clips, states):
         target = pixel_target(c, 4)
         for t in range(len(c) - 1):
-            coarse += ((model.next_frame(st["coarse"][0, t]) - target[t + 1]) ** 2).mean()
+            base = target[t] if residual else 0  # residual: the head gives the change from frame t
+            coarse += ((base + model.next_frame(st["coarse"][0, t]) - target[t + 1]) ** 2).mean()
             if st["fine"] is not None:
-                fine += ((model.next_frame(st["fine"][0, t]) - target[t + 1]) ** 2).mean()
+                fine += ((base + model.next_frame(st["fine"][0, t]) - target[t + 1]) ** 2).mean()
             copy += ((target[t] - target[t + 1]) ** 2).mean()
     expected = coarse if mode == "coarse_only" else fine + 0.5 * coarse
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
@@ -177,3 +179,27 @@ def test_near_uniform_dynamic_attention_twice_in_a_row_is_a_warning(model, caplo
         assert not caplog.records
         train.warn_if_uniform(run, uniform)
     assert len(caplog.records) == 1 and "near uniform for 2 validations" in caplog.text
+
+
+def test_a_text_model_starts_a_next_frame_run_with_a_fresh_head(tiny_backbones, tmp_path):
+    """init_from a model without the head: everything else is loaded, the head is freshly initialised;
+    any other missing weight is still an error."""
+    import yaml
+
+    from config import load_config
+    from train import build_model
+
+    llm, dino = tiny_backbones
+    tree = {"stage": "next_frame", "run_dir": "r", "model": {"llm": str(llm), "dino": str(dino), "query_dim": 24,
+                                                            "next_frame": [3, 8, 8], "next_frame_width": 16},
+            "next_frame": {"pixels_size": 8}, "data": {"train": [{"name": "a", "shards": "a"}]}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    text = make_model(tiny_backbones, seed=1).state_dict()
+    model = build_model(load_config(path), (text, "the text model"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in text.items())
+    assert {k for k in state if k not in text} == {k for k in state if k.startswith("next_frame.")} != set()
+    del text["q_static"]
+    with pytest.raises(ValueError, match="(?s)does not fit the model of this config.*q_static"):
+        build_model(load_config(path), (text, "the text model"))
