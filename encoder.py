@@ -28,13 +28,15 @@ def backbone_class(config) -> type[ViTBackbone]:
 class FoveatedEncoder(nn.Module):
     """backbone + deep query: `encode(pixels)` -> per-block K/V; `query(q, kv)` -> one token per query."""
 
-    def __init__(self, backbone_config, query_dim: int = 384):
+    def __init__(self, backbone_config, query_dim: int = 384, queries: bool = True):
+        """queries=False: the backbone alone (the pooled multi-token baseline reads no queries)."""
         super().__init__()
         self.dino = backbone_class(backbone_config).from_config(backbone_config)  # any ViTBackbone
         d = self.dino.dim
-        # No bias: a bias would dominate small queries and make attention query-independent.
-        self.query_input_proj = nn.Linear(query_dim, d, bias=False)
-        self.output_proj = nn.Linear(d, d)
+        if queries:
+            # No bias: a bias would dominate small queries and make attention query-independent.
+            self.query_input_proj = nn.Linear(query_dim, d, bias=False)
+            self.output_proj = nn.Linear(d, d)
 
     def encode(self, pixels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """pixels [N, 3, H, W] (uint8 RGB, or float normalised with the backbone's statistics) -> per

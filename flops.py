@@ -21,10 +21,15 @@ class FlopCount:
     def __init__(self, model, frame_size: int):
         enc, llm = model.encoder, model.llm
         self.patch_pass, backbone_query = enc.dino.flops(frame_size, frame_size)
-        # a query token: into the backbone's width, through its blocks, out again
-        self.query = backbone_query + 2 * (enc.query_input_proj.weight.numel() + enc.output_proj.weight.numel())
         self.project = 2 * model.dino_to_llm.weight.numel()  # a visual token into the LLM
-        self.to_query = 2 * model.llm_to_query.weight.numel()  # an LLM state into a query
+        # the pooled baseline: every block in full, then tokens_per_frame tokens per frame, no queries
+        self.tokens_per_frame = model.tokens_per_frame if model.pooled is not None else None
+        if self.tokens_per_frame is not None:
+            self.patch_pass, self.query, self.to_query = enc.dino.features_flops(frame_size, frame_size), 0.0, 0.0
+        else:
+            # a query token: into the backbone's width, through its blocks, out again
+            self.query = backbone_query + 2 * (enc.query_input_proj.weight.numel() + enc.output_proj.weight.numel())
+            self.to_query = 2 * model.llm_to_query.weight.numel()  # an LLM state into a query
         c = llm.config
         self.llm_token = 2 * sum(p.numel() for p in llm.model.layers.parameters() if p.dim() == 2)
         width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
@@ -35,10 +40,11 @@ class FlopCount:
         # padding) and, autoregressively, twice (the question's pass, then the rest's)
         self.prompt_first = model.layout == "prompt_first"
 
-    @staticmethod
-    def rows(attention_mask, frame_index) -> list[Row]:
-        """The rows of a host batch (a text mask [B, S], frame_index [B, T])."""
-        return [Row(t, v) for t, v in zip(attention_mask.sum(1).tolist(), (frame_index >= 0).sum(1).tolist())]
+    def rows(self, attention_mask, frame_index) -> list[Row]:
+        """The rows of a host batch (a text mask [B, S], frame_index [B, T]): visual tokens, not frames."""
+        per_frame = self.tokens_per_frame or 1
+        return [Row(t, v * per_frame) for t, v in zip(attention_mask.sum(1).tolist(),
+                                                      (frame_index >= 0).sum(1).tolist())]
 
     def _llm(self, tokens: int, pairs: int) -> float:
         return tokens * self.llm_token + pairs * self.llm_pair
@@ -49,6 +55,9 @@ class FlopCount:
         coarse_rows = rows if coarse_rows is None else coarse_rows
         visual = sum(r.visual for r in coarse_rows)
         total = frames * self.patch_pass + targets * self.head
+        if self.tokens_per_frame is not None:  # pooled tokens projected, then one pass (every mode)
+            return float(total + visual * self.project + sum(self._llm(r.text + r.visual, (r.text + r.visual) ** 2)
+                                                             for r in rows))
         if mode != "autoregressive":  # the static query: once per encoded frame, projected per token
             total += frames * self.query + visual * self.project
         if mode != "coarse_only":  # the fine queries: one per visual token, from an LLM state

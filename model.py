@@ -1,4 +1,6 @@
 """FoveatedVLM: one visual token per frame, with the LLM choosing where each next frame is looked at.
+(With `tokens_per_frame: N` the same class is the "frames as images" baseline: each frame read as N
+average-pooled patch tokens, no queries; every mode is then the same single pass.)
 
 Public contract (the published model card):
     model = FoveatedVLM(llm_name=..., dino_name=..., query_dim=384, visual_scale=0.14, deep_query=True)
@@ -23,6 +25,7 @@ are -100. The first text token is never a target (it follows nothing but the vid
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -46,12 +49,21 @@ class Visual:
 
     pixels [N, 3, H, W]; token_frame [B, T] (pads point at frame 0); valid [B, T];
     unique: no frame is read by two tokens, so per-token queries can be scattered into frame
-    order instead of copying K/V per token.
+    order instead of copying K/V per token. token_part [B, T]: which of its frame's pooled tokens a
+    token is (the multi-token baseline; None for the foveated model).
     """
     pixels: torch.Tensor
     token_frame: torch.Tensor
     valid: torch.Tensor
     unique: bool
+    token_part: torch.Tensor | None = None
+
+    def parts(self, n: int) -> "Visual":
+        """Each frame's token as n consecutive tokens (parts 0 .. n - 1 of the frame): [B, T] -> [B, T * n]."""
+        b, t = self.token_frame.shape
+        part = torch.arange(n, device=self.valid.device).repeat(t).expand(b, -1)
+        return Visual(self.pixels, self.token_frame.repeat_interleave(n, 1), self.valid.repeat_interleave(n, 1),
+                      False, part)
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +71,8 @@ class Visual:
 
     def repeat(self, times: int) -> "Visual":
         """The same frames for `times` copies of the batch (stacked along the batch)."""
-        return Visual(self.pixels, self.token_frame.repeat(times, 1), self.valid.repeat(times, 1), self.unique)
+        part = self.token_part.repeat(times, 1) if self.token_part is not None else None
+        return Visual(self.pixels, self.token_frame.repeat(times, 1), self.valid.repeat(times, 1), self.unique, part)
 
 
 @dataclass
@@ -134,15 +147,16 @@ class FoveatedVLM(nn.Module):
         self.config = cfg
         self.llm, self.tokenizer = load_llm(cfg.llm, cfg.pretrained)
         dino_config = vision_config(cfg.dino)
-        self.encoder = FoveatedEncoder(dino_config, cfg.query_dim)
+        self.encoder = FoveatedEncoder(dino_config, cfg.query_dim, queries=cfg.tokens_per_frame is None)
         self.encoder.dino.load_state_dict(vision_weights(cfg.dino, dino_config, cfg.pretrained))
         self.dino_config = dino_config
         llm_dim = self.llm.config.hidden_size
         self.dino_to_llm = nn.Linear(self.encoder.dino.dim, llm_dim)
-        self.llm_to_query = nn.Linear(llm_dim, cfg.query_dim)
-        # std 1: smaller queries give near-uniform attention at the start of training
-        self.q_static = nn.Parameter(torch.randn(1, cfg.query_dim))
-        self.q_init = nn.Parameter(torch.randn(1, cfg.query_dim))
+        if self.pooled is None:  # the query path (the pooled baseline has none)
+            self.llm_to_query = nn.Linear(llm_dim, cfg.query_dim)
+            # std 1: smaller queries give near-uniform attention at the start of training
+            self.q_static = nn.Parameter(torch.randn(1, cfg.query_dim))
+            self.q_init = nn.Parameter(torch.randn(1, cfg.query_dim))
         # the proof-of-concept's next-frame head (objectives.NextFrame); absent in the published layout
         self.next_frame = NextFrameHead(llm_dim, cfg.next_frame, cfg.next_frame_width) if cfg.next_frame else None
         tok = self.tokenizer
@@ -158,6 +172,10 @@ class FoveatedVLM(nn.Module):
 
     # the settings, read from the one config
     visual_scale = property(lambda self: self.config.visual_scale)
+    tokens_per_frame = property(lambda self: self.config.tokens_per_frame or 1)
+    # the pooled baseline's grid side s (tokens_per_frame = s * s), None for the foveated model
+    pooled = property(lambda self: None if self.config.tokens_per_frame is None else
+                      math.isqrt(self.config.tokens_per_frame))
     layout = property(lambda self: self.config.layout)
     image_frames = property(lambda self: self.config.image_frames)
     system_prompt = property(lambda self: self.config.system_prompt)
@@ -165,7 +183,11 @@ class FoveatedVLM(nn.Module):
     # ---- inputs ---------------------------------------------------------------------------------
 
     def _visual(self, frames, frame_mask, frame_index, batch) -> Visual | None:
-        """Validate the frame inputs and describe which frame each visual token reads."""
+        """Validate the frame inputs and describe which frame (and which pooled part) each visual token reads."""
+        vis = self._frame_tokens(frames, frame_mask, frame_index, batch)
+        return vis.parts(self.tokens_per_frame) if vis is not None and self.pooled is not None else vis
+
+    def _frame_tokens(self, frames, frame_mask, frame_index, batch) -> Visual | None:
         if frames is None or frames.numel() == 0:
             if frame_index is not None and frame_index.shape[1] > 0:
                 raise ValueError("frame_index given without frames")
@@ -281,6 +303,8 @@ class FoveatedVLM(nn.Module):
 
     def _visual_embeddings(self, mode, vis, kv, lay, text_emb, return_attention, queries=None):
         """(visual token embeddings for the parallel modes, the fine queries used, attention maps)."""
+        if self.pooled is not None:  # kv: the pooled tokens [frames, s * s, D] (encode_frames)
+            return self._project(kv[vis.token_frame, vis.token_part]), None, {}
         attn = {}
         if mode == "coarse_fine" and queries is not None:  # teacher-forced / intervened queries
             z, attn["dynamic"] = self._query_tokens(queries, vis, kv, return_attention)
@@ -440,7 +464,7 @@ class FoveatedVLM(nn.Module):
         target_index: [K] the loss targets as flat indices into the [B, S-1] next-token grid
             (`collate.target_index(loss_mask, attention_mask)`; the collate sends it). Logits are
             then computed for those K tokens only, and `logits` is [K, V]: the training path.
-        kv: `self.encoder.encode(frames)` computed earlier, to reuse across calls (modes, prompts).
+        kv: `self.encode_frames(frames)` computed earlier, to reuse across calls (modes, prompts).
         Returns loss (token-weighted mean), logits [B, S, V], logp_sum [B] (summed log-prob of the
         loss tokens), num_tokens [B], target_labels / target_rows (the label of each next-token cell
         scored, -100 where ignored, and its sample: the rows of `logits` with target_index, of
@@ -451,6 +475,10 @@ class FoveatedVLM(nn.Module):
         _check_mode(mode)
         if input_ids is None:
             raise ValueError("input_ids are required")
+        if self.pooled is not None:
+            if queries is not None:
+                raise ValueError("queries= needs the foveated model; this one reads pooled tokens (tokens_per_frame)")
+            mode = "coarse_only"  # no queries: every mode is the same single pass
         self._check_text(input_ids, attention_mask, loss_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -483,6 +511,8 @@ class FoveatedVLM(nn.Module):
         passes (the fine query of frame t comes from the coarse state of frame t - 1).
         frames / frame_mask / frame_index / kv as in forward."""
         _check_mode(mode)
+        if self.pooled is not None:
+            raise ValueError("frame_states needs the foveated model (tokens_per_frame: null)")
         batch = frame_index.shape[0] if frame_index is not None else (frames.shape[0] if frames is not None else 0)
         vis = self._visual(frames, frame_mask, frame_index, batch)
         if vis is None:
@@ -512,6 +542,7 @@ class FoveatedVLM(nn.Module):
         The two target indices (as in forward, each in its own side's grid) go together."""
         if mode not in ("coarse_only", "coarse_fine"):
             raise ValueError(f"dpo_logps supports modes coarse_only and coarse_fine, got {mode!r}")
+        mode = "coarse_only" if self.pooled is not None else mode
         for ids, am, lm in ((chosen_ids, chosen_attention_mask, chosen_loss_mask),
                             (rejected_ids, rejected_attention_mask, rejected_loss_mask)):
             self._check_text(ids, am, lm)
@@ -531,7 +562,7 @@ class FoveatedVLM(nn.Module):
         lay = self._layout(ids, am, both)
         vis_emb = None
         if vis is not None:  # the visual tokens depend on the frames and the prompt only: computed once
-            kv = self.encoder.encode(vis.pixels)
+            kv = self.encode_frames(vis.pixels)
             vis_emb = self._visual_embeddings(mode, vis, kv, lay.rows(slice(0, b)), text_emb[:b], False)[0].repeat(2, 1, 1)
         index = None
         if chosen_target_index is not None:  # each side's [B, S_side - 1] grid -> the stacked [2B, s - 1] grid
@@ -578,7 +609,7 @@ class FoveatedVLM(nn.Module):
 
         input_ids / attention_mask [B, S]: templated prompts (e.g. `chat_ids`), right padded.
         frames [N, 3, H, W] packed with frame_index [B, T] (collate.pack_frames), and optionally
-        kv = self.encoder.encode(frames), computed once and reused across modes and prompts.
+        kv = self.encode_frames(frames), computed once and reused across modes and prompts.
         Returns {"tokens": each sample's new ids (without the stop token), "first_logits": [B, V]
         float32 logits of the first new token, i.e. the prompt's next-token distribution}.
         """
@@ -615,11 +646,12 @@ class FoveatedVLM(nn.Module):
     def _decode_steps(self, ids, am, pixels, index, kv, mode, max_new_tokens, temperature, top_p):
         """Yield, per decoding step, (each sample's new token id or None once it has stopped, the
         logits [B, V] that token was drawn from)."""
-        device = self.q_static.device
+        device, weight_dtype = self.dino_to_llm.weight.device, self.dino_to_llm.weight.dtype
+        mode = "coarse_only" if self.pooled is not None else mode
         b = ids.shape[0]
         ids, am = ids.to(device), am.to(device)
         if pixels is not None:  # uint8 frames stay uint8 (the encoder normalises them)
-            dtype = pixels.dtype if pixels.dtype == torch.uint8 else self.encoder.output_proj.weight.dtype
+            dtype = pixels.dtype if pixels.dtype == torch.uint8 else weight_dtype
             pixels = pixels.to(device, dtype)
         with autocast(device):
             vis = self._visual(pixels, None, index.to(device), b) if pixels is not None else None
@@ -651,16 +683,38 @@ class FoveatedVLM(nn.Module):
                 logits = self.llm.lm_head(h[:, 0])
                 pos = pos + 1
 
+    def encode_frames(self, pixels: torch.Tensor):
+        """What the visual tokens are computed from, once per frame and reusable across modes and
+        prompts (the `kv` of forward, frame_states and generate_ids): the backbone's per-block K/V
+        (encoder.encode), or for the pooled baseline the final patch tokens average-pooled to an s x s
+        grid, [N, s * s, D] (row-major)."""
+        if self.pooled is None:
+            return self.encoder.encode(pixels)
+        dino, s = self.encoder.dino, self.pooled
+        gh, gw = dino.grid(*pixels.shape[-2:])
+        if s > min(gh, gw):
+            raise ValueError(f"tokens_per_frame {s * s} pools to {s} x {s}, but frames of {tuple(pixels.shape[-2:])} px "
+                             f"have a {gh} x {gw} patch grid")
+        x = dino.features(pixels)[:, dino.num_prefix:]  # [N, gh * gw, D]: the patches, row-major
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
+        # area pooling: each token is the mean of the patches of its cell (exact when s divides the grid)
+        return F.adaptive_avg_pool2d(x, s).flatten(2).transpose(1, 2)
+
     def _kv(self, vis, kv):
-        """The frames' per-block K/V: encoded here, or given (precomputed for these frames)."""
+        """The frames' encoding (encode_frames): computed here, or given (precomputed for these frames)."""
         if vis is None:
             return None
         if kv is None:
-            return self.encoder.encode(vis.pixels)
+            return self.encode_frames(vis.pixels)
+        if self.pooled is not None:
+            if not torch.is_tensor(kv) or kv.shape[:2] != (vis.pixels.shape[0], self.tokens_per_frame):
+                raise ValueError(f"kv must be encode_frames(frames): [{vis.pixels.shape[0]}, {self.tokens_per_frame}, "
+                                 f"D] pooled tokens")
+            return kv
         blocks = self.encoder.dino.num_blocks
         if len(kv) != blocks or kv[0][0].shape[0] != vis.pixels.shape[0]:
             raise ValueError(f"kv holds {kv[0][0].shape[0]} encoded frames in {len(kv)} blocks; the frames need "
-                             f"{vis.pixels.shape[0]} in {blocks} (kv = encoder.encode(frames))")
+                             f"{vis.pixels.shape[0]} in {blocks} (kv = encode_frames(frames))")
         return kv
 
     # ---- training helpers -----------------------------------------------------------------------

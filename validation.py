@@ -34,7 +34,7 @@ def validate(model, batches, *, objectives, modes, to_device, autocast, max_samp
             if len(sources) >= limit:
                 break
             batch = to_device(host)
-            kv = model.encoder.encode(batch["frames"]) if batch["frames"] is not None else None
+            kv = model.encode_frames(batch["frames"]) if batch["frames"] is not None else None
             for m, indices in scored.items():
                 for i in indices:
                     for name, values in objectives[i][0].val_scores(model, batch, m, kv).items():

@@ -200,7 +200,10 @@ class ViTBackbone(nn.Module):
         """The ordinary full forward: final-normed hidden states [N, num_prefix + patches, D]."""
         x, rope = self.embed(self.normalize(pixels))
         for blk in self.blocks:
-            x = self._patch_block(blk, x, rope)[0]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self._patch_block, blk, x, rope, use_reentrant=False)[0]
+            else:
+                x = self._patch_block(blk, x, rope)[0]
         return self.norm(x)
 
     def flops(self, height: int, width: int) -> tuple[float, float]:
@@ -215,3 +218,11 @@ class ViTBackbone(nn.Module):
         patch_pass = embed + sum(keys * (w + attend) for w in linear[:-1]) + keys * kv_only  # last block: K/V only
         query = sum(w - kv_only + attend for w in linear)  # a query needs no k, v of its own
         return float(patch_pass), float(query)
+
+    def features_flops(self, height: int, width: int) -> float:
+        """Forward matmul FLOPs of `features` (every block in full) for one frame at this size."""
+        gh, gw = self.grid(height, width)
+        keys = self.num_prefix + gh * gw
+        embed = 2 * gh * gw * self.patch_size ** 2 * 3 * self.dim
+        linear = [2 * sum(m.weight.numel() for m in (b.qkv, b.proj, b.fc1, b.fc2)) for b in self.blocks]
+        return float(embed + sum(keys * (w + 4 * keys * self.dim) for w in linear))

@@ -21,7 +21,7 @@ import yaml
 import checkpoint as ckpt
 import train
 from config import ConfigError, load_config
-from model import FoveatedVLM
+from model import MODES, FoveatedVLM
 from objectives import TextCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -659,3 +659,30 @@ def test_next_frame_stage_trains_logs_its_metrics_and_exports_the_head(synthetic
     rows = read_csv(tmp_path / "phase2" / "metrics.csv")
     assert all(float(r["loss"]) == pytest.approx(float(r["loss_fine"]) + float(r["loss_coarse"]), rel=1e-5)
                for r in rows)
+
+
+def test_the_pooled_multi_token_baseline_trains_validates_and_benchmarks(synthetic, tmp_path):
+    """model.tokens_per_frame through the same trainer, validation (every eval mode), export and the
+    benchmark harness; the FLOP column counts N tokens per frame."""
+    import benchmark
+
+    tree = config_tree(synthetic, tmp_path / "run")
+    tree["model"]["tokens_per_frame"] = 4
+    tree["eval"].update(modes=["coarse_only", "autoregressive"], at_start=True)
+    summary = run(tmp_path, tree)
+    assert summary["steps"] == 4
+    val = [v for v in read_csv(tmp_path / "run" / "val.csv") if v["source"] == "all"]
+    assert {v["mode"] for v in val} == {"coarse_only", "autoregressive"}
+    last = [v for v in val if v["step"] == "4"]
+    assert last[0]["loss"] == last[1]["loss"] and last[0]["dynamic_entropy"] == "nan"  # one pass, no queries
+    model = FoveatedVLM.from_pretrained(tmp_path / "run" / "final")
+    assert model.tokens_per_frame == 4
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "synthetic").symlink_to(synthetic)
+    report = benchmark.main(["--checkpoint", str(tmp_path / "run" / "final"), "--data-root", str(tmp_path / "benchmarks"),
+                             "--bench", "synthetic", "--limit", "8", "--frame-size", "56", "--max-frames", "4",
+                             "--output", str(tmp_path / "bench.json")])
+    scores = report["results"]["synthetic"]
+    assert [scores[m]["items"] for m in MODES] == [8, 8, 8]
+    answers = {m: [(r["reply"], r["likelihood"]) for r in scores[m]["raw"]] for m in MODES}
+    assert answers["coarse_only"] == answers["autoregressive"]  # no queries: every mode is one pass
