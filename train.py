@@ -534,7 +534,7 @@ def batch_tokens(host: dict) -> int:
 def metric_columns(run) -> list[str]:
     per_objective = [f"{o.name}_loss" for o, _ in run.objectives] if len(run.objectives) > 1 else []
     return ["step", "samples", "tokens", "loss", *per_objective, *[f"lr_{g}" for g in run.cfg.optim.lr], "grad_norm",
-            "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb", "skipped_nonfinite", "skipped_oom",
+            "samples_per_s", "tokens_per_s", "flops", "mfu", "peak_mem_gb", "skipped_nonfinite", "skipped_oom",
             "data_skipped", "elapsed_s", *[m for o, _ in run.objectives for m in (*o.metrics, *o.derived)]]
 
 
@@ -550,7 +550,8 @@ def log_step(run, w: Steps):
     mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
     row = {"step": step, "samples": counters["samples"], "tokens": counters["tokens"], "loss": loss,
            **{f"lr_{g}": v for g, v in w.lrs.items()}, "grad_norm": w.grad_norm / max(w.steps, 1),
-           "samples_per_s": w.samples / seconds, "tokens_per_s": w.tokens / seconds, "mfu": mfu, "peak_mem_gb": mem,
+           "samples_per_s": w.samples / seconds, "tokens_per_s": w.tokens / seconds,
+           "flops": w.flops, "mfu": mfu, "peak_mem_gb": mem,
            "skipped_nonfinite": counters["skipped_nonfinite"], "skipped_oom": counters["skipped_oom"],
            "data_skipped": data_skipped, "elapsed_s": counters["train_seconds"]}
     brief = []
