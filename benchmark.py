@@ -39,7 +39,7 @@ from checkpoint import load_model
 from collate import pack_frames
 from config import MODES
 from data import Loader, SampleSpec, ShardStream, Source
-from media import MediaError, decode_image, decode_video, frame_extension_index
+from media import MediaError, decode_image, decode_video, frame_extension_index, sample_frame_indices
 from model import autocast
 
 BENCHES = ("mvbench", "videomme", "scienceqa", "pope", "val", "synthetic")
@@ -306,7 +306,9 @@ class Clips(Dataset):
                 return i, decode_video(Path(ref).read_bytes(), self.max_frames, self.frame_size)
             if kind == "image":
                 return i, decode_image(ref, self.frame_size)
-            return i, torch.stack([decode_image(b, self.frame_size) for b in ref[: self.max_frames]])
+            # frames stored as images: thinned uniformly, as training reads them (not the first max_frames)
+            keep = sample_frame_indices(len(ref), self.max_frames)
+            return i, torch.stack([decode_image(ref[j], self.frame_size) for j in keep])
         except (MediaError, OSError) as e:
             return i, f"undecodable_media: {type(e).__name__}: {e}"
 

@@ -406,3 +406,16 @@ def test_a_training_checkpoint_file_is_evaluated_with_its_own_settings(data_root
         for mode in benchmark.MODES:
             a, b = ([(r["uid"], r["reply"], r["likelihood"]) for r in rep["results"][bench][mode]["raw"]] for rep in reports)
             assert a == b and len(a) == 4, (bench, mode)
+
+
+def test_stored_frames_are_thinned_uniformly_as_training_reads_them():
+    """A clip of 12 stored frames at --max-frames 5 shows frames 1, 3, 6, 8, 10 (media.sample_frame_indices,
+    as data.py), not the first five."""
+    from benchmark import Clips
+    from media import encode_jpeg, sample_frame_indices
+
+    stored = [encode_jpeg(torch.full((3, 28, 28), 20 * t, dtype=torch.uint8)) for t in range(12)]
+    _, frames = Clips([("clip", ("frames", stored))], max_frames=5, frame_size=28)[0]
+    keep = sample_frame_indices(12, 5)
+    assert keep != list(range(5))
+    assert [round(float(f.float().mean()) / 20) for f in frames] == keep
