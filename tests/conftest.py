@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random backbones saved to temp folders (never downloaded from a hub)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model
@@ -45,3 +48,11 @@ def make_model(backbones, seed=0, **kwargs) -> FoveatedVLM:
 @pytest.fixture
 def tiny_model(tiny_backbones):
     return make_model(tiny_backbones)
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

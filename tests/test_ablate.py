@@ -2,24 +2,15 @@
 loss, training FLOPs, where the queries looked), writes its table, JSON and figures, and a rerun resumes
 without training anything again."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_script
 
 
 def test_variants_cover_the_foveated_family_and_the_pooled_grid():
-    ablate = script("ablate")
+    ablate = load_script("ablate")
     grid = ablate.variants(8)  # 112-px frames, 14-px patches
     assert list(grid) == ["static", "coarse_fine", "coarse_fine+coarse_loss", "prompt_first", "pooled_1", "pooled_4",
                           "pooled_16", "pooled_64"]
@@ -33,7 +24,7 @@ def test_variants_cover_the_foveated_family_and_the_pooled_grid():
 
 @pytest.mark.slow
 def test_a_tiny_grid_runs_scores_and_resumes(tmp_path):
-    make_synthetic, ablate = script("make_synthetic"), script("ablate")
+    make_synthetic, ablate = load_script("make_synthetic"), load_script("ablate")
     data = tmp_path / "probe"
     make_synthetic.main(["--out", str(data), "--size", "40", "--frames", "4", "--frame-size", "112",
                          "--object-scale", str(1 / 12), "--distractors", "6", "12"])

@@ -4,17 +4,16 @@ downloaded), clear errors for models that cannot be loaded, scripts/precompute_l
 (video files converted, bad samples counted, resume), and the loader's latents belonging to exactly
 the frames it returns."""
 
-import importlib.util
 import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import latents
+from conftest import load_script
 from data import SampleSpec, decode_sample
 from media import decode_image, encode_jpeg, resize
 from shards import ShardWriter, read_samples
@@ -23,15 +22,7 @@ from test_media import write_video
 
 diffusers = pytest.importorskip("diffusers")
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # the tiny autoencoders downsample by 2: latents [4, 16, 16]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 precompute = load_script("precompute_latents")

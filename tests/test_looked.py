@@ -2,31 +2,21 @@
 the probe's thinning keeping each box on its frame (checked on the decoded pixels), clip scores of a
 tiny model in both query modes, the summary, and the figure (box outline where the box is)."""
 
-import importlib.util
 import json
 import math
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import make_model
+from conftest import load_script, make_model
 from looked import clip_scores, draw_looked, patch_cover, read_probe, scale_box, summarise, target_share
 from media import sample_frame_indices
 from shards import expand, read_samples
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIP_FRAMES, MAX_FRAMES, ORIGINAL, SIZE, PATCH = 12, 5, 96, 56, 14  # 56 px: a 4 x 4 grid of the tiny DINOv2
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 make_synthetic = load_script("make_synthetic")

@@ -22,6 +22,7 @@ import checkpoint as ckpt
 import train
 from config import ConfigError, load_config
 from model import MODES, FoveatedVLM
+from conftest import load_script
 from objectives import TextCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -677,10 +678,7 @@ def test_the_pooled_multi_token_baseline_trains_validates_and_benchmarks(synthet
     assert last[0]["loss"] == last[1]["loss"] and last[0]["dynamic_entropy"] == "nan"  # one pass, no queries
     model = FoveatedVLM.from_pretrained(tmp_path / "run" / "final")
     assert model.tokens_per_frame == 4
-    spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    report.main([str(tmp_path / "run")])
+    load_script("report").main([str(tmp_path / "run")])
     assert "it has no queries" in (tmp_path / "run" / "report.md").read_text()
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "synthetic").symlink_to(synthetic)
