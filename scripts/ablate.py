@@ -221,6 +221,7 @@ def plot(results: dict, path: Path):
                     label=f"foveated: {name}")
     c = chance()
     ax.axhline(100 * sum(c.values()) / len(c), color="grey", ls=":", label="chance (mean over tasks)")
+    ax.set_ylim(0, max(50.0, ax.get_ylim()[1] + 5))  # from 0: a few points must not look like a gap
     ax.set_xscale("log", base=2)
     ax.set_xlabel("visual tokens per frame")
     ax.set_ylabel("probe answer accuracy (%)")
