@@ -60,12 +60,17 @@ def test_dpo_pairs_share_frames_and_pad_each_side():
     assert sample_cost(s) == (2, 2 + 3, 2)
 
 
+def random_media(gen, below: int):
+    """(t, media): t drawn from 0 .. below - 1; no media for 0, an image for 1, else a t-frame video."""
+    t = int(torch.randint(0, below, (1,), generator=gen))
+    return t, None if t == 0 else (frames(3, 4, 4) if t == 1 else frames(t, 3, 4, 4))
+
+
 def test_budget_batches_respect_every_budget_and_lose_nothing():
     gen = torch.Generator().manual_seed(1)
     samples = []
     for i in range(60):
-        t = int(torch.randint(0, 9, (1,), generator=gen))
-        f = None if t == 0 else (frames(3, 4, 4) if t == 1 else frames(t, 3, 4, 4))
+        t, f = random_media(gen, 9)
         samples.append(text_sample(str(i), int(torch.randint(3, 40, (1,), generator=gen)), f))
     batches = list(budget_batches(iter(samples), max_batch_size=6, max_frames=12, max_tokens=160, image_frames=8))
     assert [s["key"] for b in batches for s in b] == [s["key"] for s in samples]  # in order, all of them
@@ -128,8 +133,7 @@ def test_budget_batches_keep_latents_with_their_frames():
     gen = torch.Generator().manual_seed(2)
     samples = []
     for i in range(30):
-        t = int(torch.randint(0, 5, (1,), generator=gen))
-        f = None if t == 0 else (frames(3, 4, 4) if t == 1 else frames(t, 3, 4, 4))
+        t, f = random_media(gen, 5)
         samples.append(with_latents(text_sample(str(i), 6, f), 0 if t == 0 else 1 if t == 1 else t))
     for group in budget_batches(iter(samples), 4, max_frames=6, image_frames=3):
         batch = collate(group, pad_id=0, image_frames=3)
