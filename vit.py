@@ -206,23 +206,25 @@ class ViTBackbone(nn.Module):
                 x = self._patch_block(blk, x, rope)[0]
         return self.norm(x)
 
+    def _flop_terms(self, height: int, width: int):
+        """(keys, the patch embedding's FLOPs, each block's linear FLOPs per token, one token attending
+        to every key: q.k, then the weighted sum of v) of one frame at this size."""
+        gh, gw = self.grid(height, width)
+        keys = self.num_prefix + gh * gw
+        embed = 2 * gh * gw * self.patch_size ** 2 * 3 * self.dim
+        linear = [2 * sum(m.weight.numel() for m in (b.qkv, b.proj, b.fc1, b.fc2)) for b in self.blocks]
+        return keys, embed, linear, 4 * keys * self.dim
+
     def flops(self, height: int, width: int) -> tuple[float, float]:
         """Forward matmul FLOPs (2 per multiply-add; attention counted in full) of `encode` for one
         frame, and of `query` for one query token, at this frame size."""
-        gh, gw = self.grid(height, width)
-        keys, d = self.num_prefix + gh * gw, self.dim
-        embed = 2 * gh * gw * self.patch_size ** 2 * 3 * d
-        linear = [2 * sum(m.weight.numel() for m in (b.qkv, b.proj, b.fc1, b.fc2)) for b in self.blocks]
-        attend = 4 * keys * d  # one token attending to every key: q.k, then the weighted sum of v
-        kv_only = 2 * 2 * d * d  # a token through the k and v projections
+        keys, embed, linear, attend = self._flop_terms(height, width)
+        kv_only = 2 * 2 * self.dim * self.dim  # a token through the k and v projections
         patch_pass = embed + sum(keys * (w + attend) for w in linear[:-1]) + keys * kv_only  # last block: K/V only
         query = sum(w - kv_only + attend for w in linear)  # a query needs no k, v of its own
         return float(patch_pass), float(query)
 
     def features_flops(self, height: int, width: int) -> float:
         """Forward matmul FLOPs of `features` (every block in full) for one frame at this size."""
-        gh, gw = self.grid(height, width)
-        keys = self.num_prefix + gh * gw
-        embed = 2 * gh * gw * self.patch_size ** 2 * 3 * self.dim
-        linear = [2 * sum(m.weight.numel() for m in (b.qkv, b.proj, b.fc1, b.fc2)) for b in self.blocks]
-        return float(embed + sum(keys * (w + 4 * keys * self.dim) for w in linear))
+        keys, embed, linear, attend = self._flop_terms(height, width)
+        return float(embed + sum(keys * (w + attend) for w in linear))

@@ -117,7 +117,7 @@ def run_one(args, data: Path, bench_root: Path, name: str, keys: dict, mode: str
                    *overrides(args, data, run_dir, seed, keys, mode)]
             subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=env)
         if not (run_dir / "probe.json").is_file():
-            cfg = load_config(BASE)
+            cfg = args.base
             cmd = [sys.executable, str(ROOT / "benchmark.py"), "--checkpoint", str(run_dir / "final"),
                    "--data-root", str(bench_root), "--bench", "synthetic", "--mode", mode,
                    "--frame-size", str(cfg.data.frame_size), "--max-frames", str(cfg.data.max_frames),
@@ -125,17 +125,17 @@ def run_one(args, data: Path, bench_root: Path, name: str, keys: dict, mode: str
             subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=env)
             (run_dir / "probe.json.part").rename(run_dir / "probe.json")
     if "model.tokens_per_frame" not in keys and not (run_dir / "looked.json").is_file():
-        score_looking(run_dir, data, mode)
+        score_looking(args, run_dir, data, mode)
     return run_dir
 
 
 @torch.no_grad()
-def score_looking(run_dir: Path, data: Path, mode: str):
+def score_looking(args, run_dir: Path, data: Path, mode: str):
     """looked.json: the target's share of the static and dynamic queries' attention on LOOKED_CLIPS
     held-out clips (with their own questions), against chance; and the first clips' maps."""
     from model import FoveatedVLM
 
-    cfg = load_config(BASE)
+    cfg = args.base
     model = FoveatedVLM.from_pretrained(run_dir / "final").eval()
     probe = looked.read_probe(data / "val_sft", cfg.data.frame_size, cfg.data.max_frames, LOOKED_CLIPS)
     scores = [looked.clip_scores(model, sample, meta, mode) for sample, meta in probe]
@@ -151,7 +151,7 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 def collect(args, grid: dict) -> dict:
     """Every run's figures, and per variant their mean and std over the seeds."""
-    cfg = load_config(BASE)
+    cfg = args.base
     results = {}
     for name, (keys, mode) in grid.items():
         runs = []
@@ -232,7 +232,7 @@ def plot(results: dict, path: Path):
 
 def draw_looking(args, data: Path, grid: dict):
     """looked_VARIANT.png of the first seed's run, for every variant with queries."""
-    cfg = load_config(BASE)
+    cfg = args.base
     probe = looked.read_probe(data / "val_sft", cfg.data.frame_size, cfg.data.max_frames, DRAWN_CLIPS)
     for name, (keys, mode) in grid.items():
         path = args.out / "runs" / name / f"seed{args.seeds[0]}" / "looked.json"
@@ -257,7 +257,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (each with cores / jobs threads)")
     parser.add_argument("--limit", type=int, help="score only the first N probe questions (default: all)")
     args = parser.parse_args(argv)
-    cfg = load_config(BASE)
+    cfg = args.base = load_config(BASE)  # the settings every run shares
     grid = variants(cfg.data.frame_size // vision_config(cfg.model.dino).patch_size)
     if args.variants:
         unknown = sorted(set(args.variants) - set(grid))
