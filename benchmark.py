@@ -41,6 +41,7 @@ from config import MODES
 from data import Loader, SampleSpec, ShardStream, Source
 from media import MediaError, decode_image, decode_video, frame_extension_index, sample_frame_indices
 from model import autocast
+from progress import Progress
 
 BENCHES = ("mvbench", "videomme", "scienceqa", "pope", "val", "synthetic")
 MAX_NEW_TOKENS = {"mvbench": 16, "videomme": 16, "scienceqa": 16, "pope": 128, "synthetic": 32}
@@ -57,21 +58,45 @@ MVBENCH_FOLDERS = {
     "character_order": "perception/videos", "egocentric_navigation": "vlnqa",
     "episodic_reasoning": "tvqa/video_fps3_hq_segment", "counterfactual_inference": "clevrer/video_validation",
 }
+# The lmms-eval release whose prompts and answer parsers this file follows; tests/test_lmms_parity.py checks
+# them against that release's own task functions.
+LMMS_EVAL_VERSION = "0.7.3"
 VIDEOMME_INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video and "
                         "the subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
 LETTER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+# Reasoning blocks lmms-eval's command line cuts out of every reply before a task scores it (--reasoning_tags)
+LMMS_EVAL_REASONING_TAGS = (("<think>", "</think>"), ("<analysis>", "</analysis>"))
 
 
 # ---- answer parsers (lmms-eval's rules, quirks included, re-implemented) ------------------------------
+
+def lmms_eval_reply(text: str) -> str:
+    """The reply as lmms-eval hands it to a task's scorer: its command line removes each complete
+    reasoning block (<think>...</think>, then <analysis>...</analysis>; tags are case-sensitive) and,
+    where a closing tag is left without an opening one, everything up to the last closing tag; the
+    task then strips surrounding whitespace. "<think>A</think> B" -> "B", "A</think>C" -> "C", " \\n" -> ""."""
+    for opening, closing in LMMS_EVAL_REASONING_TAGS:
+        while opening in text and closing in text:
+            start = text.find(opening)
+            end = text.find(closing, start)
+            if end < 0:  # the only closing tags come before the opening one: left as they are
+                break
+            text = text[:start] + text[end + len(closing):]
+        if closing in text and opening not in text:
+            text = text.rpartition(closing)[2]
+    return text.strip()
+
 
 _MVBENCH_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                   "?", "!"]
 
 
 def mvbench_normalize(text: str) -> str:
-    """MVBench's normaliser: "X. ..." -> X; else strip punctuation the VQA way and take the first
-    standalone letter A-E (so "the answer is a dog" reads as A); else the cleaned lowercase text."""
+    """What MVBench's scorer makes of a reply (and of the gold letter) before comparing the two:
+    "X. anything" (X in A-E, any case) -> X; else, with newlines/tabs as spaces, punctuation removed
+    or spaced the VQA way, wrapping quotes/parentheses stripped and lowercased, the first standalone
+    letter a-e, uppercased ("the answer is a dog" -> A, "(b)" -> B); else that cleaned text ("F" -> "f")."""
     text = text.strip()
     m = re.fullmatch(r"([A-E])\.\s*(.+)", text, flags=re.IGNORECASE)
     if m:
@@ -83,7 +108,7 @@ def mvbench_normalize(text: str) -> str:
             text = text.replace(p, "")
         else:
             text = text.replace(p, " ")
-    text = re.sub(r"\.(?!\d)", "", text, count=32)  # lmms-eval removes every period not before a digit
+    text = re.sub(r"\.(?!\d)", "", text, count=32)  # lmms-eval removes the first 32 periods not before a digit
     for ch in ("'", '"', ")", "("):
         text = text.strip(ch)
     text = text.strip().lower()
@@ -91,30 +116,73 @@ def mvbench_normalize(text: str) -> str:
     return m.group(1).upper() if m else text
 
 
-_VIDEOMME_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer",
-                      "The best option isThe correct option is", "Best answer:Best option:"]
+# The answer phrases Video-MME's extractor looks for (matched in the lowercased reply)
+_MCQ_PHRASES = ("the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+                "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+                "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select",
+                "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは")
+# How each way of writing a letter ranks (higher wins; within one form, the later position wins)
+_MCQ_FORMS = (("({})", 6), ("{}.", 5), ("{}:", 4), ("{})", 3), ("{} ", 2))
 
 
-def videomme_extract(text: str) -> str:
-    """Video-MME's extractor: drop a few answer phrases, then the first capital A-D anywhere (even
-    inside a word: "Answer: C" reads as A); "" when there is none."""
+def videomme_extract(text: str, letters: str = "ABCD") -> str:
+    """Video-MME's answer letter, as lmms-eval reads it since 0.7.2 (extract_mcq_answer, choices A-D).
+    The reply is stripped, then , . ! ? ; : ' " are trimmed from its ends (each in turn, in that order)
+    and it is padded with a space on each side. Every capital A-D found is ranked by how it appears:
+    the reply starting with it (not followed by a letter) > ending with it (not preceded by one) >
+    the first one after an answer phrase ("the answer is", "i choose", ... in any case; even inside a
+    word) > "(X)" > "X." > "X:" > "X)" > "X " (the padding counts); among equals the last one wins.
+    Only when none of these occurs does a bare capital count (the last). "" when there is none.
+    "Answer: C" -> C, "It is B, not A" -> A, "Clearly D" -> D, "Choice B" -> B, "AB" -> B, "b" -> ""."""
     text = text.strip()
-    for prefix in _VIDEOMME_PREFIXES:
-        text = text.replace(prefix, "")
-    m = re.search("[ABCD]", text)
-    return m.group(0) if m else ""
+    if not text:
+        return ""
+    for ch in ",.!?;:'\"":
+        text = text.strip(ch)
+    padded = f" {text} "
+    found = []  # (rank, position, letter)
+    for letter in letters:
+        for form, rank in _MCQ_FORMS:
+            at = padded.rfind(form.format(letter))
+            if at >= 0:
+                found.append((rank, at, letter))
+    lowered = padded.lower()  # (its indices are used on the unlowered reply, as lmms-eval does)
+    for phrase in _MCQ_PHRASES:
+        at = lowered.find(phrase)
+        if at >= 0:
+            for letter in letters:
+                pos = padded.find(letter, at + len(phrase))
+                if pos >= 0:
+                    found.append((7, pos, letter))
+    core = padded.strip()
+    if core:
+        if core[0] in letters and (len(core) == 1 or not core[1].isalpha()):
+            found.append((10, 0, core[0]))
+        if core[-1] in letters and (len(core) == 1 or not core[-2].isalpha()):
+            found.append((9, len(padded) - 1, core[-1]))
+    if not found:
+        found = [(0, padded.rfind(letter), letter) for letter in letters if letter in padded]
+    return max(found, key=lambda f: f[:2])[2] if found else ""
 
 
 def scienceqa_letter(text: str) -> str:
-    """What ScienceQA's rule reads in a raw (unstripped) reply: a one-character reply itself, or X
-    from "X." at its start (uppercase X); else "" (so "(B)", " B" and "B)" read as nothing)."""
+    """The option letter ScienceQA's scorer reads in a reply (uppercase; "" for none): the stripped
+    reply when it is one letter of either case ("b", " B\\n"), else X from an uppercase "X." at its
+    start ("B. foo"); "(B)", "B)", "b." and "The answer is B" read as nothing."""
+    text = text.strip()
+    low = text.lower()
+    if len(low) == 1 and "a" <= low <= "z":
+        return low.upper()
     if len(text) >= 2 and text[0].isupper() and text[1] == ".":
-        return text[0]
-    return text if len(text) == 1 else ""
+        low = text[0].lower()
+        if len(low) == 1 and "a" <= low <= "z":
+            return low.upper()
+    return ""
 
 
 def pope_answer(text: str) -> str:
-    """POPE compares the lowercased, stripped reply with "yes" / "no" exactly ("Yes." is neither)."""
+    """POPE compares the lowercased, stripped reply with "yes" / "no" exactly ("Yes." is neither), and
+    its precision and recall count only those two readings."""
     return text.lower().strip()
 
 
@@ -136,6 +204,7 @@ class Item:
     likelihood_prompt: str | None = None  # another prompt for the likelihood score (synthetic)
     gold_letter: str | None = None  # the likelihood answer when it differs from gold (synthetic)
     values: tuple = ()  # synthetic: the values the answer could name
+    found_by_name: bool = False  # MVBench: the clip was found by file name, not at lmms-eval's path
 
     @property
     def clip(self):
@@ -152,14 +221,19 @@ def _letters(n):
 
 
 def mvbench_items(root: Path) -> list[Item]:
+    """MVBench's items; each clip is looked for in lmms-eval's folder for its task (MVBENCH_FOLDERS),
+    then by file name anywhere inside that folder's tree (an unzip may nest it; counted as
+    `found_by_name`) - never in another task's folder, where several tasks reuse names such as
+    video_00001.mp4 for different clips."""
     folder = root / "mvbench"
     files = sorted((folder / "json").glob("*.json"))
     if not files:
         raise FileNotFoundError(f"MVBench: no task files {folder / 'json' / '*.json'}")
-    by_name = None
+    by_name = {}  # task folder -> {file name: first path found in its tree}, built once per folder
     items = []
     for path in files:
         task = path.stem
+        task_folder = folder / "video" / MVBENCH_FOLDERS.get(task, task)
         for i, doc in enumerate(json.loads(path.read_text())):
             candidates = list(doc["candidates"])
             if doc["answer"] not in candidates:
@@ -167,17 +241,18 @@ def mvbench_items(root: Path) -> list[Item]:
             letters = _letters(len(candidates))
             options = "".join(f"({x}) {c}\n" for x, c in zip(letters, candidates))
             prompt = f"Question:{doc['question']}\nOption:\n{options}Only give the best option.\n"
-            video = folder / "video" / MVBENCH_FOLDERS.get(task, task) / doc["video"]
+            video, found_by_name = task_folder / doc["video"], False
             if not video.is_file():
-                if by_name is None:  # a search by file name, built once
-                    by_name = {}
-                    for dirpath, _, names in os.walk(folder / "video"):
-                        for name in names:
-                            by_name.setdefault(name, Path(dirpath) / name)
-                video = by_name.get(Path(doc["video"]).name)
-            media = ("video", str(video)) if video else ("missing", f"video {doc['video']} not found")
+                if task_folder not in by_name:
+                    by_name[task_folder] = {}
+                    for dirpath, _, names in sorted(os.walk(task_folder)):
+                        for name in sorted(names):
+                            by_name[task_folder].setdefault(name, Path(dirpath) / name)
+                video = by_name[task_folder].get(Path(doc["video"]).name)
+                found_by_name = video is not None
+            media = ("video", str(video)) if video else ("missing", f"video {doc['video']} not found in {task_folder}")
             items.append(Item("mvbench", f"{task}/{i}", prompt, letters[candidates.index(doc["answer"])], media,
-                              {"task": task}, letters))
+                              {"task": task}, letters, found_by_name=found_by_name))
     return items
 
 
@@ -195,19 +270,27 @@ def _parquet_rows(paths):
                 yield row
 
 
-def _parquets(folder: Path, name: str, prefer=None) -> list[Path]:
-    found = sorted(folder.rglob("*.parquet"))
-    if prefer:
-        found = [p for p in found if prefer(p)] or found
+def _split_files(folder: Path, name: str, split: str = "test", within: str | None = None) -> list[Path]:
+    """The parquet files of one split, in the Hub's naming (SPLIT-00000-of-00003.parquet or SPLIT.parquet),
+    anywhere under folder (inside a folder named `within`, if given). A plain download may hold other
+    configs and splits beside it (POPE's Full/, ScienceQA's FULL): only this split is read, and a second
+    copy of it in another folder is an error rather than a silent merge."""
+    pattern = re.compile(rf"{re.escape(split)}(-\d+-of-\d+)?\.parquet")
+    found = sorted(p for p in folder.rglob("*.parquet")
+                   if pattern.fullmatch(p.name) and (within is None or within in p.relative_to(folder).parts))
     if not found:
-        raise FileNotFoundError(f"{name}: no parquet files under {folder}")
+        where = f"{folder}" + (f" (in a folder named {within})" if within else "")
+        raise FileNotFoundError(f"{name}: no parquet files of the {split} split ({split}-*.parquet) under {where}")
+    folders = sorted({str(p.parent) for p in found})
+    if len(folders) > 1:
+        raise ValueError(f"{name}: {split} split files in {len(folders)} folders ({', '.join(folders)}): keep one copy")
     return found
 
 
 def videomme_items(root: Path) -> list[Item]:
     folder = root / "videomme"
     items = []
-    for row in _parquet_rows(_parquets(folder, "Video-MME")):
+    for row in _parquet_rows(_split_files(folder, "Video-MME")):
         prompt = "\n".join([VIDEOMME_INSTRUCTION, row["question"], *row["options"], LETTER_SUFFIX])
         video = next((p for ext in ("mp4", "MP4", "mkv") if (p := folder / "data" / f"{row['videoID']}.{ext}").is_file()),
                      None)
@@ -226,7 +309,7 @@ def _image(value):
 
 def scienceqa_items(root: Path) -> list[Item]:
     folder = root / "scienceqa"
-    paths = _parquets(folder, "ScienceQA", prefer=lambda p: "ScienceQA-IMG" in p.parts and "test" in p.name)
+    paths = _split_files(folder, "ScienceQA", within="ScienceQA-IMG")
     items = []
     for i, row in enumerate(_parquet_rows(paths)):
         letters = _letters(len(row["choices"]))
@@ -241,12 +324,16 @@ def scienceqa_items(root: Path) -> list[Item]:
 
 
 def pope_items(root: Path) -> list[Item]:
+    """POPE's test split (9,000 questions: 3,000 per category). An item is keyed by its category and
+    question_id, so that no question is merged into another's record."""
     items = []
-    for row in _parquet_rows(_parquets(root / "pope", "POPE")):
+    for row in _parquet_rows(_split_files(root / "pope", "POPE")):
         image = row.get("image")
         media = ("image", image) if image else ("missing", "no image")
-        items.append(Item("pope", str(row["question_id"]), row["question"].strip() + POPE_SUFFIX,
-                          row["answer"].lower().strip(), media, {"category": row.get("category") or ""}, ("yes", "no")))
+        category = row.get("category") or ""
+        uid = f"{category}/{row['question_id']}" if category else str(row["question_id"])
+        items.append(Item("pope", uid, row["question"].strip() + POPE_SUFFIX, row["answer"].lower().strip(), media,
+                          {"category": category}, ("yes", "no")))
     return items
 
 
@@ -355,17 +442,19 @@ def score(item: Item, reply: str, picked: str) -> dict:
     """One item's record: the reply, what the benchmark's parser reads in it, and whether it is right."""
     rec = {"uid": item.uid, "gold": item.gold, "reply": reply, "likelihood": picked, "category": item.category,
            "likelihood_correct": picked == (item.gold_letter or item.gold)}
-    if item.bench == "mvbench":
-        parsed = mvbench_normalize(reply)
-        rec.update(parsed=parsed, correct=parsed == item.gold, counted=reply != "")  # lmms-eval drops empty replies
+    text = lmms_eval_reply(reply)  # what lmms-eval's task scorers are given
+    if item.bench == "mvbench":  # the reply and the gold letter normalised alike, then compared
+        parsed = mvbench_normalize(text)
+        # lmms-eval's MVBench aggregation leaves out replies that are empty once stripped
+        rec.update(parsed=parsed, correct=parsed == mvbench_normalize(item.gold), counted=text != "")
     elif item.bench == "videomme":
-        parsed = videomme_extract(reply)
+        parsed = videomme_extract(text)
         rec.update(parsed=parsed, correct=parsed == item.gold)
     elif item.bench == "scienceqa":
-        parsed = scienceqa_letter(reply)
+        parsed = scienceqa_letter(text)
         rec.update(parsed=parsed, correct=parsed == item.gold)
     elif item.bench == "pope":
-        parsed = pope_answer(reply)
+        parsed = pope_answer(text)
         rec.update(parsed=parsed, correct=parsed == item.gold)
     else:  # synthetic: the reply names exactly the right value
         named = mentioned_values(reply, item.values)
@@ -375,17 +464,23 @@ def score(item: Item, reply: str, picked: str) -> dict:
 
 
 def summarise(bench: str, records: list[dict]) -> dict:
+    def accuracy(recs):
+        """Over the counted records (MVBench leaves out replies empty once stripped); 0 when every one was
+        left out, as lmms-eval's MVBench aggregation scores a task with no answered item."""
+        scored = [r["correct"] for r in recs if r["counted"]]
+        return _mean(scored) if scored or not recs else 0.0
+
     counted = [r for r in records if r["counted"]]
     out = {"items": len(records), "counted": len(counted),
-           "accuracy": _mean(r["correct"] for r in counted),
+           "accuracy": accuracy(records),
            "likelihood_accuracy": _mean(r["likelihood_correct"] for r in records),
            "answer_distribution": {"generate": dict(Counter(r["parsed"] or "(none)" for r in records).most_common()),
                                    "likelihood": dict(Counter(r["likelihood"] for r in records).most_common())}}
     per = defaultdict(lambda: defaultdict(list))
-    for r in counted:
+    for r in records:  # every category shows, even one whose replies were all left out (n: the counted ones)
         for key, value in r["category"].items():
             per[key][value].append(r)
-    out["per_category"] = {k: {v: {"n": len(rs), "accuracy": _mean(r["correct"] for r in rs),
+    out["per_category"] = {k: {v: {"n": sum(r["counted"] for r in rs), "accuracy": accuracy(rs),
                                    "likelihood_accuracy": _mean(r["likelihood_correct"] for r in rs)}
                                for v, rs in sorted(vals.items())} for k, vals in per.items()}
     if bench == "mvbench" and "task" in per:
@@ -566,16 +661,26 @@ EXAMPLES = """examples:
 
 
 def read_benchmarks(benches, data_root: Path, limit: int | None) -> dict:
-    """Every requested benchmark's items ({bench: [Item]}; val: its shard Source), read before the
-    model is loaded: a missing dataset then fails in seconds, not after minutes of loading weights."""
+    """Every requested benchmark's items ({bench: [Item]}; val: its shard Source), read and checked
+    before the model is loaded and before anything is scored: a missing dataset, one whose media are
+    all missing, or a duplicated item then fails in seconds, not after the other benchmarks ran."""
     found = {}
     for bench in benches:
         if bench == "val":
             found[bench] = val_source(data_root)
             continue
-        items = LOADERS[bench](data_root)[:limit]
+        items = LOADERS[bench](data_root)
+        twice = [uid for uid, n in Counter(it.uid for it in items).items() if n > 1]
+        if twice:
+            raise ValueError(f"{bench}: {len(twice)} item id(s) appear more than once under {data_root / bench} "
+                             f"(e.g. {twice[0]!r}): a second copy of its data files?")
+        items = items[:limit]
         if not items:
             raise ValueError(f"{bench}: no items in {data_root / bench}")
+        missing = [it for it in items if it.media[0] == "missing"]
+        if len(missing) == len(items):
+            raise ValueError(f"{bench}: no usable item: the media of all {len(items)} items are missing "
+                             f"(e.g. {missing[0].media[1]})")
         found[bench] = items
     return found
 
@@ -616,6 +721,9 @@ def main(argv=None) -> dict:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     modes = list(MODES) if args.mode == "all" else [args.mode]
     data = read_benchmarks(benches, args.data_root, args.limit)
+    items_path = args.output.with_name(args.output.name + ".items.jsonl")
+    settings = run_settings(args, modes)
+    done = resume_items(items_path, settings) if args.resume else {}  # a mismatch fails before loading
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, source = load_model(args.checkpoint, args.llm, args.dino, trust=args.trust_checkpoint)
     model.to(device).eval()
@@ -623,11 +731,9 @@ def main(argv=None) -> dict:
     if args.frame_size % patch:
         parser.error(f"--frame-size {args.frame_size} is not a multiple of the vision backbone's {patch}-px patches")
 
-    items_path = args.output.with_name(args.output.name + ".items.jsonl")
-    done = _read_items(items_path) if args.resume else {}
-    if not args.resume:
-        items_path.write_text("")
-    results, timings = {}, {}
+    if not args.resume or not items_path.is_file() or not items_path.stat().st_size:
+        items_path.write_text(json.dumps({"settings": settings}) + "\n")
+    results, timings, failed = {}, {}, {}
     for bench in benches:
         start = time.perf_counter()
         if bench == "val":
@@ -638,12 +744,13 @@ def main(argv=None) -> dict:
                 and (bench, "skipped", it.uid) not in done]
         runner = Runner(model, modes, device)
         scored = 0
-        with open(items_path, "a") as sink:
+        with open(items_path, "a") as sink, Progress(len(todo), bench, "questions") as bar:
             for decoded, batch in batches_by_clip(todo, args.max_frames, args.frame_size, args.batch_size,
                                                   args.workers):
                 if decoded is None:  # the clip's media failed: its items are skipped, with the reason
                     for item, reason in batch:
                         _append(sink, done, {"bench": bench, "mode": "skipped", "uid": item.uid, "reason": reason})
+                    bar.update(len(batch))
                     continue
                 per_mode = runner.run(decoded, batch, MAX_NEW_TOKENS[bench])
                 for mode, answers in per_mode.items():
@@ -651,27 +758,32 @@ def main(argv=None) -> dict:
                         if (bench, mode, item.uid) not in done:
                             _append(sink, done, {"bench": bench, "mode": mode, **score(item, reply, picked)})
                 scored += len(batch)
+                bar.update(len(batch))
         wall = time.perf_counter() - start
-        skipped = [r for (b, m, _), r in done.items() if b == bench and m == "skipped"]
         uids = {it.uid for it in items}
-        results[bench] = {}
+        skipped = [r for (b, m, u), r in done.items() if b == bench and m == "skipped" and u in uids]
+        results[bench] = {"total": len(items), "found_by_name": sum(it.found_by_name for it in items)}
         for mode in modes:
             records = [r for (b, m, u), r in done.items() if b == bench and m == mode and u in uids]
-            if not records:
-                raise RuntimeError(f"{bench}: no usable item ({len(skipped)} skipped: "
-                                   f"{dict(Counter(r['reason'].split(':')[0] for r in skipped))})")
-            results[bench][mode] = summarise(bench, records)
-            results[bench][mode]["raw"] = records
+            if records:
+                results[bench][mode] = summarise(bench, records)
+                results[bench][mode]["raw"] = records
         results[bench]["skipped"] = {"count": len(skipped),
                                      "by_reason": dict(Counter(r["reason"].split(":")[0] for r in skipped)),
                                      "items": [{"uid": r["uid"], "reason": r["reason"]} for r in skipped]}
+        if not all(mode in results[bench] for mode in modes):  # every item's media failed to decode
+            failed[bench] = f"no usable item ({len(skipped)} skipped: {results[bench]['skipped']['by_reason']})"
         timings[bench] = {"wall_s": wall, "questions_scored": scored, **dict(runner.timings),
                           "questions_per_s": scored / wall if wall else None,
                           "question_modes_per_s": scored * len(modes) / wall if wall else None}
     report = {"model": _identity(model, source, args), "args": {k: str(v) for k, v in vars(args).items()},
-              "modes": modes, "results": results, "timings": timings}
+              "scoring": f"lmms-eval {LMMS_EVAL_VERSION} prompts and parsers", "modes": modes, "results": results, "timings": timings}
+    if failed:
+        report["failed"] = failed
     args.output.write_text(json.dumps(report, indent=1))
     print(markdown(report))
+    if failed:  # after the report is written: the benchmarks that worked keep their scores
+        raise RuntimeError("; ".join(f"{b}: {why}" for b, why in failed.items()) + f" (the others: {args.output})")
     return report
 
 
@@ -681,15 +793,50 @@ def _append(sink, done, record):
     done[(record["bench"], record["mode"], record["uid"])] = record
 
 
-def _read_items(path: Path) -> dict:
+def run_settings(args, modes) -> dict:
+    """What a stored item's record depends on: the weights (the checkpoint's path and its files' sizes
+    and modification times - a retrained or replaced checkpoint differs), backbones, modes, frame
+    sampling, generation length and the lmms-eval release whose parsers scored it."""
+    path = Path(args.checkpoint).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    stat = [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in files]
+    return {"checkpoint": str(path), "checkpoint_files": hashlib.sha1(json.dumps(stat).encode()).hexdigest(),
+            "llm": args.llm, "dino": args.dino, "modes": list(modes), "max_frames": args.max_frames,
+            "frame_size": args.frame_size, "max_new_tokens": MAX_NEW_TOKENS, "lmms_eval": LMMS_EVAL_VERSION}
+
+
+def resume_items(path: Path, settings: dict) -> dict:
+    """The records of an interrupted run's OUTPUT.items.jsonl, {(bench, mode, uid): record}, after
+    checking that they were made with these settings (else a ValueError naming what differs). A last
+    line cut by the interruption is cut off the file too, so that the next record starts on its own line."""
+    if not path.is_file() or not path.stat().st_size:
+        return {}
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        print(f"resume: dropped a torn last line of {path} ({len(data) - keep} bytes); that item is scored again",
+              file=sys.stderr)
+        data = data[:keep]
+    lines = data.decode().splitlines()
+    try:
+        stored = json.loads(lines[0])["settings"] if lines else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        stored = None
+    if stored is None:
+        raise ValueError(f"--resume: {path} does not start with the settings line this version writes; "
+                         f"score again without --resume")
+    differ = [k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k)]
+    if differ:
+        what = "; ".join(f"{k}: stored {stored.get(k)!r}, now {settings.get(k)!r}" for k in differ)
+        raise ValueError(f"--resume: {path} was scored with other settings ({what}); use another --output, "
+                         f"or drop --resume to score again")
     done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the interruption
-                continue
-            done[(r["bench"], r["mode"], r["uid"])] = r
+    for line in lines[1:]:
+        r = json.loads(line)
+        done[(r["bench"], r["mode"], r["uid"])] = r
     return done
 
 
@@ -706,19 +853,26 @@ def _identity(model, source, args) -> dict:
 
 
 def markdown(report) -> str:
+    """The printed table: per benchmark and mode, the generate / likelihood accuracy; items scored of
+    the benchmark's total; skipped items (media missing or undecodable)."""
     modes = report["modes"]
-    lines = ["| benchmark | " + " | ".join(f"{m} (generate / likelihood)" for m in modes) + " | items | skipped |",
+    lines = ["| benchmark | " + " | ".join(f"{m} (generate / likelihood)" for m in modes) + " | items scored / total | skipped |",
              "|---|" + "---|" * len(modes) + "---|---|"]
     for bench, res in report["results"].items():
         if bench == "val":
             cells = [f"loss {res[m]['loss']:.4f} / answer acc {res[m]['answer_acc']:.3f}" for m in modes]
             lines.append("| val | " + " | ".join(cells) + f" | {res[modes[0]]['samples']} | 0 |")
             continue
-        cells = [f"{100 * res[m]['accuracy']:.1f} / {100 * res[m]['likelihood_accuracy']:.1f}" for m in modes]
-        lines.append(f"| {bench} | " + " | ".join(cells) + f" | {res[modes[0]]['items']} | {res['skipped']['count']} |")
+        cells = [f"{100 * res[m]['accuracy']:.1f} / {100 * res[m]['likelihood_accuracy']:.1f}" if m in res
+                 else "no usable item" for m in modes]
+        scored = res[modes[0]]["items"] if modes[0] in res else 0
+        lines.append(f"| {bench} | " + " | ".join(cells) + f" | {scored} / {res['total']} | {res['skipped']['count']} |")
     for bench, t in report["timings"].items():
         lines.append(f"\n{bench}: {t['questions_scored']} questions x {len(modes)} mode(s) in {t['wall_s']:.1f}s "
                      f"({t['question_modes_per_s']:.2f} question-modes/s)")
+    found = {b: r["found_by_name"] for b, r in report["results"].items() if r.get("found_by_name")}
+    for bench, n in found.items():
+        lines.append(f"{bench}: {n} clip(s) found by file name inside their task's folder, not at lmms-eval's path")
     return "\n".join(lines)
 
 

@@ -484,12 +484,14 @@ def _frames_bin(sample) -> str:
     return BIN_LABELS[2 + next(i for i, (_, hi) in enumerate(FRAME_BINS) if hi is None or n <= hi)]
 
 
-def _worker_stats(args):
-    """Counts over everything one (rank, worker) reads in one exact pass."""
+def _worker_stats(args, bar=None):
+    """Counts over everything one (rank, worker) reads in one exact pass (bar: a Progress per sample)."""
     stream, worker, workers = args
     per_source, bins, lengths, targets, keys, texts = Counter(), Counter(), [], [], Counter(), Counter()
     state = stream.initial_state(worker)
     for sample, state in stream.samples(worker, workers):
+        if bar is not None:
+            bar.update()
         if sample is None:
             continue
         per_source[sample["source"] or "(no source)"] += 1
@@ -507,19 +509,27 @@ def _worker_stats(args):
 
 
 def collect_stats(patterns, spec: SampleSpec, tokenizer, workers: int = 1, world_size: int = 1,
-                  seed: int = 0, jobs: int = 1) -> dict:
+                  seed: int = 0, jobs: int = 1, progress: bool = False) -> dict:
     """Stream every sample of the shards exactly as an exact (one-pass) training loader would, for
-    every simulated rank and worker, and count what comes out."""
+    every simulated rank and worker, and count what comes out. progress: a progress line on stderr
+    (samples read; with jobs > 1, the (rank, worker) passes done)."""
+    from progress import Progress
+
     sources = [Source.from_patterns(str(p), p) for p in patterns]
     tasks = [(ShardStream(sources, spec, tokenizer, batch_size=1, resampled=False, seed=seed, rank=r,
                           world_size=world_size), w, workers) for r in range(world_size) for w in range(workers)]
     if jobs > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            parts = pool.map(_worker_stats, tasks)
+        with multiprocessing.get_context("fork").Pool(jobs) as pool, \
+                Progress(len(tasks), "stats", "passes", quiet=not progress) as bar:
+            parts = []
+            for part in pool.imap_unordered(_worker_stats, tasks):  # the totals do not depend on the order
+                parts.append(part)
+                bar.update()
     else:
-        parts = [_worker_stats(t) for t in tasks]
+        with Progress(None, "stats", "samples read", quiet=not progress) as bar:
+            parts = [_worker_stats(t, bar) for t in tasks]
     total = dict(per_source=Counter(), bins=Counter(), keys=Counter(), texts=Counter(), seen=Counter(),
                  skipped=defaultdict(Counter), per_rank=Counter(), lengths=[], targets=[])
     for p in parts:
@@ -579,7 +589,8 @@ def main(argv=None):
 
             tokenizer = offline_tokenizer()
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-        stats = collect_stats(args.shards, spec, tokenizer, args.workers, args.world_size, args.seed, args.jobs)
+        stats = collect_stats(args.shards, spec, tokenizer, args.workers, args.world_size, args.seed, args.jobs,
+                              progress=True)
     except (FileNotFoundError, ValueError, ShardError) as e:  # bad input: say what, not where in the code
         parser.exit(2, f"error: {e}\n")
     if args.json:

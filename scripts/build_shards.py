@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import media  # noqa: E402
 import tokenization  # noqa: E402
+from progress import Progress  # noqa: E402
 from shards import ShardWriter  # noqa: E402
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -301,9 +302,11 @@ def build(args) -> dict:
     _set_job(job)
     # fork: workers inherit the rows instead of receiving a pickled copy of every table.
     pool = get_context("fork").Pool(args.workers, _set_job, (job, True)) if args.workers > 1 else nullcontext()
-    with pool, ShardWriter(args.out, args.prefix, args.samples_per_shard, overwrite=args.overwrite) as writer:
+    with pool, ShardWriter(args.out, args.prefix, args.samples_per_shard, overwrite=args.overwrite) as writer, \
+            Progress(len(order), args.command, "rows") as bar:
         results = pool.imap(_convert, order, chunksize=4) if args.workers > 1 else map(_convert, order)
         for index, result, skip in results:
+            bar.update()
             if skip:
                 skipped[skip[0]] += 1
                 examples.setdefault(skip[0], skip[1])

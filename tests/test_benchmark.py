@@ -36,16 +36,17 @@ def test_mvbench_normaliser(reply, letter):
 
 
 @pytest.mark.parametrize("reply, letter", [
-    ("B", "B"), ("(C)", "C"), ("The answer is D.", "D"), ("I choose B", "B"), ("Answer: C", "A"),
-    ("Based on the video, A", "B"), ("the answer is c", ""), ("E", ""), ("The best answer is B", "B"), ("", ""),
+    ("B", "B"), ("(C)", "C"), ("The answer is D.", "D"), ("I choose B", "B"), ("Answer: C", "C"),
+    ("Based on the video, A", "A"), ("the answer is c", ""), ("E", ""), ("The best answer is B", "B"), ("", ""),
+    ("It is B, not A", "A"), ("Clearly D", "D"), ("Choice B", "B"), ("AB", "B"), (" \n", ""),
 ])
 def test_videomme_extractor(reply, letter):
     assert videomme_extract(reply) == letter
 
 
 @pytest.mark.parametrize("reply, letter", [
-    ("B", "B"), ("B.", "B"), ("B. foo", "B"), ("b", "b"), ("(B)", ""), (" B", ""), ("B)", ""),
-    ("The answer is B", ""), ("B\n", ""),
+    ("B", "B"), ("B.", "B"), ("B. foo", "B"), ("b", "B"), ("(B)", ""), (" B", "B"), ("B)", ""),
+    ("The answer is B", ""), ("B\n", "B"), ("b.", ""), ("", ""),
 ])
 def test_scienceqa_rule(reply, letter):
     assert scienceqa_letter(reply) == letter
@@ -73,14 +74,18 @@ def write_parquet(path, rows):
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    # MVBench: json/<task>.json; videos in lmms-eval's per-task folder, or anywhere (found by name)
+    # MVBench: json/<task>.json; videos in lmms-eval's per-task folder, or found by name inside that
+    # folder's tree - never in another task's folder (missing.mp4 sits in moving_direction's, not in
+    # action_antonym's, so it stays missing for action_antonym)
     (root / "mvbench" / "json").mkdir(parents=True)
     folder = root / "mvbench" / "video" / "clevrer" / "video_validation"
-    folder.mkdir(parents=True)
+    (folder / "nested").mkdir(parents=True)
     write_video(folder / "v1.mp4", 12)
-    (root / "mvbench" / "video" / "elsewhere").mkdir()
-    write_video(root / "mvbench" / "video" / "elsewhere" / "v2.mp4", 5)
-    (root / "mvbench" / "video" / "broken.mp4").write_bytes(b"not a video")
+    write_video(folder / "nested" / "v2.mp4", 5)
+    write_video(folder / "missing.mp4", 6)
+    (root / "mvbench" / "video" / "ssv2_video_mp4" / "deeper").mkdir(parents=True)
+    write_video(root / "mvbench" / "video" / "ssv2_video_mp4" / "deeper" / "v2.mp4", 7)
+    (root / "mvbench" / "video" / "ssv2_video_mp4" / "broken.mp4").write_bytes(b"not a video")
     tasks = {"moving_direction": [("v1.mp4", ["up", "down", "left"], "left"), ("v2.mp4", ["yes", "no"], "yes"),
                                   ("v1.mp4", ["one", "two", "three", "four"], "one")],
              "action_antonym": [("missing.mp4", ["a", "b"], "b"), ("broken.mp4", ["a", "b"], "a"),
@@ -147,6 +152,7 @@ def test_all_benchmarks_end_to_end(checkpoint, data_root, tmp_path, capsys):
     res = report["results"]
     mv = res["mvbench"]
     assert mv["skipped"]["count"] == 2 and set(mv["skipped"]["by_reason"]) == {"missing_media", "undecodable_media"}
+    assert mv["total"] == 6 and mv["found_by_name"] == 2  # both v2.mp4, each in its own task's tree
     for mode in benchmark.MODES:
         m = mv[mode]
         assert m["items"] == 4 and set(m["per_category"]["task"]) == {"moving_direction", "action_antonym"}
@@ -212,7 +218,8 @@ def test_resume_scores_only_what_is_missing(checkpoint, data_root, tmp_path, mon
     out = tmp_path / "r.json"
     first = run(checkpoint, data_root, out, "--bench", "synthetic", "--limit", "6", "--mode", "coarse_fine")
     lines = (tmp_path / "r.json.items.jsonl").read_text().splitlines()
-    (tmp_path / "r.json.items.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])  # cut mid-line
+    # the settings line, 4 records, a fifth cut mid-line
+    (tmp_path / "r.json.items.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])
     calls = []
     real = FoveatedVLM.generate_ids
     monkeypatch.setattr(FoveatedVLM, "generate_ids", lambda self, ids, *a, **k: calls.append(ids.shape[0])
@@ -229,7 +236,7 @@ def test_no_usable_item_is_an_error(checkpoint, data_root, tmp_path):
     (root / "mvbench" / "json").mkdir(parents=True)
     (root / "mvbench" / "json" / "x.json").write_text(json.dumps(
         [{"video": "nope.mp4", "question": "?", "candidates": ["a", "b"], "answer": "a"}]))
-    with pytest.raises(RuntimeError, match="mvbench: no usable item"):
+    with pytest.raises(ValueError, match="mvbench: no usable item: the media of all 1 items are missing"):
         run(checkpoint, root, tmp_path / "r.json", "--bench", "mvbench")
     with pytest.raises(FileNotFoundError, match="Video-MME: no parquet"):
         run(checkpoint, root, tmp_path / "r.json", "--bench", "videomme")
@@ -332,7 +339,8 @@ def test_bad_input_exits_2_with_a_one_line_error(tmp_path):
                            "--data-root", str(tmp_path), "--bench", "pope"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.splitlines() == [f"error: POPE: no parquet files under {tmp_path / 'pope'}"]
+    assert proc.stderr.splitlines() == [
+        f"error: POPE: no parquet files of the test split (test-*.parquet) under {tmp_path / 'pope'}"]
 
 
 @pytest.mark.slow
@@ -419,3 +427,97 @@ def test_stored_frames_are_thinned_uniformly_as_training_reads_them():
     keep = sample_frame_indices(12, 5)
     assert keep != list(range(5))
     assert [round(float(f.float().mean()) / 20) for f in frames] == keep
+
+
+# ---- robustness on the public layouts: splits, duplicates, resume, partial failure ----------------------
+
+def test_pope_reads_only_the_test_split_and_keeps_every_question(tmp_path):
+    """A plain POPE download holds the default config's test split (data/test-*.parquet) and the Full
+    config (one file per category), and question_id repeats across categories: every question of the
+    test split is kept, and nothing from Full is read."""
+    image = {"bytes": png((0, 150, 0)), "path": None}
+    rows = [dict(question_id=str(i), question=f"Is there a {c} thing?", answer="yes" if i else "no", image=image,
+                 category=c) for c in ("adversarial", "popular", "random") for i in range(3)]
+    write_parquet(tmp_path / "pope" / "data" / "test-00000-of-00002.parquet", rows[:5])
+    write_parquet(tmp_path / "pope" / "data" / "test-00001-of-00002.parquet", rows[5:])
+    write_parquet(tmp_path / "pope" / "Full" / "adversarial-00000-of-00001.parquet", rows[:3])
+    items = benchmark.pope_items(tmp_path)
+    assert len(items) == 9 and len({it.uid for it in items}) == 9
+    assert {it.uid for it in items} == {f"{c}/{i}" for c in ("adversarial", "popular", "random") for i in range(3)}
+    # a second copy of the test split in another folder is refused, naming both folders
+    write_parquet(tmp_path / "pope" / "copy" / "test-00000-of-00001.parquet", rows)
+    with pytest.raises(ValueError, match="POPE: test split files in 2 folders"):
+        benchmark.pope_items(tmp_path)
+
+
+def test_a_duplicated_item_is_an_error_before_the_model_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "load_model", refuse_to_load)
+    image = {"bytes": png((0, 150, 0)), "path": None}
+    row = dict(question_id="7", question="Is there a dog?", answer="yes", image=image, category="random")
+    write_parquet(tmp_path / "pope" / "data" / "test-00000-of-00001.parquet", [row, dict(row, answer="no")])
+    with pytest.raises(ValueError, match=r"pope: 1 item id\(s\) appear more than once .* 'random/7'"):
+        run(tmp_path / "checkpoint", tmp_path, tmp_path / "r.json", "--bench", "pope")
+
+
+def test_mvbench_never_takes_a_clip_from_another_tasks_folder(data_root):
+    """missing.mp4 lies in moving_direction's folder; action_antonym asks for a clip of that name and
+    must not get it."""
+    items = {it.uid: it for it in benchmark.mvbench_items(data_root)}
+    assert items["action_antonym/0"].media[0] == "missing"
+    assert "ssv2_video_mp4" in items["action_antonym/0"].media[1]
+    assert items["moving_direction/1"].found_by_name and "clevrer" in items["moving_direction/1"].media[1]
+    assert items["action_antonym/2"].found_by_name and "ssv2_video_mp4" in items["action_antonym/2"].media[1]
+    assert not items["moving_direction/0"].found_by_name
+
+
+@pytest.mark.parametrize("change, differs", [
+    (["--max-frames", "3"], "max_frames"), (["--mode", "coarse_only"], "modes"), ("touch", "checkpoint_files")])
+def test_resume_refuses_other_settings_before_loading(change, differs, checkpoint, data_root, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    run(checkpoint, data_root, out, "--bench", "pope", "--mode", "coarse_fine")
+    args = ["--bench", "pope", "--mode", "coarse_fine", "--resume"]
+    if change == "touch":  # the same path, new weights: a retrained checkpoint
+        copy = tmp_path / "ckpt"
+        shutil.copytree(checkpoint, copy)
+        run(copy, data_root, out, "--bench", "pope", "--mode", "coarse_fine")
+        (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+        checkpoint = copy
+    else:
+        args += change
+        args.remove("--mode") if "--mode" in change else None
+        if "--mode" in change:
+            args.remove("coarse_fine")
+    monkeypatch.setattr(benchmark, "load_model", refuse_to_load)
+    with pytest.raises(ValueError, match=rf"--resume: .* was scored with other settings \({differs}: stored"):
+        run(checkpoint, data_root, out, *args)
+
+
+def test_resume_repairs_a_torn_last_line(checkpoint, data_root, tmp_path):
+    out = tmp_path / "r.json"
+    run(checkpoint, data_root, out, "--bench", "pope", "--mode", "coarse_only")
+    items = tmp_path / "r.json.items.jsonl"
+    lines = items.read_text().splitlines()
+    items.write_text("\n".join(lines[:3]) + "\n" + lines[3][:15])  # the header, 2 records, a torn third
+    report = run(checkpoint, data_root, out, "--bench", "pope", "--mode", "coarse_only", "--resume")
+    records = [json.loads(line) for line in items.read_text().splitlines()]  # every line parses again
+    assert "settings" in records[0] and len(records) == 1 + 4
+    assert sorted(r["uid"] for r in records[1:]) == sorted(r["uid"] for r in report["results"]["pope"]["coarse_only"]["raw"])
+
+
+def test_a_benchmark_that_fails_keeps_the_others_scores(checkpoint, data_root, tmp_path, capsys):
+    """Every clip of one benchmark is undecodable: the others are scored and written, the table shows
+    scored / total, and then the run fails naming the benchmark."""
+    root = tmp_path / "root"
+    shutil.copytree(data_root / "pope", root / "pope")
+    (root / "mvbench" / "json").mkdir(parents=True)
+    (root / "mvbench" / "video" / "x").mkdir(parents=True)
+    (root / "mvbench" / "video" / "x" / "bad.mp4").write_bytes(b"not a video")
+    (root / "mvbench" / "json" / "x.json").write_text(json.dumps(
+        [{"video": "bad.mp4", "question": "?", "candidates": ["a", "b"], "answer": "a"}]))
+    with pytest.raises(RuntimeError, match=r"mvbench: no usable item \(1 skipped"):
+        run(checkpoint, root, tmp_path / "r.json", "--bench", "pope,mvbench", "--mode", "coarse_only")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["results"]["pope"]["coarse_only"]["items"] == 4 and "mvbench" in report["failed"]
+    captured = capsys.readouterr()
+    assert "| pope | " in captured.out and "| 4 / 4 | 0 |" in captured.out and "| 0 / 1 | 1 |" in captured.out
+    assert "pope: 4/4 (100%)" in captured.err and "questions/s" in captured.err  # the progress line

@@ -341,8 +341,10 @@ def test_main_summary_exit_codes_and_overwrite(tmp_path, media_dir, capsys):
     argv = ["folder", "--jsonl", str(jsonl), "--media-root", str(media_dir), "--out", str(tmp_path / "out"),
             "--samples-per-shard", "4"]
     assert bs.main(argv) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "wrote 6 samples in 2 shards" in out
+    assert "folder: 10/10 (100%) | " in captured.err and "rows/s" in captured.err  # the progress line
     assert "skipped 4, bad_image=1, bad_json=1, missing_fields=1, missing_file=1" in out
     assert bs.main(argv) == 2  # refuses to mix with existing shards
     assert bs.main(argv[:-1] + ["8", "--overwrite"]) == 0

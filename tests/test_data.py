@@ -251,8 +251,9 @@ def test_stats_cli(broken_shards, toy_shards, smollm2_tokenizer, tmp_path, capsy
     assert set(stats["frames"]) <= {"text only", "image", "1 frame", "2-4 frames"}
     assert stats["frames"]["2-4 frames"] > 0 and stats["frames"]["text only"] > 0
     assert stats["text_tokens"]["max"] >= stats["text_tokens"]["median"] > 0
-    printed = capsys.readouterr().out
-    assert "duplicate keys: 15" in printed and "bad_json 1" in printed
+    captured = capsys.readouterr()
+    assert "duplicate keys: 15" in captured.out and "bad_json 1" in captured.out
+    assert "stats: " in captured.err and "samples read/s" in captured.err  # the progress line
 
 
 @pytest.mark.parametrize("bad", [dict(stage="pretrain"), dict(resize="short"), dict(max_frames=0),
