@@ -663,25 +663,30 @@ class FoveatedVLM(nn.Module):
                 res = self._autoregressive(text_emb, vis, kv, lay, False, cache)
             else:
                 res = self._parallel(mode, text_emb, vis, kv, lay, cache=cache)
-            cache_valid = res.cache_valid
-            # the prompt's last real token predicts the first new token
+            # the prompt's last real token predicts the first new token; new tokens continue the positions
             logits = self.llm.lm_head(_take(res.h_pred, (lay.n_text - 1)[:, None])[:, 0])
-            pos = lay.length  # new tokens continue the logical positions
-            stops = torch.tensor(self.stop_ids, device=device)
-            done = torch.zeros(b, dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
-                tok = _sample(logits.float(), temperature, top_p)
-                done_before = done.clone()
-                done |= torch.isin(tok, stops)
-                flags = (done_before | done).tolist()
-                yield [None if f else t for f, t in zip(flags, tok.tolist())], logits
-                if bool(done.all()):
-                    return
-                emb = self.llm.get_input_embeddings()(tok[:, None])
-                h, cache_valid = self._cached_step(emb, pos[:, None], torch.ones(b, 1, dtype=torch.bool, device=device),
-                                                   cache_valid, cache)
-                logits = self.llm.lm_head(h[:, 0])
-                pos = pos + 1
+            yield from self._decode_loop(logits, cache, res.cache_valid, lay.length, max_new_tokens, temperature, top_p)
+
+    def _decode_loop(self, logits, cache, cache_valid, pos, max_new_tokens, temperature, top_p):
+        """Yield, per decoding step, (each sample's new token id or None once it has stopped, the
+        logits [B, V] that token was drawn from), each token fed back through the KV cache.
+        logits [B, V]: the first new token's distribution; pos [B]: that token's logical position."""
+        b, device = logits.shape[0], logits.device
+        stops = torch.tensor(self.stop_ids, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            tok = _sample(logits.float(), temperature, top_p)
+            done_before = done.clone()
+            done |= torch.isin(tok, stops)
+            flags = (done_before | done).tolist()
+            yield [None if f else t for f, t in zip(flags, tok.tolist())], logits
+            if bool(done.all()):
+                return
+            emb = self.llm.get_input_embeddings()(tok[:, None])
+            h, cache_valid = self._cached_step(emb, pos[:, None], torch.ones(b, 1, dtype=torch.bool, device=device),
+                                               cache_valid, cache)
+            logits = self.llm.lm_head(h[:, 0])
+            pos = pos + 1
 
     def encode_frames(self, pixels: torch.Tensor):
         """What the visual tokens are computed from, once per frame and reusable across modes and

@@ -45,6 +45,17 @@ def make_model(backbones, seed=0, **kwargs) -> FoveatedVLM:
     return FoveatedVLM(llm_name=llm_dir, dino_name=dino_dir, **kwargs).eval()
 
 
+def lively_llm(model: FoveatedVLM, seed: int = 0) -> FoveatedVLM:
+    """Stronger LLM layers: the random tiny LLM's tied embeddings otherwise echo the prompt's last token
+    ("\n") whatever it is shown; with these its replies vary with the prompt, the frames and the mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if ".layers." in name and name.endswith("proj.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
 @pytest.fixture
 def tiny_model(tiny_backbones):
     return make_model(tiny_backbones)

@@ -101,16 +101,9 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_backbones, tmp_path_factory):
-    from conftest import make_model
+    from conftest import lively_llm, make_model
 
-    model = make_model(tiny_backbones)
-    # Stronger LLM layers: the random tiny LLM's tied embeddings otherwise echo the prompt's last token
-    # ("\n") whatever it is shown; with these its replies vary with the prompt, the frames and the mode.
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.llm.named_parameters():
-            if ".layers." in name and name.endswith("proj.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model = lively_llm(make_model(tiny_backbones))  # replies that vary with the prompt, frames and mode
     folder = tmp_path_factory.mktemp("ckpt") / "model"
     model.save_pretrained(folder)
     return folder
