@@ -155,3 +155,16 @@ def test_bad_settings_are_refused(model, pooled, tiny_backbones):
         StreamSession(model, window=0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         StreamSession(model, frame_size=SIZE).ask("?", max_new_tokens=0)
+
+
+def test_bench_stream_reports_every_figure(tmp_path):
+    from conftest import load_script
+
+    out = load_script("bench_stream").main(["--size", "tiny", "--frames", "30", "--window", "8", "--contexts", "4", "12",
+                                            "--new-tokens", "4", "--frame-size", "28", "--json", str(tmp_path / "s.json")])
+    s = out["stream"]
+    assert s["frames"] == 30 and s["cache_tokens"] == 12 and s["frames_per_s"] > 0 and s["frame_ms"]["p95"] > 0
+    assert [m[0] for m in s["memory_mb"]][-1] == 30
+    assert [a["context"] for a in out["answers"]] == [4, 12] and all(a["no_cache_ttft_ms"] > 0 for a in out["answers"])
+    assert all(a["decode_tokens_per_s"] > 0 and a["pieces"] >= 1 for a in out["answers"])
+    assert (tmp_path / "s.json").is_file()
