@@ -46,9 +46,9 @@ from backbones import vision_config  # noqa: E402
 from config import load_config  # noqa: E402
 
 BASE = ROOT / "configs" / "ablate_probe.yaml"
-# the detail probe: objects of 1/12 of the side (10 px at 112 px) among 6-12 distractors, 4 frames
-PROBE_ARGS = ["--size", "3000", "--frames", "4", "--frame-size", "112", "--object-scale", str(1 / 12),
-              "--distractors", "6", "12"]
+# the detail probe at the base config's frame size: objects of 1/12 of the side (10 px at 112 px,
+# 19 px at 224 px) among 6-12 distractors, 4 frames
+PROBE_ARGS = ["--size", "3000", "--frames", "4", "--object-scale", str(1 / 12), "--distractors", "6", "12"]
 FOVEATED = {  # variant -> (config overrides, the mode it is trained and scored in)
     "static": ({"mode": "coarse_only"}, "coarse_only"),
     "coarse_fine": ({"mode": "coarse_fine"}, "coarse_fine"),
@@ -81,7 +81,7 @@ def ensure_data(args) -> Path:
     folder = args.data or args.out / "data" / "synthetic"
     if not (folder / "README.json").is_file():
         print(f"making the probe in {folder}", flush=True)
-        make_synthetic.main(["--out", str(folder), *PROBE_ARGS])
+        make_synthetic.main(["--out", str(folder), "--frame-size", str(args.base.data.frame_size), *PROBE_ARGS])
     return folder
 
 
@@ -113,7 +113,7 @@ def run_one(args, data: Path, bench_root: Path, name: str, keys: dict, mode: str
     with open(log, "a") as out:
         if not finished(run_dir, args.steps):
             print(f"training {name} seed {seed}", flush=True)
-            cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(BASE),
+            cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(args.config),
                    *overrides(args, data, run_dir, seed, keys, mode)]
             subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=env)
         if not (run_dir / "probe.json").is_file():
@@ -251,13 +251,15 @@ def main(argv=None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/ablate"), help="the study's folder")
     parser.add_argument("--data", type=Path, help="a make_synthetic.py output to use (default: made under --out)")
+    parser.add_argument("--config", type=Path, default=BASE,
+                        help="the settings every run shares (configs/ablate_probe_gpu.yaml: pretrained backbones, 224 px)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1200, help="training steps of every run")
     parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (each with cores / jobs threads)")
     parser.add_argument("--limit", type=int, help="score only the first N probe questions (default: all)")
     args = parser.parse_args(argv)
-    cfg = args.base = load_config(BASE)  # the settings every run shares
+    cfg = args.base = load_config(args.config)  # the settings every run shares
     grid = variants(cfg.data.frame_size // vision_config(cfg.model.dino).patch_size)
     if args.variants:
         unknown = sorted(set(args.variants) - set(grid))
@@ -281,7 +283,7 @@ def main(argv=None) -> dict:
             f.result()
     results = collect(args, grid)
     report = {"steps": args.steps, "seeds": args.seeds, "probe": json.loads((data / "README.json").read_text())["arguments"],
-              "base_config": str(BASE.relative_to(ROOT)), "wall_seconds_this_call": time.perf_counter() - start,
+              "base_config": str(args.config), "wall_seconds_this_call": time.perf_counter() - start,
               "variants": results}
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
     (args.out / "table.md").write_text(table(results, args))

@@ -3,10 +3,13 @@ loss, training FLOPs, where the queries looked), writes its table, JSON and figu
 without training anything again."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_variants_cover_the_foveated_family_and_the_pooled_grid():
@@ -20,6 +23,17 @@ def test_variants_cover_the_foveated_family_and_the_pooled_grid():
     assert grid["prompt_first"][0]["model.layout"] == "prompt_first"
     with pytest.raises(SystemExit):
         ablate.main(["--variants", "nonsense"])
+
+
+def test_the_base_config_sets_the_grid(tmp_path, capsys):
+    """--config: another base (here 56-px frames, a 4 x 4 patch grid) gives its own grid."""
+    ablate = load_script("ablate")
+    text = (ROOT / "configs" / "ablate_probe.yaml").read_text().replace("frame_size: 112", "frame_size: 56")
+    (tmp_path / "base.yaml").write_text(text)
+    with pytest.raises(SystemExit):
+        ablate.main(["--config", str(tmp_path / "base.yaml"), "--variants", "nonsense"])
+    known = capsys.readouterr().err
+    assert "'pooled_16']" in known and "pooled_64" not in known
 
 
 @pytest.mark.slow
