@@ -74,10 +74,52 @@ def target_share(attention: torch.Tensor, cover: torch.Tensor, total=1.0) -> dic
 
 
 @torch.no_grad()
+@torch.no_grad()
+def attention_maps(model, frames: torch.Tensor, question: str, mode: str) -> dict:
+    """Where each query looked, for one clip (uint8 [T, 3, S, S]) or image ([3, S, S], shown as the
+    model's image_frames tokens) and its question as a generation prompt (as benchmark.py asks it):
+    the vision backbone's last block, mean over heads. The static query's is the same in every mode
+    (autoregressive, which reads no static tokens, takes coarse_only's). Returns {"pixels": the
+    encoded frames [N, 3, S, S], "token_frame": [T] the frame each visual token reads, "maps": {kind:
+    [T, gh, gw] over the patches, or None where the mode has no such query (dynamic in coarse_only)},
+    "totals": {kind: [T] the attention mass over all keys, the prefix tokens included}}. A model
+    without queries (the pooled baseline) has nothing to show: ValueError."""
+    from collate import pack_frames
+    from model import autocast
+
+    if getattr(model.config, "tokens_per_frame", None) is not None:
+        raise ValueError("the pooled baseline (tokens_per_frame) has no queries: no attention to show")
+    device = next(model.parameters()).device
+    dino = model.encoder.dino
+    pixels, index = pack_frames([frames], model.image_frames)
+    (gh, gw), prefix = dino.grid(*pixels.shape[-2:]), dino.num_prefix
+    ids = torch.tensor([model.chat_ids([{"role": "user", "content": question}])], device=device)
+
+    def attention_in(m):
+        with autocast(device):
+            return model(frames=pixels.to(device), frame_index=index.to(device), input_ids=ids, mode=m,
+                         return_attention=True)["attention"]
+
+    attention = attention_in(mode)
+    if attention.get("static") is None:
+        attention["static"] = attention_in("coarse_only")["static"]
+    out = {"pixels": pixels, "token_frame": index[0].tolist(), "maps": {}, "totals": {}}
+    for kind in KINDS:
+        attn = attention.get(kind)  # [1, T, blocks, heads, keys]
+        if attn is None:
+            out["maps"][kind] = out["totals"][kind] = None
+            continue
+        if attn.shape[-1] != prefix + gh * gw:
+            raise ValueError(f"attention has {attn.shape[-1]} keys; expected {prefix} prefix + {gh} x {gw} patches")
+        keys = attn[0, :, -1].float().mean(1).cpu()  # last block, mean over heads: [T, keys]
+        # keys: the prefix tokens, then the patches row by row
+        out["maps"][kind], out["totals"][kind] = keys[:, prefix:].reshape(-1, gh, gw), keys.sum(1)
+    return out
+
+
 def clip_scores(model, sample: dict, meta: dict, mode: str) -> dict | None:
-    """One clip and its question through the model (generation prompt, as benchmark.py asks it),
-    with the last backbone block's attention of each query, mean over heads. The static query's is
-    the same in every mode (autoregressive, which has no static tokens, takes coarse_only's).
+    """One clip and its question through the model (attention_maps) scored against the target: the
+    share of each query's attention on the target's patches (`target_share`).
 
     sample: {"frames": uint8 [T, 3, S, S], "question": str, ...}; meta: the shard's meta with its
     boxes for those T frames (`read_probe`). Returns {"key", "task", "cover" [T, gh, gw],
@@ -89,32 +131,15 @@ def clip_scores(model, sample: dict, meta: dict, mode: str) -> dict | None:
     frames = sample["frames"]
     if len(meta["boxes"]) != len(frames):
         raise ValueError(f"{len(meta['boxes'])} boxes for {len(frames)} frames")
-    dino, device = model.encoder.dino, next(model.parameters()).device
-    (gh, gw), prefix = dino.grid(*frames.shape[-2:]), dino.num_prefix
-    ids = torch.tensor([model.chat_ids([{"role": "user", "content": sample["question"]}])], device=device)
-
-    def attention_in(m):
-        return model(frames=frames[None].to(device), input_ids=ids, mode=m, return_attention=True)["attention"]
-
-    attention = attention_in(mode)
-    if attention.get("static") is None:
-        # autoregressive reads no static tokens; the static query (q_static on each frame, no LLM) looks
-        # the same in every mode: coarse_only's
-        attention["static"] = attention_in("coarse_only")["static"]
-    cover = torch.stack([patch_cover(b, meta["frame_size"], frames.shape[-1], dino.patch_size)
-                         for b in meta["boxes"]])
+    looked = attention_maps(model, frames, sample["question"], mode)
+    patch = model.encoder.dino.patch_size
+    cover = torch.stack([patch_cover(b, meta["frame_size"], frames.shape[-1], patch) for b in meta["boxes"]])
     result = {"key": sample.get("key"), "task": meta.get("task"), "cover": cover, "maps": {}}
     for kind in KINDS:
-        attn = attention.get(kind)  # [1, T, blocks, heads, keys]
-        if attn is None:
-            result[kind] = None
-            continue
-        if attn.shape[-1] != prefix + gh * gw:
-            raise ValueError(f"attention has {attn.shape[-1]} keys; expected {prefix} prefix + {gh} x {gw} patches")
-        keys = attn[0, :, -1].float().mean(1).cpu()  # last block, mean over heads: [T, keys]
-        # keys: the prefix tokens, then the patches row by row
-        result["maps"][kind] = keys[:, prefix:].reshape(-1, gh, gw)
-        result[kind] = target_share(result["maps"][kind], cover, total=keys.sum(1))
+        maps = looked["maps"][kind]
+        result[kind] = None if maps is None else target_share(maps, cover, total=looked["totals"][kind])
+        if maps is not None:
+            result["maps"][kind] = maps
     return result
 
 
