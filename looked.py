@@ -75,9 +75,10 @@ def target_share(attention: torch.Tensor, cover: torch.Tensor, total=1.0) -> dic
 
 @torch.no_grad()
 @torch.no_grad()
-def attention_maps(model, frames: torch.Tensor, question: str, mode: str) -> dict:
+def attention_maps(model, frames: torch.Tensor, question, mode: str) -> dict:
     """Where each query looked, for one clip (uint8 [T, 3, S, S]) or image ([3, S, S], shown as the
-    model's image_frames tokens) and its question as a generation prompt (as benchmark.py asks it):
+    model's image_frames tokens) and its question (a string, or a conversation: chat messages) as a
+    generation prompt (as benchmark.py asks it):
     the vision backbone's last block, mean over heads. The static query's is the same in every mode
     (autoregressive, which reads no static tokens, takes coarse_only's). Returns {"pixels": the
     encoded frames [N, 3, S, S], "token_frame": [T] the frame each visual token reads, "maps": {kind:
@@ -93,7 +94,8 @@ def attention_maps(model, frames: torch.Tensor, question: str, mode: str) -> dic
     dino = model.encoder.dino
     pixels, index = pack_frames([frames], model.image_frames)
     (gh, gw), prefix = dino.grid(*pixels.shape[-2:]), dino.num_prefix
-    ids = torch.tensor([model.chat_ids([{"role": "user", "content": question}])], device=device)
+    messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
+    ids = torch.tensor([model.chat_ids(messages)], device=device)
 
     def attention_in(m):
         with autocast(device):
