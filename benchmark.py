@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from checkpoint import load_model
+from checkpoint import hub_commit, load_model
 from collate import pack_frames
 from config import MODES
 from data import Loader, SampleSpec, ShardStream, Source
@@ -655,6 +655,10 @@ EXAMPLES = """examples:
   python benchmark.py --checkpoint checkpoint.pt --llm HuggingFaceTB/SmolLM2-1.7B-Instruct \\
       --dino facebook/dinov2-small --data-root /data/benchmarks --bench mvbench,videomme --mode coarse_fine
 
+  # a Hugging Face Hub repo by id (@revision optional): its export, or its checkpoint.pt with the published
+  # backbones (checkpoint.PUBLISHED_BACKBONES; --llm / --dino override them)
+  python benchmark.py --checkpoint sanps/fVLM-135M --data-root /data/benchmarks --output results.json
+
   # continue an interrupted run: keeps what results.json.items.jsonl already holds
   python benchmark.py --checkpoint runs/stage3_135M --data-root /data/benchmarks --output results.json --resume
 """
@@ -689,7 +693,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--mode", default="all", choices=[*MODES, "all"], help="forward mode(s) to score")
-    parser.add_argument("--checkpoint", required=True, help="run directory, save_pretrained folder or checkpoint file")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, save_pretrained folder, checkpoint file, or a Hugging Face Hub id "
+                             "owner/name[@revision] (a path that exists wins)")
     parser.add_argument("--llm", help="backbone LLM (hub id or folder) for a checkpoint file: needed for the "
                                       "published checkpoint.pt, else replaces the one stored in the checkpoint")
     parser.add_argument("--dino", help="vision backbone (hub id or folder) for a checkpoint file, as --llm")
@@ -796,12 +802,17 @@ def _append(sink, done, record):
 def run_settings(args, modes) -> dict:
     """What a stored item's record depends on: the weights (the checkpoint's path and its files' sizes
     and modification times - a retrained or replaced checkpoint differs), backbones, modes, frame
-    sampling, generation length and the lmms-eval release whose parsers scored it."""
-    path = Path(args.checkpoint).resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    sampling, generation length and the lmms-eval release whose parsers scored it. A Hub id: the id and
+    the commit it resolves to now (which stands for its files)."""
+    commit = hub_commit(args.checkpoint)
+    path = Path(args.checkpoint) if commit else Path(args.checkpoint).resolve()
+    if commit:
+        files = []
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
     stat = [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns)
             for p in files]
-    return {"checkpoint": str(path), "checkpoint_files": hashlib.sha1(json.dumps(stat).encode()).hexdigest(),
+    return {"checkpoint": str(path), "checkpoint_files": commit or hashlib.sha1(json.dumps(stat).encode()).hexdigest(),
             "llm": args.llm, "dino": args.dino, "modes": list(modes), "max_frames": args.max_frames,
             "frame_size": args.frame_size, "max_new_tokens": MAX_NEW_TOKENS, "lmms_eval": LMMS_EVAL_VERSION}
 

@@ -782,10 +782,21 @@ class FoveatedVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, **overrides):
-        """A save_pretrained folder; overrides replace settings of its config.json."""
+        """A save_pretrained folder; overrides replace settings of its config.json. directory may be a
+        Hugging Face Hub id (`owner/name[@revision]`, see checkpoint.fetch): a repo with an export is
+        downloaded and read as a folder; one with only the published checkpoint.pt is read with the safe
+        loader and built with its published backbones (overrides may then name only llm / dino)."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from checkpoint import fetch, load_model
+
+        source = directory
+        directory, _ = fetch(directory)
+        if directory.is_file():  # a Hub repo's checkpoint.pt
+            if set(overrides) - {"llm", "dino"}:
+                raise ValueError(f"{source} holds a checkpoint.pt: only llm / dino may be overridden, not "
+                                 f"{sorted(set(overrides) - {'llm', 'dino'})}")
+            return load_model(source, overrides.get("llm"), overrides.get("dino"))[0]
         stored = read_export_config(directory)
         model = cls(stored, **dict(overrides, llm=directory / "llm", dino=directory / "dino", pretrained=False))
         model.load_state_dict(load_file(str(directory / "model.safetensors")))

@@ -298,7 +298,8 @@ def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
 
 def initial_weights(cfg, trust: bool = False) -> tuple[dict, str] | None:
     """(state dict, what was read) of cfg.init_from, or None. Read before the model is built: a path
-    that is not a checkpoint fails before anything heavy loads."""
+    that is not a checkpoint fails before anything heavy loads. init_from may be a Hugging Face Hub id
+    (owner/name[@revision]; a path that exists wins): checkpoint.load_weights downloads it."""
     if not cfg.init_from:
         return None
     path = expand_path(cfg.init_from, "init_from")
