@@ -783,7 +783,8 @@ def main(argv=None) -> dict:
                           "questions_per_s": scored / wall if wall else None,
                           "question_modes_per_s": scored * len(modes) / wall if wall else None}
     report = {"model": _identity(model, source, args), "args": {k: str(v) for k, v in vars(args).items()},
-              "scoring": f"lmms-eval {LMMS_EVAL_VERSION} prompts and parsers", "modes": modes, "results": results, "timings": timings}
+              "scoring": f"lmms-eval {LMMS_EVAL_VERSION} prompts and parsers", "modes": modes, "results": results,
+              "timings": timings}
     if failed:
         report["failed"] = failed
     args.output.write_text(json.dumps(report, indent=1))
@@ -867,7 +868,8 @@ def markdown(report) -> str:
     """The printed table: per benchmark and mode, the generate / likelihood accuracy; items scored of
     the benchmark's total; skipped items (media missing or undecodable)."""
     modes = report["modes"]
-    lines = ["| benchmark | " + " | ".join(f"{m} (generate / likelihood)" for m in modes) + " | items scored / total | skipped |",
+    lines = ["| benchmark | " + " | ".join(f"{m} (generate / likelihood)" for m in modes)
+             + " | items scored / total | skipped |",
              "|---|" + "---|" * len(modes) + "---|---|"]
     for bench, res in report["results"].items():
         if bench == "val":
