@@ -569,10 +569,11 @@ def _sync_time(start, device):
     return time.perf_counter() - start
 
 
-def val_source(data_root: Path) -> Source:
-    """The held-out shards (DATA_ROOT/val/*.tar), found before the model is loaded."""
+def val_source(data_root: Path, shards: str | None = None) -> Source:
+    """The held-out shards: `shards` (any shard pattern or URL, as training takes them), else
+    DATA_ROOT/val/*.tar; found before the model is loaded."""
     try:
-        return Source.from_patterns("val", data_root / "val")
+        return Source.from_patterns("val", shards or data_root / "val")
     except FileNotFoundError as e:  # expand's message names the path (and hints at what is there)
         raise FileNotFoundError(f"val: {e}") from None
 
@@ -616,7 +617,7 @@ def run_val(model, source: Source, args, modes, device) -> dict:
                    to_device=to_device, autocast=autocast(device),
                    max_samples=args.limit if args.limit is not None else sys.maxsize)
     if not res["samples"]:
-        raise ValueError(f"val: no usable sample in {args.data_root / 'val'}")
+        raise ValueError(f"val: no usable sample in {args.val_shards or args.data_root / 'val'}")
     return {m: {**r["all"], "per_category": {"source": r["by_source"]}, "seconds": time.perf_counter() - start}
             for m, r in res["modes"].items()}
 
@@ -664,14 +665,14 @@ EXAMPLES = """examples:
 """
 
 
-def read_benchmarks(benches, data_root: Path, limit: int | None) -> dict:
+def read_benchmarks(benches, data_root: Path, limit: int | None, val_shards: str | None = None) -> dict:
     """Every requested benchmark's items ({bench: [Item]}; val: its shard Source), read and checked
     before the model is loaded and before anything is scored: a missing dataset, one whose media are
     all missing, or a duplicated item then fails in seconds, not after the other benchmarks ran."""
     found = {}
     for bench in benches:
         if bench == "val":
-            found[bench] = val_source(data_root)
+            found[bench] = val_source(data_root, val_shards)
             continue
         items = LOADERS[bench](data_root)
         twice = [uid for uid, n in Counter(it.uid for it in items).items() if n > 1]
@@ -715,6 +716,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=_int_at_least(0), default=min(8, os.cpu_count() or 1),
                         help="decoding processes (0: decode in this process) (default: min(8, CPUs), here "
                              "%(default)s)")
+    parser.add_argument("--val-shards", metavar="PATTERN",
+                        help="`val`'s shards: a pattern, folder or URL (https://host/val-{0000..0009}.tar, "
+                             "hf://datasets/..., pipe:CMD) (default: DATA_ROOT/val)")
     parser.add_argument("--val-stage", default="sft", choices=["alignment", "sft"], help="loss masks for `val`")
     parser.add_argument("--resume", action="store_true", help="keep the items already scored in OUTPUT.items.jsonl")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -726,7 +730,7 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     modes = list(MODES) if args.mode == "all" else [args.mode]
-    data = read_benchmarks(benches, args.data_root, args.limit)
+    data = read_benchmarks(benches, args.data_root, args.limit, args.val_shards)
     items_path = args.output.with_name(args.output.name + ".items.jsonl")
     settings = run_settings(args, modes)
     done = resume_items(items_path, settings) if args.resume else {}  # a mismatch fails before loading

@@ -45,7 +45,7 @@ from collate import budget_batches, collate
 from config import DEFAULT_SYSTEM_PROMPT, RESIZE_MODES, STAGES
 from media import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, EmptyVideo, MediaError, decode_image, decode_video,
                    frame_extension_index, sample_frame_indices)
-from shards import ShardError, expand, read_samples
+from shards import REMOTE, ShardError, configure_remote, expand, read_samples
 from tokenization import SampleError, load_tokenizer, pad_id, tokenize, tokenize_dpo
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built
@@ -352,7 +352,7 @@ class ShardStream(IterableDataset):
         state["seen"][name] += 1
         try:
             if key is None:
-                raise SampleError("corrupt_shard", str(files))
+                raise SampleError(getattr(files, "reason", "corrupt_shard"), str(files))
             return decode_sample(key, files, self.spec, self.tokenizer)
         except SampleError as e:
             reason, detail = e.reason, f"{path} sample {key}: {e}"
@@ -562,7 +562,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stats", help="stream a dataset as training would and print what it holds")
-    p.add_argument("shards", nargs="+", help="shard files, globs, {000..099} ranges or directories")
+    p.add_argument("shards", nargs="+", help="shard files, globs, {000..099} ranges or directories; or URLs "
+                                             "(https://host/train-{00000..00099}.tar, hf://datasets/..., gs://..., "
+                                             "pipe:COMMAND)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank to simulate")
     p.add_argument("--world-size", type=int, default=1, help="ranks to simulate")
     p.add_argument("--max-frames", type=int, default=SampleSpec.max_frames)
@@ -576,8 +578,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="processes to stream with")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    p.add_argument("--timeout", type=float, default=REMOTE.timeout,
+                   help="URL shards: seconds a read may wait for data before the attempt fails")
+    p.add_argument("--retries", type=int, default=REMOTE.retries,
+                   help="URL shards: re-openings of a failed download before the shard counts as unreadable")
     args = parser.parse_args(argv)
     try:
+        configure_remote(timeout=args.timeout, retries=args.retries)
         spec = SampleSpec(stage=args.stage, frame_size=args.frame_size, max_frames=args.max_frames,
                           max_text_tokens=args.max_text_tokens, latents=args.latents)
         for pattern in args.shards:  # a wrong path fails here, before the tokenizer takes its seconds to load

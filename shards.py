@@ -6,35 +6,93 @@ contain dots. A sample holds `KEY.json` plus its media: frames `KEY.000.jpg, KEY
 a video `KEY.mp4`, an image `KEY.jpg`/`KEY.png`, or nothing (text only).
 """
 
+import dataclasses
 import glob
+import http.client
 import io
 import json
+import logging
+import os
 import re
+import select
+import subprocess
 import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger("fvlm.shards")
 
 KEY_CHARS = re.compile(r"^[A-Za-z0-9_\-/]+$")
 EXT_CHARS = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: `C:\...` stays a path
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteOptions:
+    """How shards named by URL are read. timeout: seconds any one read (and the connection) may wait
+    for data before the attempt fails; retries: re-openings of a shard after a failed attempt (each
+    skips, without keeping their data, the samples already read), with a pause of backoff x 2^k
+    seconds before the k-th; then the shard counts as unreadable."""
+    timeout: float = 60.0
+    retries: int = 3
+    backoff: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise ValueError(f"remote shard timeout must be a number of seconds > 0, got {self.timeout!r}")
+        if not (isinstance(self.retries, int) and not isinstance(self.retries, bool) and self.retries >= 0):
+            raise ValueError(f"remote shard retries must be an integer >= 0, got {self.retries!r}")
+        if not (isinstance(self.backoff, (int, float)) and self.backoff >= 0):
+            raise ValueError(f"remote shard backoff must be seconds >= 0, got {self.backoff!r}")
+
+
+REMOTE = RemoteOptions()
+
+
+def configure_remote(**changes) -> RemoteOptions:
+    """Change the module's RemoteOptions (timeout=, retries=, backoff=; validated) and return them.
+    Set them before a DataLoader starts its workers: forked workers inherit them."""
+    global REMOTE
+    REMOTE = dataclasses.replace(REMOTE, **changes)
+    return REMOTE
+
+
+def is_url(shard) -> bool:
+    """Whether a shard is named by URL (SCHEME://..., pipe:CMD, file:PATH) rather than a path (a path
+    like `C:\\x.tar` or `v2:x.tar` stays one)."""
+    return isinstance(shard, str) and bool(_SCHEME.match(shard)) and (
+        "://" in shard[:shard.index(":") + 3] or shard.lower().startswith(("pipe:", "file:")))
 
 
 class ShardError(Exception):
-    """A shard that cannot be read to its end (truncated or corrupt tar). `samples` counts the
-    complete samples before the break (yielded or skipped); the one after them is lost."""
+    """A shard that cannot be read to its end (truncated or corrupt tar; for a URL also a failed
+    download). `samples` counts the complete samples before the break (yielded or skipped); the one
+    after them is lost. `reason`: 'corrupt_shard' (the tar), or 'unreadable_shard' (a URL that could
+    not be fetched to its end: HTTP error, dropped connection, timeout, failed pipe command)."""
 
-    def __init__(self, message: str, samples: int = 0):
+    def __init__(self, message: str, samples: int = 0, reason: str = "corrupt_shard"):
         super().__init__(message)
-        self.samples = samples
+        self.samples, self.reason = samples, reason
 
 
 def expand(patterns) -> list[str]:
     """Shard paths from one pattern or a list: globs, `{000..099}` ranges, directories (every *.tar in
-    them). Each pattern must match something; the result is sorted and free of repeats."""
+    them). Each pattern must match something; the result is sorted and free of repeats. A URL
+    (`https://host/train-{00000..00099}.tar`, `pipe:CMD`, ...) expands by its brace ranges only and is
+    never checked against the disk or listed; a glob in one is an error."""
     if isinstance(patterns, (str, Path)):
         patterns = [patterns]
     found = []
     for pattern in patterns:
+        if is_url(pattern):
+            found += _expand_url(pattern)
+            continue
         matched, hints = [], []
         for p in _expand_braces(str(pattern)):
             if Path(p).is_dir():
@@ -49,6 +107,20 @@ def expand(patterns) -> list[str]:
             raise FileNotFoundError(f"shard pattern {str(pattern)!r} matches no file" + "".join(hints))
         found += matched
     return sorted(set(found))
+
+
+def _expand_url(pattern: str) -> list[str]:
+    scheme = _SCHEME.match(pattern).group(1).lower()
+    if scheme != "file" and scheme not in _gopen_schemes():
+        example = "pipe:aws s3 cp {url} -" if scheme == "s3" else "pipe:COMMAND-THAT-PRINTS-THE-SHARD {url}"
+        raise ValueError(f"shard URL {pattern!r}: no handler for {scheme}:// — read it through a command, "
+                         f"e.g. {example.format(url=pattern)!r}")
+    # the path only: `?` also starts a query (https://.../resolve/main/x.tar?download=true)
+    where = pattern[5:] if scheme == "pipe" else urlparse(pattern).path
+    if any(c in where for c in "*?["):
+        raise ValueError(f"shard URL {pattern!r} holds a glob: URLs are not listed; name the shards with a "
+                         "{000..099} range instead")
+    return _expand_braces(pattern)
 
 
 def _split_folders_hint(directory: Path) -> list[str]:
@@ -81,7 +153,239 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def read_samples(path, skip: int = 0):
+def read_samples(path, skip: int = 0, remote: RemoteOptions | None = None):
+    """Yield (key, {extension: bytes}) for each sample of a tar shard, after skipping `skip` samples
+    without reading their data. Raises ShardError when the tar breaks off or lacks its end-of-archive
+    marker (a shard cut at a member boundary); the samples before the break have been yielded, the
+    one being read is lost (never yielded with members missing).
+
+    A URL (is_url) is read as a stream through webdataset's gopen (open_url), with `remote` (default:
+    the module's REMOTE) for its timeout and retries: a failed download (not an HTTP 4xx other than
+    408/429, nor a tar that is corrupt) is re-opened, skipping the samples already read, until it reads
+    to its end or the retries are spent; then ShardError(reason 'unreadable_shard')."""
+    if not is_url(path):
+        yield from _read_local(path, skip)
+        return
+    options = remote or REMOTE
+    done, failures, reached = skip, 0, -1
+    while True:
+        try:
+            for sample in _read_stream(path, done, options.timeout):
+                done += 1
+                yield sample
+            return
+        except ShardError as e:
+            # Where it broke: the samples read past the first skip count too, as on a retry the break
+            # may come earlier (a resumed read that fails while skipping reports where it failed).
+            reached = max(reached, e.samples, done if done > skip else -1)
+            cause = e.__cause__
+            if not _transient(cause) or failures >= options.retries:
+                if failures and _transient(cause):
+                    e = ShardError(f"{e} (after {failures} retr{'y' if failures == 1 else 'ies'})", reached,
+                                   e.reason)
+                e.samples = reached
+                raise e from cause
+            failures += 1
+            pause = options.backoff * 2 ** (failures - 1)
+            log.warning("%s: retry %d of %d in %.1f s after %d samples (%s)", path, failures, options.retries,
+                        pause, done, cause)
+            time.sleep(pause)
+
+
+def _transient(error) -> bool:
+    """Whether a failed download may succeed when tried again."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code in (408, 429) or error.code >= 500
+    return isinstance(error, OSError)
+
+
+class _MarkedTarInfo(tarfile.TarInfo):
+    """Records on the TarFile that its member loop ended at an end-of-archive marker (a full block of
+    zeros), which a stream cannot seek back to check afterwards."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.fvlm_end_marker = True
+            raise
+
+
+def _read_stream(url, skip, timeout):
+    key, files, index = None, {}, 0
+    try:
+        with open_url(url, timeout) as stream, \
+                tarfile.open(fileobj=stream, mode="r|*", tarinfo=_MarkedTarInfo) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = split_name(member.name)
+                if not ext or k.rsplit("/", 1)[-1].startswith("."):
+                    continue
+                if k != key or ext in files:  # a new sample starts
+                    if key is not None:
+                        if index >= skip:
+                            yield key, files
+                        index += 1
+                    key, files = k, {}
+                files[ext] = tar.extractfile(member).read() if index >= skip else b""
+            missing_end = None if getattr(tar, "fvlm_end_marker", False) else tar.offset
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
+        reason = "unreadable_shard" if isinstance(e, OSError) else "corrupt_shard"
+        raise ShardError(f"{url}: unreadable after {index} samples ({type(e).__name__}: {e})", index,
+                         reason) from e
+    if missing_end is not None:
+        raise ShardError(f"{url}: truncated or corrupt tar (no end-of-archive marker at byte {missing_end}); "
+                         f"{index} complete samples before it, the one being read there is lost", index)
+    if key is not None and index >= skip:
+        yield key, files
+
+
+def _gopen_schemes() -> dict:
+    """webdataset's scheme table, with our http(s) and hf openers in it (urllib, a timeout on every
+    read: webdataset's own run curl, which waits on a stalled server for ever and retries 30 times)."""
+    from webdataset.gopen import gopen_schemes as table  # (webdataset.gopen the attribute is the function)
+
+    if table.get("https") is not _gopen_http:
+        table.update(http=_gopen_http, https=_gopen_http, hf=_gopen_hf)
+    return table
+
+
+def open_url(url: str, timeout: float | None = None):
+    """A shard URL opened for reading with webdataset's gopen (its scheme table: pipe:, gs:// through
+    gsutil, ...; http(s):// and hf:// through our openers), as a stream whose every read fails with
+    TimeoutError after `timeout` seconds without data (default REMOTE.timeout)."""
+    from webdataset.gopen import Pipe, gopen
+
+    timeout = timeout or REMOTE.timeout
+    _gopen_schemes()
+    _opening.timeout = timeout  # for our openers (gopen passes them no timeout of its own)
+    try:
+        stream = gopen(url, "rb")
+    finally:
+        _opening.timeout = None
+    return _PipeReader(stream, timeout, url) if isinstance(stream, Pipe) else stream
+
+
+_opening = threading.local()
+
+
+def _gopen_http(url, mode="rb", bufsize=8192, timeout=None):
+    timeout = timeout or getattr(_opening, "timeout", None) or REMOTE.timeout
+    if mode[0] != "r":
+        raise ValueError(f"{url}: shards are read, not written, over http")
+    request = urllib.request.Request(url, headers={"User-Agent": "fvlm-shards"})
+    host = urlparse(url).hostname or ""
+    if host == "huggingface.co" or host.endswith(".huggingface.co"):
+        token = _hub_token()
+        if token:  # not sent on to where the Hub redirects (its CDN)
+            request.add_unredirected_header("Authorization", f"Bearer {token}")
+    return _HTTPReader(urllib.request.urlopen(request, timeout=timeout), url)
+
+
+def hf_url(url: str) -> str:
+    """hf://datasets/OWNER/NAME[@REVISION]/PATH -> its https resolve URL on the Hub (HF_ENDPOINT)."""
+    parts = url[len("hf://"):].split("/")
+    kinds = {"datasets": "dataset", "spaces": "space", "models": "model"}
+    if len(parts) < 4 or parts[0] not in kinds or not parts[-1]:
+        raise ValueError(f"{url!r}: expected hf://datasets/OWNER/NAME[@REVISION]/PATH/TO/SHARD.tar")
+    name, _, revision = parts[2].partition("@")
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(f"{parts[1]}/{name}", "/".join(parts[3:]), repo_type=kinds[parts[0]],
+                      revision=revision or None)
+
+
+def _gopen_hf(url, mode="rb", bufsize=8192, timeout=None):
+    return _gopen_http(hf_url(url), mode, bufsize, timeout)
+
+
+def _hub_token():
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return os.environ.get("HF_TOKEN")
+    return get_token()
+
+
+class _HTTPReader(io.RawIOBase):
+    """An HTTP response body as a stream: a connection closed before Content-Length bytes (which
+    http.client's read(n) returns as a short end) or a cut chunked body is a ConnectionError."""
+
+    def __init__(self, response, url):
+        self.response, self.url, self.got = response, url, 0
+        self.expected = response.length  # None: chunked or unknown
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        try:
+            data = self.response.read(size if size is not None and size >= 0 else None)
+        except http.client.HTTPException as e:  # IncompleteRead and the like
+            raise ConnectionError(f"{self.url}: {type(e).__name__}: {e}") from e
+        self.got += len(data)
+        if not data and size != 0 and self.expected is not None and self.got < self.expected:
+            raise ConnectionError(f"{self.url}: connection closed after {self.got} of {self.expected} bytes")
+        return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self):
+        self.response.close()
+        super().close()
+
+
+class _PipeReader(io.RawIOBase):
+    """A webdataset Pipe (pipe:CMD, gsutil, ...) read straight from its file descriptor, each read
+    waiting at most `timeout` seconds; a command that fails (exit status) raises at the end, and one
+    left before its end (an error, a timeout) is killed."""
+
+    def __init__(self, pipe, timeout, url):
+        self.pipe, self.timeout, self.url, self.ended = pipe, timeout, url, False
+        pipe.timeout = timeout  # how long close() waits for the command to exit
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            return self.readall()
+        if self.ended or size == 0:
+            return b""
+        fd = self.pipe.stream.fileno()
+        if not select.select([fd], [], [], self.timeout)[0]:
+            raise TimeoutError(f"{self.url}: no data for {self.timeout} s")
+        data = os.read(fd, size)
+        if not data:
+            self.ended = True
+            try:
+                self.pipe.close()  # raises IOError on a failed command
+            except subprocess.TimeoutExpired as e:
+                raise TimeoutError(f"{self.url}: command did not exit within {self.timeout} s") from e
+        return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self):
+        if not self.ended:
+            self.ended = True
+            try:
+                self.pipe.proc.kill()
+                self.pipe.close()
+            except Exception:  # noqa: BLE001 - a killed command's exit status is of no interest
+                pass
+        super().close()
+
+
+def _read_local(path, skip: int = 0):
     """Yield (key, {extension: bytes}) for each sample of a tar shard, after skipping `skip` samples
     without reading their data. Raises ShardError when the tar breaks off or lacks its end-of-archive
     marker (a shard cut at a member boundary); the samples before the break have been yielded, the

@@ -521,3 +521,18 @@ def test_a_benchmark_that_fails_keeps_the_others_scores(checkpoint, data_root, t
     captured = capsys.readouterr()
     assert "| pope | " in captured.out and "| 4 / 4 | 0 |" in captured.out and "| 0 / 1 | 1 |" in captured.out
     assert "pope: 4/4 (100%)" in captured.err and "questions/s" in captured.err  # the progress line
+
+
+def test_val_reads_shards_by_url(checkpoint, data_root, tmp_path):
+    """--val-shards takes what training takes, URLs included (here a pipe:, as a bucket would be read):
+    the same samples score the same as from DATA_ROOT/val."""
+    from shards import expand
+
+    local = run(checkpoint, data_root, tmp_path / "a.json", "--bench", "val", "--mode", "coarse_only")
+    shards = expand(data_root / "val")
+    url = f"pipe:cat {shards[0]}" if len(shards) == 1 else None
+    assert url, "the fixture's val split is one shard"
+    remote = run(checkpoint, data_root, tmp_path / "b.json", "--bench", "val", "--mode", "coarse_only",
+                 "--val-shards", url)
+    a, b = local["results"]["val"]["coarse_only"], remote["results"]["val"]["coarse_only"]
+    assert a["samples"] == b["samples"] > 0 and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
