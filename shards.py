@@ -212,33 +212,45 @@ class _MarkedTarInfo(tarfile.TarInfo):
             raise
 
 
+def _grouped(tar, skip, state):
+    """A tar's members as samples: consecutive members sharing a key, hidden and key-less names left
+    out. Yields every complete sample from the `skip`-th on (the skipped ones' data is not read);
+    state["index"] counts the complete samples passed, for the caller's error messages, and
+    state["pending"] holds the last sample, which the caller yields only once the tar proved complete."""
+    key, files = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        k, ext = split_name(member.name)
+        if not ext or k.rsplit("/", 1)[-1].startswith("."):
+            continue
+        if k != key or ext in files:  # a new sample starts
+            if key is not None:
+                if state["index"] >= skip:
+                    yield key, files
+                state["index"] += 1
+            key, files = k, {}
+        files[ext] = tar.extractfile(member).read() if state["index"] >= skip else b""
+        state["pending"] = (key, files)
+
+
 def _read_stream(url, skip, timeout):
-    key, files, index = None, {}, 0
+    state = {"index": 0, "pending": (None, {})}
     try:
         with open_url(url, timeout) as stream, \
                 tarfile.open(fileobj=stream, mode="r|*", tarinfo=_MarkedTarInfo) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = split_name(member.name)
-                if not ext or k.rsplit("/", 1)[-1].startswith("."):
-                    continue
-                if k != key or ext in files:  # a new sample starts
-                    if key is not None:
-                        if index >= skip:
-                            yield key, files
-                        index += 1
-                    key, files = k, {}
-                files[ext] = tar.extractfile(member).read() if index >= skip else b""
+            yield from _grouped(tar, skip, state)
             missing_end = None if getattr(tar, "fvlm_end_marker", False) else tar.offset
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
         reason = "unreadable_shard" if isinstance(e, OSError) else "corrupt_shard"
-        raise ShardError(f"{url}: unreadable after {index} samples ({type(e).__name__}: {e})", index,
-                         reason) from e
+        n = state["index"]
+        raise ShardError(f"{url}: unreadable after {n} samples ({type(e).__name__}: {e})", n, reason) from e
     if missing_end is not None:
+        n = state["index"]
         raise ShardError(f"{url}: truncated or corrupt tar (no end-of-archive marker at byte {missing_end}); "
-                         f"{index} complete samples before it, the one being read there is lost", index)
-    if key is not None and index >= skip:
+                         f"{n} complete samples before it, the one being read there is lost", n)
+    key, files = state["pending"]
+    if key is not None and state["index"] >= skip:
         yield key, files
 
 
@@ -309,16 +321,25 @@ def _hub_token():
     return get_token()
 
 
-class _HTTPReader(io.RawIOBase):
+class _Stream(io.RawIOBase):
+    """A readable raw stream whose subclass defines read(size)."""
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class _HTTPReader(_Stream):
     """An HTTP response body as a stream: a connection closed before Content-Length bytes (which
     http.client's read(n) returns as a short end) or a cut chunked body is a ConnectionError."""
 
     def __init__(self, response, url):
         self.response, self.url, self.got = response, url, 0
         self.expected = response.length  # None: chunked or unknown
-
-    def readable(self):
-        return True
 
     def read(self, size=-1):
         try:
@@ -330,17 +351,12 @@ class _HTTPReader(io.RawIOBase):
             raise ConnectionError(f"{self.url}: connection closed after {self.got} of {self.expected} bytes")
         return data
 
-    def readinto(self, buffer):
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
     def close(self):
         self.response.close()
         super().close()
 
 
-class _PipeReader(io.RawIOBase):
+class _PipeReader(_Stream):
     """A webdataset Pipe (pipe:CMD, gsutil, ...) read straight from its file descriptor, each read
     waiting at most `timeout` seconds; a command that fails (exit status) raises at the end, and one
     left before its end (an error, a timeout) is killed."""
@@ -348,9 +364,6 @@ class _PipeReader(io.RawIOBase):
     def __init__(self, pipe, timeout, url):
         self.pipe, self.timeout, self.url, self.ended = pipe, timeout, url, False
         pipe.timeout = timeout  # how long close() waits for the command to exit
-
-    def readable(self):
-        return True
 
     def read(self, size=-1):
         if size is None or size < 0:
@@ -369,11 +382,6 @@ class _PipeReader(io.RawIOBase):
                 raise TimeoutError(f"{self.url}: command did not exit within {self.timeout} s") from e
         return data
 
-    def readinto(self, buffer):
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
     def close(self):
         if not self.ended:
             self.ended = True
@@ -390,33 +398,24 @@ def _read_local(path, skip: int = 0):
     without reading their data. Raises ShardError when the tar breaks off or lacks its end-of-archive
     marker (a shard cut at a member boundary); the samples before the break have been yielded, the
     one being read is lost (never yielded with members missing)."""
-    key, files, index = None, {}, 0
+    state = {"index": 0, "pending": (None, {})}
     try:
         with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = split_name(member.name)
-                if not ext or k.rsplit("/", 1)[-1].startswith("."):
-                    continue
-                if k != key or ext in files:  # a new sample starts
-                    if key is not None:
-                        if index >= skip:
-                            yield key, files
-                        index += 1
-                    key, files = k, {}
-                files[ext] = tar.extractfile(member).read() if index >= skip else b""
+            yield from _grouped(tar, skip, state)
             missing_end = None if _ends_with_marker(tar) else tar.offset
     # zlib.error: a damaged .tar.gz whose deflate stream breaks inside member data (tarfile converts
     # it to ReadError only in headers)
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
-        raise ShardError(f"{path}: unreadable after {index} samples ({type(e).__name__}: {e})", index) from e
+        n = state["index"]
+        raise ShardError(f"{path}: unreadable after {n} samples ({type(e).__name__}: {e})", n) from e
     if missing_end is not None:
         # tarfile ends its member loop without an error where the file stops at or inside a header,
         # or where a header is garbage. Members of the pending sample may be missing: drop it too.
+        n = state["index"]
         raise ShardError(f"{path}: truncated or corrupt tar (no end-of-archive marker at byte {missing_end}); "
-                         f"{index} complete samples before it, the one being read there is lost", index)
-    if key is not None and index >= skip:
+                         f"{n} complete samples before it, the one being read there is lost", n)
+    key, files = state["pending"]
+    if key is not None and state["index"] >= skip:
         yield key, files
 
 
