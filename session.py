@@ -168,11 +168,21 @@ class StreamSession:
 
     @torch.no_grad()
     def _answer(self, question, max_new_tokens, temperature, top_p):
-        model, tok = self.model, self.model.tokenizer
+        model = self.model
         kept = self.valid.shape[1]
         ids = torch.tensor([model.chat_ids([{"role": "user", "content": question}])], device=self.device)
         start = time.perf_counter()
-        tokens, sent, first = [], "", None
+        first, tokens = None, 0
+
+        def timed(steps):  # the decoding steps, with the first token's time and the token count noted
+            nonlocal first, tokens
+            for step in steps:
+                if first is None:
+                    first = time.perf_counter()
+                    self.stats["ttft_ms"] = 1000 * (first - start)
+                tokens += step[0][0] is not None
+                yield step
+
         self.answering = True
         try:
             with autocast(self.device):
@@ -180,23 +190,14 @@ class StreamSession:
                 h, valid = model._cached_step(model.llm.get_input_embeddings()(ids), pos,
                                               torch.ones_like(ids, dtype=torch.bool), self.valid, self.cache)
                 logits = model.llm.lm_head(h[:, -1])
-                for step, _ in model._decode_loop(logits, self.cache, valid, pos[:, -1] + 1, max_new_tokens,
-                                                  temperature, top_p):
-                    if first is None:
-                        first = time.perf_counter()
-                        self.stats["ttft_ms"] = 1000 * (first - start)
-                    if step[0] is None:
-                        break
-                    tokens.append(step[0])
-                    text = tok.decode(tokens, skip_special_tokens=True)
-                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                        yield text[len(sent):]
-                        sent = text
+                steps = model._decode_loop(logits, self.cache, valid, pos[:, -1] + 1, max_new_tokens, temperature,
+                                           top_p)
+                yield from model._stream_text(timed(steps))  # token ids -> text pieces, as generate streams
         finally:  # also when a streamed answer is abandoned (closed): the frames' cache is left as it was
             self.cache.crop(kept - self.cache.get_seq_length())
             self.answering = False
-            if first is not None and len(tokens) > 1:
-                self.stats["tokens_per_s"] = (len(tokens) - 1) / max(time.perf_counter() - first, 1e-9)
+            if first is not None and tokens > 1:
+                self.stats["tokens_per_s"] = (tokens - 1) / max(time.perf_counter() - first, 1e-9)
 
     # ---- statistics ------------------------------------------------------------------------------
 
