@@ -74,7 +74,6 @@ def target_share(attention: torch.Tensor, cover: torch.Tensor, total=1.0) -> dic
 
 
 @torch.no_grad()
-@torch.no_grad()
 def attention_maps(model, frames: torch.Tensor, question, mode: str) -> dict:
     """Where each query looked, for one clip (uint8 [T, 3, S, S]) or image ([3, S, S], shown as the
     model's image_frames tokens) and its question (a string, or a conversation: chat messages) as a
@@ -97,14 +96,15 @@ def attention_maps(model, frames: torch.Tensor, question, mode: str) -> dict:
     messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
     ids = torch.tensor([model.chat_ids(messages)], device=device)
 
-    def attention_in(m):
-        with autocast(device):
-            return model(frames=pixels.to(device), frame_index=index.to(device), input_ids=ids, mode=m,
-                         return_attention=True)["attention"]
-
-    attention = attention_in(mode)
-    if attention.get("static") is None:
-        attention["static"] = attention_in("coarse_only")["static"]
+    pixels_d, index_d = pixels.to(device), index.to(device)
+    with autocast(device):
+        kv = model.encode_frames(pixels_d)  # once, for the pass below and the static query
+        attention = model(frames=pixels_d, frame_index=index_d, input_ids=ids, mode=mode, kv=kv,
+                          return_attention=True)["attention"]
+        if attention.get("static") is None:  # autoregressive: q_static on each frame, no LLM involved
+            n = pixels.shape[0]
+            static = model.encoder.query(model.q_static.expand(n, -1), kv, return_attention=True)[1]
+            attention["static"] = static[index_d.clamp(min=0)]  # [1, T, blocks, heads, keys]
     out = {"pixels": pixels, "token_frame": index[0].tolist(), "maps": {}, "totals": {}}
     for kind in KINDS:
         attn = attention.get(kind)  # [1, T, blocks, heads, keys]

@@ -676,11 +676,10 @@ class FoveatedVLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             tok = _sample(logits.float(), temperature, top_p)
-            done_before = done.clone()
-            done |= torch.isin(tok, stops)
-            flags = (done_before | done).tolist()
+            done |= torch.isin(tok, stops)  # a stop token ends its row, and a row once ended stays ended
+            flags = done.tolist()  # one host sync a step (the token ids need it anyway)
             yield [None if f else t for f, t in zip(flags, tok.tolist())], logits
-            if bool(done.all()):
+            if all(flags):
                 return
             emb = self.llm.get_input_embeddings()(tok[:, None])
             h, cache_valid = self._cached_step(emb, pos[:, None], torch.ones(b, 1, dtype=torch.bool, device=device),

@@ -185,3 +185,18 @@ def test_draw_looked_outlines_the_box(tiny_backbones, probe, tmp_path):
     lime = (image[..., 1] > 200) & (image[..., 0] < 80) & (image[..., 2] < 80)
     assert lime.sum() > 15 * 20
     assert image.std() > 20  # frames and heatmaps, not a blank canvas
+
+
+def test_attention_maps_static_query_is_the_same_in_every_mode(tiny_backbones, probe):
+    """autoregressive reads no static tokens: its static map comes from q_static on the encoded frames,
+    which must equal what the coarse_only pass attends; the dynamic map differs from it."""
+    from looked import attention_maps
+
+    model = make_model(tiny_backbones)
+    sample, _ = probe[0]
+    maps = {m: attention_maps(model, sample["frames"], sample["question"], m)["maps"]
+            for m in ("autoregressive", "coarse_only", "coarse_fine")}
+    for m in ("autoregressive", "coarse_fine"):
+        torch.testing.assert_close(maps[m]["static"], maps["coarse_only"]["static"])
+        assert not torch.allclose(maps[m]["dynamic"], maps[m]["static"])
+    assert maps["coarse_only"]["dynamic"] is None
