@@ -218,23 +218,6 @@ def _text(content) -> str:
     return ""
 
 
-class _KeepKV:
-    """The model as StreamSession sees it, remembering the last frame's encoding, so that the Live tab
-    can draw where the query looked without encoding the frame twice."""
-
-    def __init__(self, model):
-        self._model, self.last_kv = model, None
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name == "_model":  # copy / pickle probes: not the model's
-            raise AttributeError(name)
-        return getattr(self._model, name)
-
-    def encode_frames(self, pixels):
-        self.last_kv = self._model.encode_frames(pixels)
-        return self.last_kv
-
-
 class Live:
     """One browser session's stream: a StreamSession and what the Live tab shows of it."""
 
@@ -242,8 +225,8 @@ class Live:
         from session import StreamSession
 
         self.mode = mode
-        self.model = _KeepKV(demo.model)
-        self.session = StreamSession(self.model, mode=mode, frame_size=demo.frame_size, window=demo.window)
+        self.session = StreamSession(demo.model, mode=mode, frame_size=demo.frame_size, window=demo.window,
+                                     attention=True)  # the heatmap: the frame's attention, kept as it is read
         self.arrivals = deque(maxlen=30)  # when the last frames reached the server
         self.asked_at, self.asked_frame, self.answer = None, None, ""
         self.look_ms = None
@@ -353,33 +336,20 @@ class Demo:
         session.skip = max(1, int(skip))
         state.arrivals.append(time.perf_counter())
         with self.lock:
-            query = None if self.model.pooled is not None else (
-                session.query if mode == "autoregressive" else self.model.q_static)  # the one this frame is read with
             added = session.add_frame(frame)
             if added:
-                if heatmap and self.model.pooled is None:
-                    start = time.perf_counter()
-                    state.heatmap = self._looked_now(state, frame, query)
-                    state.look_ms = 1000 * (time.perf_counter() - start)
-                elif state.heatmap is None or not heatmap:
-                    state.heatmap = overlay(session.pixels(frame)[0].cpu(), None)
-            state.model.last_kv = None
+                pixels, attn = session.last
+                start = time.perf_counter()
+                shown = heatmap and attn is not None
+                grid = attention_grid(self.model, attn[None], self.frame_size)[0] if shown else None
+                state.heatmap = overlay(pixels.cpu(), grid)
+                state.look_ms = 1000 * (time.perf_counter() - start) if grid is not None else None
             question = (question or "").strip()
             now = time.perf_counter()
             if question and session.frames_added and (state.asked_at is None or now - state.asked_at >= float(every)):
                 state.answer = session.ask(question, max_new_tokens=self.live_tokens, temperature=self.temperature)
                 state.asked_at, state.asked_frame = time.perf_counter(), session.frames_seen
         return state, self.live_stats(state), state.heatmap, state.answer
-
-    @torch.no_grad()
-    def _looked_now(self, state, frame, query) -> Image.Image:
-        """The frame just added, with the attention of the query it was read with (the kv kept by _KeepKV)."""
-        from model import autocast
-
-        kv, device = state.model.last_kv, self.model.dino_to_llm.weight.device
-        with autocast(device):
-            _, attn = self.model.encoder.query(query.expand(1, -1), kv, return_attention=True)
-        return overlay(state.session.pixels(frame)[0].cpu(), attention_grid(self.model, attn, self.frame_size)[0])
 
     def live_stats(self, state) -> str:
         s, fps = state.session.summary(), state.fps()

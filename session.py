@@ -48,7 +48,7 @@ class StreamSession:
     """One stream of frames through a FoveatedVLM (see the module docstring)."""
 
     def __init__(self, model, mode: str = "autoregressive", frame_size: int = 224, window: int | None = None,
-                 sink: int = 4, skip: int = 1, timings: bool = True):
+                 sink: int = 4, skip: int = 1, timings: bool = True, attention: bool = False):
         if mode not in STREAM_MODES:
             raise ValueError(f"a stream runs in mode {' or '.join(STREAM_MODES)}, not {mode!r} (coarse_fine reads "
                              f"the whole clip twice)")
@@ -69,6 +69,7 @@ class StreamSession:
             _check_rope(model)
         self.model, self.mode, self.frame_size = model, mode, frame_size
         self.window, self.sink, self.skip, self.timings = window, sink, skip, timings
+        self.attention = attention  # keep the last added frame and its query's attention (`last`)
         self.device = model.dino_to_llm.weight.device
         self.per_frame = model.tokens_per_frame  # visual tokens each frame appends
         self.reset()
@@ -82,6 +83,9 @@ class StreamSession:
         self.frames_added = 0  # encoded and appended
         self.evicted = 0  # frames dropped from the window
         self.answering = False  # a streamed answer is being read: its tokens are in the cache
+        # with attention=True: the last added frame (uint8 [3, S, S]) and where its query looked, the
+        # backbone's attention [blocks, heads, keys] (None for the pooled baseline: no query)
+        self.last = None
         self.stats = {"encode_ms": deque(maxlen=100), "llm_ms": deque(maxlen=100), "ttft_ms": None,
                       "tokens_per_s": None}
 
@@ -125,11 +129,15 @@ class StreamSession:
         start = time.perf_counter()
         with autocast(self.device):
             kv = model.encode_frames(pixels)
+            attn = None
             if model.pooled is not None:  # the baseline: its s x s pooled tokens, [1, N, D]
                 z = kv
             else:
                 query = self.query if self.mode == "autoregressive" else model.q_static
-                z = model.encoder.query(query.expand(1, -1), kv)[0][:, None]  # [1, 1, D]
+                z, attn = model.encoder.query(query.expand(1, -1), kv, return_attention=self.attention)
+                z = z[:, None]  # [1, 1, D]
+            if self.attention:
+                self.last = (pixels[0], None if attn is None else attn[0])
             self._lap("encode_ms", start)
             start = time.perf_counter()
             if self.window is not None and self.frames_in_cache >= self.sink + self.window:
@@ -234,6 +242,7 @@ def _check_rope(model):
     """Eviction re-rotates cached keys, which is exact for plain RoPE (rotations compose); refuse a
     scaled variant (e.g. dynamic NTK), where a key's rotation is not a function of its position alone."""
     rope = getattr(model.llm.model, "rotary_emb", None)
-    if rope is None or getattr(rope, "rope_type", "default") != "default" or getattr(rope, "attention_scaling", 1.0) != 1.0:
+    plain = getattr(rope, "rope_type", "default") == "default" and getattr(rope, "attention_scaling", 1.0) == 1.0
+    if rope is None or not plain:
         raise ValueError("a windowed stream re-rotates cached keys and needs the LLM's plain RoPE "
                          f"(rope_type default; this LLM: {getattr(rope, 'rope_type', None)!r}); use window=None")

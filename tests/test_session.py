@@ -168,3 +168,17 @@ def test_bench_stream_reports_every_figure(tmp_path):
     assert [a["context"] for a in out["answers"]] == [4, 12] and all(a["no_cache_ttft_ms"] > 0 for a in out["answers"])
     assert all(a["decode_tokens_per_s"] > 0 and a["pieces"] >= 1 for a in out["answers"])
     assert (tmp_path / "s.json").is_file()
+
+
+def test_attention_keeps_the_frame_and_where_its_query_looked(model):
+    """attention=True keeps the last frame and its query's attention: the same the encoder gives for the
+    query that frame was read with (autoregressive: the one formed after the previous frame)."""
+    frames = clip(3)
+    session = fed(model, frames[:2], attention=True)
+    query = session.query
+    session.add_frame(frames[2])
+    pixels, attn = session.last
+    assert torch.equal(pixels, frames[2])
+    expected = model.encoder.query(query.expand(1, -1), model.encode_frames(frames[2][None]), return_attention=True)[1]
+    torch.testing.assert_close(attn, expected[0])
+    assert fed(model, frames[:1]).last is None  # not kept unless asked
