@@ -230,6 +230,7 @@ def fetch(spec) -> tuple[Path, tuple[str | None, str | None]]:
         return Path(spec), (None, None)
     spec, (repo, revision) = str(spec), found
     folder = _snapshot(spec, repo, revision, ["config.json"])
+    revision = folder.name  # the commit the id resolved to: the files below come from that same commit
     config = None
     if (folder / "config.json").is_file():
         try:
@@ -294,10 +295,15 @@ def load_model(path, llm: str | None = None, dino: str | None = None, trust: boo
     weights, and needs llm / dino (hub ids or folders of the backbones); given otherwise, they replace
     the stored backbone sources of a checkpoint file. trust: as in `read_torch_file`. path may be a Hub
     id: see `fetch`, whose backbones stand in for llm / dino not given to a checkpoint.pt without settings."""
+    return build_fetched(fetch(path), llm, dino, trust)
+
+
+def build_fetched(fetched, llm: str | None = None, dino: str | None = None, trust: bool = False):
+    """load_model's work on what `fetch` returned: (a local path, the Hub's (llm, dino) defaults)."""
     from config import ModelConfig, expand_path, model_config
     from model import FoveatedVLM
 
-    path, (hub_llm, hub_dino) = fetch(path)
+    path, (hub_llm, hub_dino) = fetched
     if path.is_dir():
         if llm or dino:
             raise ValueError(f"{path} is an export folder, which carries its own backbones: --llm / --dino only "

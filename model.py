@@ -787,15 +787,16 @@ class FoveatedVLM(nn.Module):
         loader and built with its published backbones (overrides may then name only llm / dino)."""
         from safetensors.torch import load_file
 
-        from checkpoint import fetch, load_model
+        from checkpoint import build_fetched, fetch
 
         source = directory
-        directory, _ = fetch(directory)
+        fetched = fetch(directory)  # downloaded once, built from here
+        directory = fetched[0]
         if directory.is_file():  # a Hub repo's checkpoint.pt
             if set(overrides) - {"llm", "dino"}:
                 raise ValueError(f"{source} holds a checkpoint.pt: only llm / dino may be overridden, not "
                                  f"{sorted(set(overrides) - {'llm', 'dino'})}")
-            return load_model(source, overrides.get("llm"), overrides.get("dino"))[0]
+            return build_fetched(fetched, overrides.get("llm"), overrides.get("dino"))[0]
         stored = read_export_config(directory)
         model = cls(stored, **dict(overrides, llm=directory / "llm", dino=directory / "dino", pretrained=False))
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
