@@ -349,8 +349,9 @@ def synthetic_items(root: Path) -> list[Item]:
     readme = json.loads((folder / "README.json").read_text())
     if "directions" not in readme:
         raise ValueError(f"{folder} was made by an older make_synthetic.py; generate it again")
-    vocabulary = {"colour": tuple(readme["palette"]), "shape": tuple(readme["shapes"]),
-                  "motion": tuple(readme["directions"])}
+    # the answer vocabulary of every task (older outputs, with the three original tasks, list none)
+    vocabulary = readme.get("vocabulary") or {"colour": readme["palette"], "shape": readme["shapes"],
+                                              "motion": readme["directions"]}
     try:
         paths = expand(folder / "eval")
     except FileNotFoundError as e:  # expand's message names the path (and hints at what is there)
@@ -360,8 +361,9 @@ def synthetic_items(root: Path) -> list[Item]:
         for key, files in read_samples(path):
             doc = json.loads(files["json"])
             meta = doc["meta"]
-            truth = {"colour": meta["colour"], "shape": meta["shape"], "motion": meta["direction"]}[meta["task"]]
-            values = vocabulary[meta["task"]]
+            truth = meta.get("answer") or {"colour": meta["colour"], "shape": meta["shape"],
+                                           "motion": meta["direction"]}[meta["task"]]
+            values = tuple(vocabulary[meta["task"]])
             numbered = sorted((frame_extension_index(ext), ext) for ext in files
                               if frame_extension_index(ext) is not None)
             frames = [files[ext] for _, ext in numbered]

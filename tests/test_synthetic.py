@@ -20,7 +20,11 @@ _spec.loader.exec_module(make_synthetic)
 
 CONFIGS = {"224px": ["--size", "40"],  # the default clip format; eval 100, text 50
            "128px": ["--size", "12", "--frames", "3", "--frame-size", "128"],  # 11-px objects
-           "easy": ["--size", "12", "--frame-size", "112", "--object-scale", "0.2", "--distractors", "0", "2"]}
+           "easy": ["--size", "12", "--frame-size", "112", "--object-scale", "0.2", "--distractors", "0", "2"],
+           # every task: the question- and history-dependent ones too (the study's probe, 16-px objects)
+           "all_tasks": ["--size", "24", "--frames", "4", "--frame-size", "112", "--object-scale", "0.143",
+                         "--distractors", "2", "6", "--tasks", *make_synthetic.TASKS]}
+CONTENT = ("colour", "shape", "motion")
 DIRECTION_WORDS = ("left", "right", "up", "down")
 
 
@@ -48,7 +52,9 @@ def dataset(request, tmp_path_factory):
 
 
 def truth(meta):
-    return {"colour": meta["colour"], "shape": meta["shape"], "motion": meta["direction"]}[meta["task"]]
+    """The answer, read from the meta's objects (not from its `answer` field)."""
+    return {"colour": meta["colour"], "qcolour": meta["colour"], "mcolour": meta["colour"], "shape": meta["shape"],
+            "qshape": meta["shape"], "motion": meta["direction"]}[meta["task"]]
 
 
 def mentioned(text, words):
@@ -56,7 +62,8 @@ def mentioned(text, words):
 
 
 def vocabulary(task, readme):
-    return {"colour": list(readme["palette"]), "shape": readme["shapes"], "motion": DIRECTION_WORDS}[task]
+    return {"colour": list(readme["palette"]), "qcolour": list(readme["palette"]), "mcolour": list(readme["palette"]),
+            "shape": readme["shapes"], "qshape": readme["shapes"], "motion": DIRECTION_WORDS}[task]
 
 
 def classify(pixels, colours, background):
@@ -113,7 +120,8 @@ def test_split_sizes_sources_and_text_only(dataset):
                     assert sample["messages"][1]["content"].endswith(f"= {int(add[1]) + int(add[2])}.")
             continue
         tasks = [sample["meta"]["task"] for sample, _ in samples]
-        assert max(map(tasks.count, make_synthetic.TASKS)) - min(map(tasks.count, make_synthetic.TASKS)) <= 1
+        wanted = readme["arguments"]["tasks"]
+        assert set(tasks) <= set(wanted) and max(map(tasks.count, wanted)) - min(map(tasks.count, wanted)) <= 1
         assert all(sample["source"] == f"synthetic/{sample['meta']['task']}" for sample, _ in samples)
 
 
@@ -125,9 +133,11 @@ def test_pixels_match_labels(dataset):
             scale = readme["arguments"]["object_scale"]
             assert meta["object_size"] == max(10, round(meta["frame_size"] * scale))
             low, high = readme["arguments"]["distractors"]
-            assert low <= len(meta["distractors"]) <= high
+            others = {"qcolour": (3, 3), "qshape": (max(3, low), max(3, high))}.get(meta["task"], (low, high))
+            assert others[0] <= len(meta["distractors"]) <= others[1]
+            assert meta["answer"] == truth(meta) and meta["family"] == make_synthetic.FAMILIES[meta["task"]]
             assert sorted(files) == [f"{t:03d}.jpg" for t in range(readme["arguments"]["frames"])]
-            if meta["task"] != "motion":  # a static clip: one image, analysed once
+            if meta["task"] not in ("motion", "mcolour"):  # a static clip: one image, analysed once
                 assert len(set(files.values())) == 1
                 files, meta["boxes"] = {"000.jpg": files["000.jpg"]}, meta["boxes"][:1]
             frames = [decode(files[name]) for name in sorted(files)]
@@ -146,14 +156,21 @@ def test_pixels_match_labels(dataset):
             for d in meta["distractors"]:  # distractors are where and what meta says
                 assert classify(frames[0][centre(d["box"])], colours, background) == d["colour"]
                 assert measure_shape(frames[0], d["box"], d["colour"], colours, background)[0] == d["shape"]
-                # the target is the only circle (colour) or the only coloured object (shape, motion)
-                assert d["shape"] != "circle" if meta["task"] == "colour" else d["colour"] == "grey"
-            if meta["task"] == "motion":  # the target is the only coloured object: centroid of its colour
+                if meta["task"] in CONTENT:  # the target is the only circle (colour) or coloured object
+                    assert d["shape"] != "circle" if meta["task"] == "colour" else d["colour"] == "grey"
+            if meta["task"] in ("motion", "mcolour"):  # the target's colour is unique: centroid of its colour
                 dy, dx = (centroid(frames[-1], meta["colour"], colours, background)
                           - centroid(frames[0], meta["colour"], colours, background))
                 moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
                 assert moved == meta["direction"] and max(abs(dx), abs(dy)) > 0.25 * meta["frame_size"]
                 assert min(abs(dx), abs(dy)) < 1  # steady along one axis
+                # nothing else moves: the frames differ only around the target's sweep (JPEG's 8-px
+                # blocks carry the change a block further)
+                changed = np.abs(frames[-1] - frames[0]).max(-1) > 60
+                x0, y0 = np.min(meta["boxes"], 0)[:2] - 8
+                x1, y1 = np.max(meta["boxes"], 0)[2:] + 8
+                changed[max(0, y0):y1, max(0, x0):x1] = False
+                assert not changed.any(), meta
 
 
 def test_texts_agree_with_meta(dataset):
@@ -167,7 +184,7 @@ def test_texts_agree_with_meta(dataset):
         assert mentioned(cap, DIRECTION_WORDS) == ({meta["direction"]} if meta["direction"] else set())
     for sample, _ in load(root, "sft") + load(root, "val_sft"):
         meta, (question, answer) = sample["meta"], sample["messages"]
-        assert meta["task"] == "colour" or meta["colour"] in question["content"]  # names the target
+        assert answer_from_question(question["content"], meta) == truth(meta)
         assert mentioned(answer["content"], vocabulary(meta["task"], readme)) == {truth(meta)}
     for sample, _ in load(root, "dpo") + load(root, "val_dpo"):
         meta, words = sample["meta"], vocabulary(sample["meta"]["task"], readme)
@@ -188,11 +205,46 @@ def test_texts_agree_with_meta(dataset):
     assert all(letters.count(x) >= len(letters) // 10 for x in "ABCD"), letters
 
 
+def answer_from_question(question: str, meta: dict) -> str:
+    """Answer a probe question from the scene's objects alone: the one object the question names must be
+    unique in the clip, and what is asked about it is the answer."""
+    objects = [{"colour": meta["colour"], "shape": meta["shape"], "moves": meta["direction"]}]
+    objects += [{**d, "moves": None} for d in meta["distractors"]]
+    if m := re.fullmatch(r"What colour is the (\w+)\?", question):  # colour, qcolour
+        named, asked = [o for o in objects if o["shape"] == m[1]], "colour"
+    elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):  # shape, qshape
+        named, asked = [o for o in objects if o["colour"] == m[1]], "shape"
+    elif m := re.fullmatch(r"Which way does the (\w+) object move\?", question):
+        named, asked = [o for o in objects if o["colour"] == m[1]], "moves"
+    else:
+        assert question == "What colour is the object that moves?", question
+        named, asked = [o for o in objects if o["moves"]], "colour"
+    assert len(named) == 1, (question, meta)
+    return named[0][asked]
+
+
+def test_question_dependent_targets_are_found_only_through_the_question(dataset):
+    """qcolour / qshape clips hold several candidates of the asked kind (a fixed query cannot know which),
+    mcolour clips several coloured objects (only motion tells the target); the content tasks one."""
+    root, readme, _ = dataset
+    for sample, _ in load(root, "sft"):
+        meta = sample["meta"]
+        coloured = [d for d in meta["distractors"] if d["colour"] != "grey"]
+        if meta["task"] == "qcolour":
+            assert sorted(d["shape"] for d in meta["distractors"]) == sorted(set(readme["shapes"]) - {meta["shape"]})
+            assert len({meta["colour"], *(d["colour"] for d in coloured)}) == 4
+        elif meta["task"] == "qshape":
+            assert len(coloured) == 3 and len({meta["colour"], *(d["colour"] for d in coloured)}) == 4
+        elif meta["task"] == "mcolour":
+            assert len(coloured) >= 2 and meta["colour"] not in {d["colour"] for d in coloured}
+
+
 def test_held_out_splits_are_new_clips(dataset):
     root, _, _ = dataset
     for split in ("alignment", "sft", "dpo"):
-        boxes = lambda name: {json.dumps(sample["meta"]["boxes"]) for sample, _ in load(root, name)}  # noqa: E731
-        assert not boxes(split) & boxes(f"val_{split}"), split
+        scenes = lambda name: {json.dumps([sample["meta"]["boxes"], sample["meta"]["distractors"]])  # noqa: E731
+                               for sample, _ in load(root, name)}
+        assert not scenes(split) & scenes(f"val_{split}"), split
 
 
 def test_deterministic_and_seeded(tmp_path):
