@@ -1,33 +1,49 @@
-"""Does looking beat a static glance? One command trains a grid of matched models on the synthetic
-detail probe (same data, steps, learning rates and seeds; configs/ablate_probe.yaml plus one variant's
-keys) and scores each on the held-out probe questions, the validation loss and where its queries look.
+"""Does looking beat a static glance? One command runs the controlled study on the testbed: it makes
+the probe (scripts/make_synthetic.py), pretrains the vision backbone (scripts/pretrain_vision.py, cached),
+trains a grid of matched models (the study config's base train config plus one variant's keys: same
+data, steps, learning rates and seeds) and scores each on the held-out probe questions, the validation
+loss and where its queries look.
 
-    python scripts/ablate.py --out runs/ablate                       # the whole grid, 3 seeds
-    python scripts/ablate.py --out runs/ablate --steps 300 --seeds 0  # a quick look
-    python scripts/ablate.py --out runs/ablate --variants static coarse_fine pooled_64
+    python scripts/ablate.py --config configs/study_cpu.yaml --out runs/study            # the grid
+    python scripts/ablate.py --config configs/study_cpu.yaml --out runs/study --quick    # a first look
+    python scripts/ablate.py --config configs/study_cpu.yaml --out runs/study --variants pooled_64 --seeds 0
 
-Variants (VARIANTS): static (the static query only, trained in coarse_only), coarse_fine (as published),
-coarse_fine+coarse_loss (coarse_weight 1: the static path trained too), prompt_first (the question
-before the frames, so the queries can depend on it) and pooled_N (the "frames as images" baseline,
-model.tokens_per_frame = N average-pooled patch tokens per frame, no queries; N = 1 is the 1-token
-mean-pooled frame, the largest N the full patch grid). Rerunning resumes: a finished run or score is
-kept, a half-trained run continues from its checkpoint (train.py resumes its run directory).
+The study config (StudyConfig; every key checked): `base` (the train config every run shares, relative
+to the study file), `steps`, `seeds`, `variants`, `quick` (the variants of --quick), `probe`
+(make_synthetic's arguments: clips, tasks, object size, distractors), `vision` (pretrain_vision's
+settings, or a folder holding a vision backbone) and `llm` (a model.llm for every run, or null for the
+base config's).
 
-Writes, under --out: data/synthetic/ (the probe, made here unless --data names one), runs/VARIANT/seedS/
-(each run: train.py's run directory plus probe.json, benchmark.py's synthetic scores, and looked.json),
-results.json (every figure), table.md, accuracy_vs_tokens.png and looked_VARIANT.png (attention of a few
-clips with the target's box outlined).
+Variants (variants()): static (the static query only, trained in coarse_only), coarse_fine (as
+published), coarse_fine+coarse_loss (coarse_weight 1: the static path trained too), autoregressive
+(trained frame by frame through the KV cache), prompt_first (the question before the frames, so the
+queries can depend on it) and pooled_N (the "frames as images" baseline, model.tokens_per_frame = N
+average-pooled patch tokens per frame, no queries; N = 1 is the 1-token mean-pooled frame, the largest
+N the full patch grid). Rerunning resumes: a finished run or score is kept, a half-trained run
+continues from its checkpoint (train.py resumes its run directory).
+
+The probe check: the full-grid baseline (the largest pooled_N) sees every patch, so it must answer the
+content-findable and question-dependent tasks (PROBE_BAR) before any comparison means something; the
+report says "probe check: passed / failed" and, when it failed, gives no verdict about looking.
+
+Writes, under --out: data/probe/ (the probe), runs/VARIANT/seedS/ (each run: train.py's run directory
+plus probe.json, benchmark.py's synthetic scores, and looked.json), results.json (every figure),
+table.md, accuracy_vs_tokens.png and looked_VARIANT_clipI.png (attention of a few clips with the
+target's box outlined). Pretrained backbones go to --backbones (shared by studies).
 """
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,26 +55,58 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import looked  # noqa: E402
 import make_synthetic  # noqa: E402
+import pretrain_vision  # noqa: E402
 from backbones import vision_config  # noqa: E402
-from config import load_config  # noqa: E402
+from config import ConfigError, build_dataclass, load_config  # noqa: E402
 
-BASE = ROOT / "configs" / "ablate_probe.yaml"
-# the detail probe at the base config's frame size: objects of 1/12 of the side (10 px at 112 px,
-# 19 px at 224 px) among 6-12 distractors, 4 frames
-PROBE_ARGS = ["--size", "3000", "--frames", "4", "--object-scale", str(1 / 12), "--distractors", "6", "12"]
 FOVEATED = {  # variant -> (config overrides, the mode it is trained and scored in)
     "static": ({"mode": "coarse_only"}, "coarse_only"),
     "coarse_fine": ({"mode": "coarse_fine"}, "coarse_fine"),
     "coarse_fine+coarse_loss": ({"mode": "coarse_fine", "coarse_weight": 1.0}, "coarse_fine"),
+    "autoregressive": ({"mode": "autoregressive"}, "autoregressive"),
     "prompt_first": ({"mode": "coarse_fine", "model.layout": "prompt_first"}, "coarse_fine"),
 }
 POOLED = (1, 4, 16, 64)
-TASKS = ("colour", "shape", "motion")
+# the probe check: what the full-grid baseline must reach on held-out clips (mean over seeds)
+PROBE_BAR = {"colour": 0.9, "shape": 0.9, "qcolour": 0.8, "qshape": 0.8}
 LOOKED_CLIPS = 48  # probe clips scored for "where it looked"
 DRAWN_CLIPS = 3
+
+
+@dataclass
+class ProbeConfig:
+    """make_synthetic.py's arguments for the probe (frames at the base config's frame size)."""
+    size: int = 60000  # training clips
+    held_out: int = 600  # eval questions (and validation clips)
+    frames: int = 4
+    object_scale: float = 1 / 7
+    distractors: list[int] = field(default_factory=lambda: [2, 6])
+    tasks: list[str] = field(default_factory=lambda: list(make_synthetic.TASKS))
+    seed: int = 0
+
+    def args(self, frame_size: int) -> list[str]:
+        return ["--size", str(self.size), "--held-out", str(self.held_out), "--frames", str(self.frames),
+                "--frame-size", str(frame_size), "--object-scale", str(self.object_scale),
+                "--distractors", *map(str, self.distractors), "--tasks", *self.tasks, "--seed", str(self.seed),
+                "--splits", "sft", "val_sft", "eval"]
+
+
+@dataclass
+class StudyConfig:
+    base: str  # the train config every run shares, relative to the study config's folder
+    steps: int = 3000
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: list[str] = field(default_factory=list)  # empty: every variant
+    quick: list[str] = field(default_factory=lambda: ["static", "prompt_first", "pooled_1", "pooled_64"])
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # scripts/pretrain_vision.py's settings (pretrained here, cached), a folder with a vision backbone,
+    # or null (the base config's model.dino)
+    vision: typing.Union[pretrain_vision.Settings, str, None] = None
+    llm: typing.Optional[str] = None  # model.llm of every run (null: the base config's)
 
 
 def variants(grid: int) -> dict:
@@ -70,25 +118,83 @@ def variants(grid: int) -> dict:
     return out
 
 
-def chance() -> dict:
-    """The answer accuracy of guessing, per task: colours, shapes, directions."""
-    return {"colour": 1 / len(make_synthetic.PALETTE), "shape": 1 / len(make_synthetic.SHAPES),
-            "motion": 1 / len(make_synthetic.DIRECTIONS)}
+def load_study(path: Path) -> StudyConfig:
+    """The study config, every key type-checked (config.build_dataclass), and its base train config."""
+    if not path.is_file():
+        raise ConfigError(f"study config {path} not found")
+    study = build_dataclass(StudyConfig, yaml.safe_load(path.read_text()) or {}, str(path))
+    study.base = str((path.parent / study.base).resolve())
+    unknown = sorted(set(study.probe.tasks) - set(make_synthetic.TASKS))
+    if unknown:
+        raise ConfigError(f"{path}: key 'probe.tasks' has unknown tasks {unknown}; known: {list(make_synthetic.TASKS)}")
+    if study.steps < 1 or not study.seeds:
+        raise ConfigError(f"{path}: need steps >= 1 and at least one seed")
+    if isinstance(study.vision, pretrain_vision.Settings):
+        try:
+            study.vision.check()
+        except ValueError as e:
+            raise ConfigError(f"{path}: key 'vision': {e}") from None
+    return study
 
 
-def ensure_data(args) -> Path:
-    """The probe folder (a make_synthetic output); made with PROBE_ARGS when absent."""
-    folder = args.data or args.out / "data" / "synthetic"
-    if not (folder / "README.json").is_file():
-        print(f"making the probe in {folder}", flush=True)
-        make_synthetic.main(["--out", str(folder), "--frame-size", str(args.base.data.frame_size), *PROBE_ARGS])
+def vision_folder(study: StudyConfig, args, log=print) -> str | None:
+    """model.dino for every run: the pretrained folder (made unless cached) or the configured folder,
+    checked to hold a vision backbone before anything trains."""
+    if study.vision is None:
+        return None
+    if isinstance(study.vision, str):
+        folder = Path(study.vision)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{args.config}: key 'vision': no vision backbone folder at {folder} (no config.json)")
+    else:
+        folder = pretrain_vision.ensure(study.vision, args.backbones, threads=1, log=log)
+    try:
+        vision_config(str(folder), key="vision")
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    return str(folder.resolve())
+
+
+def check_object_size(study: StudyConfig, base, dino: str):
+    """A probe whose objects are smaller than a patch is legal, but a patch then mixes an object with its
+    neighbourhood: say so, naming both sizes."""
+    size = make_synthetic.object_size(base.data.frame_size, study.probe.object_scale)
+    patch = vision_config(dino).patch_size
+    if size < patch:
+        print(f"warning: probe.object_scale {study.probe.object_scale:.3g} gives {size}-px objects at "
+              f"{base.data.frame_size} px, below the vision backbone's {patch}-px patches", flush=True)
+
+
+def chance(tasks) -> dict:
+    """The answer accuracy of guessing, per task."""
+    return {t: 1 / len(make_synthetic.vocabulary(t)) for t in tasks}
+
+
+def ensure_data(args, study: StudyConfig) -> Path:
+    """The probe folder (a make_synthetic output); made when absent, refused when made otherwise."""
+    folder = args.out / "data" / "probe"
+    argv = study.probe.args(args.base.data.frame_size)
+    expected = vars(make_synthetic.build_parser().parse_args(["--out", str(folder), *argv]))
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items() if k != "out"}
+    readme = folder / "README.json"
+    if readme.is_file():
+        if json.loads(readme.read_text())["arguments"] != expected:
+            raise ConfigError(f"{folder} holds a probe made with other settings than {args.config}'s 'probe'; "
+                              f"use another --out")
+        return folder
+    print(f"making the probe in {folder}", flush=True)
+    make_synthetic.main(["--out", str(folder), *argv])
     return folder
 
 
-def overrides(args, data: Path, run_dir: Path, seed: int, keys: dict, mode: str) -> list[str]:
+def overrides(args, study, data: Path, run_dir: Path, seed: int, keys: dict, mode: str) -> list[str]:
     base = {"run_dir": str(run_dir), "seed": seed, "optim.steps": args.steps, "eval.modes": f"[{mode}]",
             "data.train": f"[{{name: probe, shards: '{data / 'sft'}'}}]",
             "data.val": f"[{{name: probe, shards: '{data / 'val_sft'}'}}]"}
+    if args.dino:
+        base["model.dino"] = f"'{args.dino}'"
+    if study.llm:
+        base["model.llm"] = f"'{study.llm}'"
     return [f"{k}={v}" for k, v in {**base, **keys}.items()]
 
 
@@ -104,7 +210,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_one(args, data: Path, bench_root: Path, name: str, keys: dict, mode: str, seed: int) -> Path:
+def run_one(args, study, data: Path, bench_root: Path, name: str, keys: dict, mode: str, seed: int) -> Path:
     """Train (or resume) one run, then its probe scores and, for a model with queries, where it looked."""
     run_dir = args.out / "runs" / name / f"seed{seed}"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -113,8 +219,8 @@ def run_one(args, data: Path, bench_root: Path, name: str, keys: dict, mode: str
     with open(log, "a") as out:
         if not finished(run_dir, args.steps):
             print(f"training {name} seed {seed}", flush=True)
-            cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(args.config),
-                   *overrides(args, data, run_dir, seed, keys, mode)]
+            cmd = [sys.executable, str(ROOT / "train.py"), "--config", study.base,
+                   *overrides(args, study, data, run_dir, seed, keys, mode)]
             subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=env)
         if not (run_dir / "probe.json").is_file():
             cfg = args.base
@@ -149,28 +255,32 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def collect(args, grid: dict) -> dict:
+def run_figures(args, run_dir: Path, mode: str, tasks) -> dict:
+    """One run's figures: probe accuracy (overall, per task), validation loss, training cost, where it looked."""
+    probe = json.loads((run_dir / "probe.json").read_text())["results"]["synthetic"][mode]
+    metrics, val = read_csv(run_dir / "metrics.csv"), read_csv(run_dir / "val.csv")
+    final = [r for r in val if int(r["step"]) == args.steps and r["source"] == "all"][-1]
+    per_task = probe["per_category"]["task"]
+    run = {"accuracy": probe["accuracy"], "likelihood_accuracy": probe["likelihood_accuracy"],
+           **{t: per_task[t]["accuracy"] for t in tasks if t in per_task},
+           "val_loss": float(final["loss"]), "val_answer_acc": float(final["answer_acc"]),
+           "train_flops_per_sample": sum(float(r["flops"]) for r in metrics) / int(metrics[-1]["samples"]),
+           "train_seconds": float(metrics[-1]["elapsed_s"]),
+           "train_samples_per_second": int(metrics[-1]["samples"]) / float(metrics[-1]["elapsed_s"])}
+    if (run_dir / "looked.json").is_file():
+        summary = json.loads((run_dir / "looked.json").read_text())["summary"]
+        run["looked"] = {k: summary[k]["share"][0] for k in looked.KINDS if k in summary}
+        run["looked"]["chance"] = summary["chance"][0]
+    return run
+
+
+def collect(args, study, grid: dict) -> dict:
     """Every run's figures, and per variant their mean and std over the seeds."""
     cfg = args.base
     results = {}
     for name, (keys, mode) in grid.items():
-        runs = []
-        for seed in args.seeds:
-            run_dir = args.out / "runs" / name / f"seed{seed}"
-            probe = json.loads((run_dir / "probe.json").read_text())["results"]["synthetic"][mode]
-            metrics, val = read_csv(run_dir / "metrics.csv"), read_csv(run_dir / "val.csv")
-            final = [r for r in val if int(r["step"]) == args.steps and r["source"] == "all"][-1]
-            per_task = probe["per_category"]["task"]
-            run = {"seed": seed, "accuracy": probe["accuracy"], "likelihood_accuracy": probe["likelihood_accuracy"],
-                   **{t: per_task[t]["accuracy"] for t in TASKS if t in per_task},
-                   "val_loss": float(final["loss"]), "val_answer_acc": float(final["answer_acc"]),
-                   "train_flops_per_sample": sum(float(r["flops"]) for r in metrics) / int(metrics[-1]["samples"]),
-                   "train_seconds": float(metrics[-1]["elapsed_s"])}
-            if (run_dir / "looked.json").is_file():
-                summary = json.loads((run_dir / "looked.json").read_text())["summary"]
-                run["looked"] = {k: summary[k]["share"][0] for k in looked.KINDS if k in summary}
-                run["looked"]["chance"] = summary["chance"][0]
-            runs.append(run)
+        runs = [{"seed": seed, **run_figures(args, args.out / "runs" / name / f"seed{seed}", mode, study.probe.tasks)}
+                for seed in args.seeds]
         tokens = keys.get("model.tokens_per_frame", 1)
         agg = {k: spread([r[k] for r in runs]) for k in runs[0] if k not in ("seed", "looked")}
         if "looked" in runs[0]:
@@ -180,48 +290,69 @@ def collect(args, grid: dict) -> dict:
     return results
 
 
+def probe_check(results: dict) -> dict:
+    """The full-grid baseline (the largest pooled_N run) against PROBE_BAR, on the tasks the probe has."""
+    pooled = [n for n in results if n.startswith("pooled_")]
+    if not pooled:
+        return {"status": "not run", "why": "no pooled_N variant in this grid"}
+    name = max(pooled, key=lambda n: results[n]["tokens_per_frame"])
+    means = results[name]["mean_std"]
+    tasks = {t: {"accuracy": means[t][0], "bar": bar, "ok": means[t][0] >= bar} for t, bar in PROBE_BAR.items()
+             if t in means}
+    return {"status": "passed" if tasks and all(t["ok"] for t in tasks.values()) else "failed",
+            "variant": name, "tasks": tasks}
+
+
+def check_line(check: dict) -> str:
+    if check["status"] == "not run":
+        return f"probe check: not run ({check['why']}): no verdict about looking"
+    parts = ", ".join(f"{t} {100 * v['accuracy']:.1f} {'>=' if v['ok'] else '<'} {100 * v['bar']:.0f}"
+                      for t, v in check["tasks"].items())
+    line = f"probe check: {check['status']} ({check['variant']}: {parts})"
+    return line if check["status"] == "passed" else line + ": no verdict about looking"
+
+
 def pm(value, digits=1, scale=100.0) -> str:
     mean, std = value
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def table(results: dict, args) -> str:
-    head = ("| variant | tokens / frame | tokens / clip | colour | shape | motion | overall | likelihood | "
-            "val loss | train GFLOP / sample | train min | looked: static | looked: dynamic | chance |")
+def table(results: dict, args, tasks) -> str:
+    head = ("| variant | tokens / clip | " + " | ".join(tasks) + " | overall | val loss | train GFLOP / sample | "
+            "train min | samples / s | looked: static | looked: dynamic | chance |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
         a = r["mean_std"]
         look = a.get("looked", {})
         cell = lambda k: pm(look[k]) if k in look else "–"  # noqa: E731
-        lines.append(f"| {name} | {r['tokens_per_frame']} | {r['tokens_per_clip']} | "
-                     + " | ".join(pm(a[t]) if t in a else "–" for t in TASKS)
-                     + f" | **{pm(a['accuracy'])}** | {pm(a['likelihood_accuracy'])} | {pm(a['val_loss'], 3, 1)} | "
+        lines.append(f"| {name} | {r['tokens_per_clip']} | " + " | ".join(pm(a[t]) if t in a else "–" for t in tasks)
+                     + f" | **{pm(a['accuracy'])}** | {pm(a['val_loss'], 3, 1)} | "
                      f"{a['train_flops_per_sample'][0] / 1e9:.2f} | {a['train_seconds'][0] / 60:.1f} | "
-                     f"{cell('static')} | {cell('dynamic')} | {cell('chance')} |")
-    c = chance()
+                     f"{a['train_samples_per_second'][0]:.0f} | {cell('static')} | {cell('dynamic')} | {cell('chance')} |")
+    c = chance(tasks)
     seeds = ", ".join(map(str, args.seeds))
     return ("\n".join(lines) + f"\n\nAnswer accuracy (%) of the generated reply on the held-out probe questions, mean ± "
-            f"std over seeds {seeds}; chance: colour {100 * c['colour']:.1f}, shape {100 * c['shape']:.1f}, motion "
-            f"{100 * c['motion']:.1f}. likelihood: the 4-way multiple-choice pick by likelihood (chance 25). "
-            f"{args.steps} steps each. looked: the share (%) of the query's last-block attention on the target "
+            f"std over seeds {seeds}; chance: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in c.items())
+            + f". {args.steps} steps each. looked: the share (%) of the query's last-block attention on the target "
             f"object's patches (mean over heads and {LOOKED_CLIPS} clips), and the share its area gets by chance.\n")
 
 
-def plot(results: dict, path: Path):
+def plot(results: dict, path: Path, tasks):
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     pooled = [(r["tokens_per_frame"], r["mean_std"]["accuracy"]) for n, r in results.items() if n.startswith("pooled_")]
     if pooled:
         x, acc = zip(*pooled)
         ax.errorbar(x, [100 * a[0] for a in acc], [100 * a[1] for a in acc], marker="o", capsize=3,
                     label="frames as images (pooled N tokens)")
-    markers = iter("s^Dv")
-    for i, (name, r) in enumerate((n, r) for n, r in results.items() if not n.startswith("pooled_")):
+    markers = iter("s^Dv<>p")
+    foveated = [(n, r) for n, r in results.items() if not n.startswith("pooled_")]
+    for i, (name, r) in enumerate(foveated):
         m, s = r["mean_std"]["accuracy"]
-        ax.errorbar([1.0 * 1.08 ** (i - 1.5)], [100 * m], [100 * s], marker=next(markers), capsize=3, ls="none",
-                    label=f"foveated: {name}")
-    c = chance()
+        ax.errorbar([1.08 ** (i - (len(foveated) - 1) / 2)], [100 * m], [100 * s], marker=next(markers), capsize=3,
+                    ls="none", label=f"foveated: {name}")
+    c = chance(tasks)
     ax.axhline(100 * sum(c.values()) / len(c), color="grey", ls=":", label="chance (mean over tasks)")
-    ax.set_ylim(0, max(50.0, ax.get_ylim()[1] + 5))  # from 0: a few points must not look like a gap
+    ax.set_ylim(0, 100)  # from 0: a few points must not look like a gap
     ax.set_xscale("log", base=2)
     ax.set_xlabel("visual tokens per frame")
     ax.set_ylabel("probe answer accuracy (%)")
@@ -231,7 +362,7 @@ def plot(results: dict, path: Path):
 
 
 def draw_looking(args, data: Path, grid: dict):
-    """looked_VARIANT.png of the first seed's run, for every variant with queries."""
+    """looked_VARIANT_clipI.png of the first seed's run, for every variant with queries."""
     cfg = args.base
     probe = looked.read_probe(data / "val_sft", cfg.data.frame_size, cfg.data.max_frames, DRAWN_CLIPS)
     for name, (keys, mode) in grid.items():
@@ -246,31 +377,47 @@ def draw_looking(args, data: Path, grid: dict):
                                get("dynamic"), boxes, f"{name} (seed {args.seeds[0]}, {mode}): {sample['question']}")
 
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("runs/ablate"), help="the study's folder")
-    parser.add_argument("--data", type=Path, help="a make_synthetic.py output to use (default: made under --out)")
-    parser.add_argument("--config", type=Path, default=BASE,
-                        help="the settings every run shares (configs/ablate_probe_gpu.yaml: pretrained backbones, 224 px)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=1200, help="training steps of every run")
-    parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all)")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "study_cpu.yaml", help="the study config")
+    parser.add_argument("--out", type=Path, default=Path("runs/study"), help="the study's folder")
+    parser.add_argument("--backbones", type=Path, default=Path("runs/backbones"),
+                        help="the cache of pretrained vision backbones (scripts/pretrain_vision.py)")
+    parser.add_argument("--quick", action="store_true", help="the first seed and the config's quick variants only")
+    parser.add_argument("--seeds", type=int, nargs="+", help="instead of the config's seeds")
+    parser.add_argument("--steps", type=int, help="instead of the config's training steps")
+    parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: the config's)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (each with cores / jobs threads)")
     parser.add_argument("--limit", type=int, help="score only the first N probe questions (default: all)")
     args = parser.parse_args(argv)
-    cfg = args.base = load_config(args.config)  # the settings every run shares
-    grid = variants(cfg.data.frame_size // vision_config(cfg.model.dino).patch_size)
-    if args.variants:
-        unknown = sorted(set(args.variants) - set(grid))
-        if unknown:
-            parser.error(f"unknown variant(s) {unknown}; known: {list(grid)}")
-        grid = {k: v for k, v in grid.items() if k in args.variants}
-    if args.steps < 1 or args.jobs < 1 or not args.seeds:
-        parser.error("need --steps >= 1, --jobs >= 1 and at least one seed")
+    try:
+        study = load_study(args.config)
+        args.base = load_config(study.base)  # the settings every run shares
+    except ConfigError as e:
+        parser.error(str(e))
+    grid = variants(args.base.data.frame_size // vision_config(args.base.model.dino).patch_size)
+    chosen = args.variants or (study.quick if args.quick else study.variants) or list(grid)
+    unknown = sorted(set(chosen) - set(grid))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {list(grid)}")
+    args.seeds = args.seeds or (study.seeds[:1] if args.quick else study.seeds)
+    args.steps = args.steps or study.steps
+    if args.steps < 1 or args.jobs < 1:
+        parser.error("need --steps >= 1 and --jobs >= 1")
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = ensure_data(args)
+    return args, study, {k: v for k, v in grid.items() if k in chosen}
+
+
+def main(argv=None) -> dict:
+    args, study, grid = parse_args(argv)
+    try:
+        args.dino = vision_folder(study, args)  # before anything is made: a bad folder is one error
+        check_object_size(study, args.base, args.dino or args.base.model.dino)
+        args.out.mkdir(parents=True, exist_ok=True)
+        data = ensure_data(args, study)
+    except ConfigError as e:
+        raise SystemExit(f"ablate.py: error: {e}") from None
     bench_root = args.out / "bench"  # benchmark.py reads DATA_ROOT/synthetic
     if not (bench_root / "synthetic").exists():
         bench_root.mkdir(exist_ok=True)
@@ -279,17 +426,21 @@ def main(argv=None) -> dict:
     # seed-major: a grid stopped early has every variant at the first seeds
     jobs = [(name, keys, mode, seed) for seed in args.seeds for name, (keys, mode) in grid.items()]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for f in [pool.submit(run_one, args, data, bench_root, *job) for job in jobs]:
+        for f in [pool.submit(run_one, args, study, data, bench_root, *job) for job in jobs]:
             f.result()
-    results = collect(args, grid)
-    report = {"steps": args.steps, "seeds": args.seeds, "probe": json.loads((data / "README.json").read_text())["arguments"],
-              "base_config": str(args.config), "wall_seconds_this_call": time.perf_counter() - start,
+    tasks = study.probe.tasks
+    results = collect(args, study, grid)
+    check = probe_check(results)
+    report = {"steps": args.steps, "seeds": args.seeds, "study_config": str(args.config),
+              "study": dataclasses.asdict(study), "probe": json.loads((data / "README.json").read_text())["arguments"],
+              "vision": args.dino, "wall_seconds_this_call": time.perf_counter() - start, "probe_check": check,
               "variants": results}
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    (args.out / "table.md").write_text(table(results, args))
-    plot(results, args.out / "accuracy_vs_tokens.png")
+    text = table(results, args, tasks) + "\n" + check_line(check) + "\n"
+    (args.out / "table.md").write_text(text)
+    plot(results, args.out / "accuracy_vs_tokens.png", tasks)
     draw_looking(args, data, grid)
-    print(table(results, args))
+    print(text)
     return report
 
 

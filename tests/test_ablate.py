@@ -1,62 +1,123 @@
-"""scripts/ablate.py end to end on a tiny probe: the grid trains, is scored (probe answers, validation
-loss, training FLOPs, where the queries looked), writes its table, JSON and figures, and a rerun resumes
-without training anything again."""
+"""scripts/ablate.py: the grid follows the study config, the study config is checked, the probe check
+refuses a model that answers a constant, and (slow) a tiny study runs end to end: the probe is made,
+the vision backbone pretrained, the grid trained and scored, its table, JSON and figures written, and
+a rerun resumes without training anything again."""
 
 import json
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
 
+import benchmark
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
+ablate = load_script("ablate")
+make_synthetic = load_script("make_synthetic")
+
+
+def study_file(tmp_path, base_text=None, **keys) -> Path:
+    """A study config in tmp_path whose base is the repo's (optionally rewritten) base train config."""
+    base = tmp_path / "base.yaml"
+    base.write_text(base_text if base_text is not None else (ROOT / "configs" / "ablate_probe.yaml").read_text())
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"base": "base.yaml", **keys}))
+    return path
 
 
 def test_variants_cover_the_foveated_family_and_the_pooled_grid():
-    ablate = load_script("ablate")
     grid = ablate.variants(8)  # 112-px frames, 14-px patches
-    assert list(grid) == ["static", "coarse_fine", "coarse_fine+coarse_loss", "prompt_first", "pooled_1", "pooled_4",
-                          "pooled_16", "pooled_64"]
+    assert list(grid) == ["static", "coarse_fine", "coarse_fine+coarse_loss", "autoregressive", "prompt_first",
+                          "pooled_1", "pooled_4", "pooled_16", "pooled_64"]
     assert list(ablate.variants(4))[-1] == "pooled_16" and "pooled_36" in ablate.variants(6)  # the full grid
     assert grid["static"] == ({"mode": "coarse_only"}, "coarse_only")
+    assert grid["autoregressive"] == ({"mode": "autoregressive"}, "autoregressive")
     assert grid["coarse_fine+coarse_loss"][0]["coarse_weight"] == 1.0
     assert grid["prompt_first"][0]["model.layout"] == "prompt_first"
-    with pytest.raises(SystemExit):
-        ablate.main(["--variants", "nonsense"])
 
 
 def test_the_base_config_sets_the_grid(tmp_path, capsys):
-    """--config: another base (here 56-px frames, a 4 x 4 patch grid) gives its own grid."""
-    ablate = load_script("ablate")
+    """Another base (here 56-px frames, a 4 x 4 patch grid) gives its own grid."""
     text = (ROOT / "configs" / "ablate_probe.yaml").read_text().replace("frame_size: 112", "frame_size: 56")
-    (tmp_path / "base.yaml").write_text(text)
     with pytest.raises(SystemExit):
-        ablate.main(["--config", str(tmp_path / "base.yaml"), "--variants", "nonsense"])
+        ablate.main(["--config", str(study_file(tmp_path, text)), "--variants", "nonsense"])
     known = capsys.readouterr().err
     assert "'pooled_16']" in known and "pooled_64" not in known
 
 
+@pytest.mark.parametrize("keys, message", [
+    ({"probe": {"tasks": ["colour", "smell"]}}, r"probe\.tasks.*smell"),
+    ({"probe": {"size": "many"}}, r"probe\.size' must be an integer"),
+    ({"vision": {"width": 30, "heads": 4}}, r"key 'vision'.*width % heads"),
+    ({"stepz": 3}, r"unknown key 'stepz'"),
+])
+def test_a_bad_study_config_is_named(tmp_path, capsys, keys, message):
+    with pytest.raises(SystemExit):
+        ablate.main(["--config", str(study_file(tmp_path, **keys)), "--out", str(tmp_path / "out")])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_bad_vision_folder_fails_before_anything_is_made(tmp_path, tiny_backbones):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"key 'vision': no vision backbone folder at .*nowhere"):
+        ablate.main(["--config", str(study_file(tmp_path, vision=str(tmp_path / "nowhere"))), "--out", str(out)])
+    llm_dir, _ = tiny_backbones  # a folder of another architecture
+    with pytest.raises(SystemExit, match=r"vision: .* holds a 'llama' model, not a vision backbone"):
+        ablate.main(["--config", str(study_file(tmp_path, vision=llm_dir)), "--out", str(out)])
+    assert not (out / "data").exists()
+
+
+def constant_results(tmp_path, reply: str) -> dict:
+    """collect()'s shape for a full-grid baseline that gives the same reply to every probe question,
+    scored by benchmark.py's own scoring on a real eval split."""
+    data = tmp_path / "synthetic"
+    make_synthetic.main(["--out", str(data), "--size", "12", "--held-out", "120", "--frames", "4", "--frame-size",
+                         "112", "--object-scale", "0.143", "--distractors", "2", "4", "--tasks", *make_synthetic.TASKS,
+                         "--splits", "eval"])
+    per_task = defaultdict(list)
+    for item in benchmark.synthetic_items(tmp_path):
+        per_task[item.category["task"]].append(benchmark.score(item, reply, "A")["correct"])
+    means = {task: (sum(v) / len(v), 0.0) for task, v in per_task.items()}
+    return {"pooled_1": {"tokens_per_frame": 1, "mean_std": {t: (1.0, 0.0) for t in means}},
+            "pooled_64": {"tokens_per_frame": 64, "mean_std": means}}
+
+
+def test_the_probe_check_fails_a_constant_answer(tmp_path):
+    results = constant_results(tmp_path, "The circle is red. The red object is a square.")
+    check = ablate.probe_check(results)
+    assert check["variant"] == "pooled_64" and check["status"] == "failed"  # the largest grid is the baseline
+    assert set(check["tasks"]) == {"colour", "shape", "qcolour", "qshape"}
+    assert all(not t["ok"] and t["accuracy"] < 0.4 for t in check["tasks"].values())
+    assert "no verdict about looking" in ablate.check_line(check)
+    passing = {"pooled_64": {"tokens_per_frame": 64, "mean_std": {t: (0.95, 0.01) for t in ablate.PROBE_BAR}}}
+    assert ablate.probe_check(passing)["status"] == "passed"
+    assert ablate.probe_check({"static": {"tokens_per_frame": 1}})["status"] == "not run"
+
+
 @pytest.mark.slow
-def test_a_tiny_grid_runs_scores_and_resumes(tmp_path):
-    make_synthetic, ablate = load_script("make_synthetic"), load_script("ablate")
-    data = tmp_path / "probe"
-    make_synthetic.main(["--out", str(data), "--size", "40", "--frames", "4", "--frame-size", "112",
-                         "--object-scale", str(1 / 12), "--distractors", "6", "12"])
-    args = ["--out", str(tmp_path / "study"), "--data", str(data), "--steps", "2", "--seeds", "0", "1",
-            "--variants", "coarse_fine", "pooled_4", "--limit", "6"]
+def test_a_tiny_study_runs_scores_and_resumes(tmp_path):
+    config = study_file(tmp_path, steps=2, seeds=[0, 1], variants=["coarse_fine", "pooled_4"],
+                        probe={"size": 40, "held_out": 12, "frames": 4, "object_scale": 0.143, "distractors": [2, 4]},
+                        vision={"width": 16, "depth": 2, "heads": 2, "mlp_ratio": 2, "steps": 2, "batch": 2})
+    study = tmp_path / "study"
+    args = ["--config", str(config), "--out", str(study), "--backbones", str(tmp_path / "backbones"), "--limit", "6"]
     report = ablate.main(args)
     fine, pooled = report["variants"]["coarse_fine"], report["variants"]["pooled_4"]
     assert [r["seed"] for r in fine["runs"]] == [0, 1] and pooled["tokens_per_clip"] == 16
+    assert report["vision"].startswith(str(tmp_path / "backbones"))  # every run read the pretrained backbone
     for run in fine["runs"] + pooled["runs"]:
         assert 0 <= run["accuracy"] <= 1 and run["train_flops_per_sample"] > 0 and run["val_loss"] > 0
+        assert {"colour", "qcolour", "mcolour"} <= set(run)  # every task of the probe is scored
     # the pooled baseline reads 4x the LLM tokens and the whole backbone: more FLOPs per sample
     assert pooled["mean_std"]["train_flops_per_sample"][0] > fine["mean_std"]["train_flops_per_sample"][0]
     shares = fine["runs"][0]["looked"]
     assert set(shares) == {"static", "dynamic", "chance"} and 0 < shares["chance"] < 1
     assert "looked" not in pooled["runs"][0]  # no queries, nothing to score
-    study = tmp_path / "study"
     table = (study / "table.md").read_text()
-    assert "| coarse_fine | 1 | 4 |" in table and "| pooled_4 | 4 | 16 |" in table
+    assert "| coarse_fine | 4 |" in table and "| pooled_4 | 16 |" in table and "probe check: failed" in table
     assert (study / "accuracy_vs_tokens.png").stat().st_size > 0 and (study / "looked_coarse_fine_clip0.png").is_file()
     assert json.loads((study / "results.json").read_text())["steps"] == 2
     final = study / "runs" / "coarse_fine" / "seed0" / "final" / "model.safetensors"
