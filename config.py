@@ -305,6 +305,22 @@ def build_dataclass(cls, tree: dict, where: str):
     return _build(cls, tree, "", where)
 
 
+def add_dataclass_flags(parser, cls):
+    """One command-line flag per field of a settings dataclass with scalar or list defaults
+    (`steps` -> --steps N, `scale: [0.09, 0.16]` -> --scale A B, a list of strings -> one or more)."""
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        many = isinstance(default, list)
+        kind = type(default[0]) if many else type(default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
+                            nargs=("+" if kind is str else len(default)) if many else None)
+
+
+def dataclass_from_flags(args, cls):
+    """The settings dataclass from the flags add_dataclass_flags made."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def model_config(tree: dict, where: str) -> ModelConfig:
     """A ModelConfig from a mapping (config.json, a checkpoint's stored config), type-checked and
     validated; unknown keys are errors naming `where`."""

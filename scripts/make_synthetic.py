@@ -196,13 +196,18 @@ def mcolour_scene(rng, px, frames, s, distractor_range):
 SCENES = {"qcolour": qcolour_scene, "qshape": qshape_scene, "mcolour": mcolour_scene}
 
 
-def make_clip(rng, task, px, frames, object_scale=1 / 12, distractor_range=(6, 12)):
-    """Render one clip: (list of JPEG bytes, one per frame; meta with the ground truth)."""
+def make_scene(rng, task, px, frames, object_scale=1 / 12, distractor_range=(6, 12)):
+    """One clip's objects, not drawn: (target {"colour", "shape", "direction", "path"}, the other
+    objects [{"shape", "colour", "box"}], the object side in px)."""
     s = object_size(px, object_scale)
     if task in SCENES:
-        target, rest = SCENES[task](rng, px, frames, s, distractor_range)
-    else:
-        target, rest = content_scene(rng, task, px, frames, s, distractor_range)
+        return (*SCENES[task](rng, px, frames, s, distractor_range), s)
+    return (*content_scene(rng, task, px, frames, s, distractor_range), s)
+
+
+def make_clip(rng, task, px, frames, object_scale=1 / 12, distractor_range=(6, 12)):
+    """Render one clip: (list of JPEG bytes, one per frame; meta with the ground truth)."""
+    target, rest, s = make_scene(rng, task, px, frames, object_scale, distractor_range)
     scene = background(rng, px)
     draw = ImageDraw.Draw(scene)
     for d in rest:

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_synthetic as world  # noqa: E402
 from backbones import POSITIONS, set_positions  # noqa: E402
+from config import add_dataclass_flags, dataclass_from_flags  # noqa: E402
 from media import decode_image, encode_jpeg  # noqa: E402
 from vit import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -346,25 +347,17 @@ def ensure(s: Settings, root: Path, threads: int = 1, log=print) -> Path:
     return folder
 
 
-def settings_from(args) -> Settings:
-    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/backbones"), help="the cache of pretrained folders")
     parser.add_argument("--threads", type=int, default=1, help="training threads (one more process draws frames)")
-    for f in dataclasses.fields(Settings):  # one flag per setting, e.g. --frame-size 112, --scale 0.09 0.16
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kind = type(default[0]) if isinstance(default, list) else type(default)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
-                            nargs=len(default) if isinstance(default, list) else None)
+    add_dataclass_flags(parser, Settings)
     return parser
 
 
 def main(argv=None) -> Path:
     args = build_parser().parse_args(argv)
-    folder = ensure(settings_from(args), args.out, args.threads)
+    folder = ensure(dataclass_from_flags(args, Settings), args.out, args.threads)
     print(folder)
     return folder
 
