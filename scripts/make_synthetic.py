@@ -391,7 +391,8 @@ def main(argv=None):
     # --out is left out so that the whole folder is byte-identical wherever it is generated
     summary = {"description": __doc__, "arguments": {k: v for k, v in vars(args).items() if k != "out"},
                "counts": counts, "palette": PALETTE, "grey": GREY, "shapes": SHAPES, "directions": list(DIRECTIONS),
-               "vocabulary": {task: vocabulary(task) for task in args.tasks}, "shard_samples": SHARD_SAMPLES, "jpeg_quality": JPEG_QUALITY}
+               "vocabulary": {task: vocabulary(task) for task in args.tasks}, "shard_samples": SHARD_SAMPLES,
+               "jpeg_quality": JPEG_QUALITY}
     (args.out / "README.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(counts))
 

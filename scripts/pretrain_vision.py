@@ -223,15 +223,16 @@ def losses(model, heads, batch) -> dict:
 
 def train(s: Settings, threads: int, log) -> tuple[Dinov2Model, dict]:
     torch.set_num_threads(threads)
-    model, heads = backbone(s), None
-    heads = DenseHeads(s.width)
+    model, heads = backbone(s), DenseHeads(s.width)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.05)
     warmup = max(1, s.steps // 20)
     schedule = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, s.steps)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     curve, window, start = [], [], time.perf_counter()
-    loader = DataLoader(Frames(s), batch_size=None, num_workers=1 if s.steps else 0, prefetch_factor=4 if s.steps else None)
+    # one worker draws the frames while this process trains (none for a gate-only run)
+    loader = DataLoader(Frames(s), batch_size=None, num_workers=1 if s.steps else 0,
+                        prefetch_factor=4 if s.steps else None)
     model.train()
     for step, batch in enumerate(loader):
         parts = losses(model, heads, batch)

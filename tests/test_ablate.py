@@ -16,6 +16,7 @@ from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ablate = load_script("ablate")
+report = load_script("study_report")
 make_synthetic = load_script("make_synthetic")
 
 
@@ -87,14 +88,14 @@ def constant_results(tmp_path, reply: str) -> dict:
 
 def test_the_probe_check_fails_a_constant_answer(tmp_path):
     results = constant_results(tmp_path, "The circle is red. The red object is a square.")
-    check = ablate.probe_check(results)
+    check = report.probe_check(results)
     assert check["variant"] == "pooled_64" and check["status"] == "failed"  # the largest grid is the baseline
     assert set(check["tasks"]) == {"colour", "shape", "qcolour", "qshape"}
     assert all(not t["ok"] and t["accuracy"] < 0.4 for t in check["tasks"].values())
-    assert "no verdict about looking" in ablate.check_line(check)
-    passing = {"pooled_64": {"tokens_per_frame": 64, "mean_std": {t: (0.95, 0.01) for t in ablate.PROBE_BAR}}}
-    assert ablate.probe_check(passing)["status"] == "passed"
-    assert ablate.probe_check({"static": {"tokens_per_frame": 1}})["status"] == "not run"
+    assert "no verdict about looking" in report.check_line(check)
+    passing = {"pooled_64": {"tokens_per_frame": 64, "mean_std": {t: (0.95, 0.01) for t in report.PROBE_BAR}}}
+    assert report.probe_check(passing)["status"] == "passed"
+    assert report.probe_check({"static": {"tokens_per_frame": 1}})["status"] == "not run"
 
 
 @pytest.mark.slow

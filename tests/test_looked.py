@@ -177,8 +177,9 @@ def test_draw_looked_outlines_the_box(tiny_backbones, probe, tmp_path):
     sample, meta = probe[0]
     scores = clip_scores(model, sample, meta, "coarse_fine")
     boxes = [scale_box(b, meta["frame_size"], SIZE) for b in meta["boxes"]]
-    path = draw_looked(tmp_path / "looked.png", sample["frames"], scores["maps"]["static"], scores["maps"]["dynamic"],
-                       boxes, f"{sample['key']}: {sample['question']}")
+    path = draw_looked(tmp_path / "looked.png", sample["frames"],
+                       {"static query": scores["maps"]["static"], "dynamic query": scores["maps"]["dynamic"],
+                        "left out": None}, boxes, f"{sample['key']}: {sample['question']}")
     image = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert image.shape[0] > 200 and image.shape[1] > 500
     # the outline's colour (lime) is drawn: 3 rows x 5 frames of box edges

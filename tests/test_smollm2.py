@@ -2,13 +2,22 @@
 
 import pytest
 
-from backbones import smollm2_gguf
+from backbones import offline_llm, smollm2_gguf
+from config import ConfigError
 from model import FoveatedVLM
 
 
 @pytest.fixture(scope="module")
 def real_model(tiny_backbones):
-    return FoveatedVLM(llm_name=str(smollm2_gguf()), dino_name=tiny_backbones[1], query_dim=24).eval()
+    # offline:<name> names the installed weights without a machine path (a study config can use it)
+    return FoveatedVLM(llm_name="offline:smollm2-135m-instruct", dino_name=tiny_backbones[1], query_dim=24).eval()
+
+
+def test_offline_names_resolve_to_installed_files():
+    assert offline_llm("offline:smollm2-135m-instruct") == str(smollm2_gguf())
+    assert offline_llm("random:tiny") == "random:tiny"
+    with pytest.raises(ConfigError, match="unknown offline LLM 'gpt'"):
+        offline_llm("offline:gpt")
 
 
 @pytest.mark.slow

@@ -1,0 +1,291 @@
+"""The controlled study's report (scripts/ablate.py runs the grid, this reads it): accuracies with 95 %
+intervals over questions and seeds, paired comparisons, the verdict (only when the probe check passed),
+the table and the figures.
+
+Every run is scored on the same held-out probe questions, so a variant's verdicts form a [seeds,
+questions] matrix (intervals.py). Questions are grouped by task family (content-findable, question-
+dependent, history-dependent: make_synthetic.FAMILIES), by task, and by difficulty: "few" (at most
+FEW other objects in the clip) or "many". Paired comparisons (the same seeds and questions): the
+question-conditioned query against the static glance (prompt_first vs static), and every foveated
+variant against the 1-token and the 16-token pooled baselines.
+
+Writes table.md, accuracy_vs_tokens.png (a panel per family), accuracy_vs_difficulty.png (a panel per
+family, accuracy against the number of other objects) and attention_TASK.png (one question-dependent
+clip, and one history-dependent clip: where the static glance, the video-first dynamic query and the
+question-conditioned query looked).
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import intervals  # noqa: E402
+import looked  # noqa: E402
+import make_synthetic  # noqa: E402
+from shards import expand, read_samples  # noqa: E402
+
+FAMILY_NAMES = {"content": "content-findable", "question": "question-dependent", "history": "history-dependent"}
+FEW = 3  # other objects in a clip: at most FEW is "few", more is "many"
+DIFFICULTY_VARIANTS = ("static", "prompt_first", "autoregressive", "pooled_1", "pooled_16", "pooled_64")
+# the clips drawn for attention: the first of each of these tasks, as each run's looked.json stores them
+DRAWN_TASKS = ("qcolour", "qshape", "mcolour")
+# the probe check: what the full-grid baseline must reach on held-out clips (mean over seeds)
+PROBE_BAR = {"colour": 0.9, "shape": 0.9, "qcolour": 0.8, "qshape": 0.8}
+COMPARED_QUERIES = {"static": "static glance (static)", "coarse_fine": "dynamic query, video first (coarse_fine)",
+                    "prompt_first": "question-conditioned query (prompt_first)"}
+
+
+def probe_check(results: dict) -> dict:
+    """The full-grid baseline (the largest pooled_N run) against PROBE_BAR, on the tasks the probe has."""
+    pooled = [n for n in results if n.startswith("pooled_")]
+    if not pooled:
+        return {"status": "not run", "why": "no pooled_N variant in this grid"}
+    name = max(pooled, key=lambda n: results[n]["tokens_per_frame"])
+    means = results[name]["mean_std"]
+    tasks = {t: {"accuracy": means[t][0], "bar": bar, "ok": means[t][0] >= bar} for t, bar in PROBE_BAR.items()
+             if t in means}
+    return {"status": "passed" if tasks and all(t["ok"] for t in tasks.values()) else "failed",
+            "variant": name, "tasks": tasks}
+
+
+def check_line(check: dict) -> str:
+    if check["status"] == "not run":
+        return f"probe check: not run ({check['why']}): no verdict about looking"
+    parts = ", ".join(f"{t} {100 * v['accuracy']:.1f} {'>=' if v['ok'] else '<'} {100 * v['bar']:.0f}"
+                      for t, v in check["tasks"].items())
+    line = f"probe check: {check['status']} ({check['variant']}: {parts})"
+    return line if check["status"] == "passed" else line + ": no verdict about looking"
+
+
+def eval_meta(data: Path) -> dict:
+    """uid -> {"task", "family", "others"} for every question of the probe's eval split."""
+    meta = {}
+    for path in expand(data / "eval"):
+        for key, files in read_samples(path):
+            m = json.loads(files["json"])["meta"]
+            meta[key] = {"task": m["task"], "family": make_synthetic.FAMILIES[m["task"]],
+                         "others": len(m["distractors"])}
+    return meta
+
+
+def verdicts(run_dir: Path, mode: str) -> dict:
+    """uid -> correct, from a run's probe.json (benchmark.py's records)."""
+    records = json.loads((run_dir / "probe.json").read_text())["results"]["synthetic"][mode]["raw"]
+    return {r["uid"]: r["correct"] for r in records}
+
+
+def matrices(args, grid: dict) -> tuple[dict, list[str]]:
+    """({variant: [seeds, questions] bool}, the question uids): the questions every run was scored on
+    (all of them, unless --limit scored a prefix)."""
+    scored = {name: [verdicts(args.out / "runs" / name / f"seed{s}", mode) for s in args.seeds]
+              for name, (_, mode) in grid.items()}
+    uids = sorted(set.intersection(*(set(v) for runs in scored.values() for v in runs)))
+    return {name: np.array([[v[u] for u in uids] for v in runs], dtype=bool) for name, runs in scored.items()}, uids
+
+
+def groups(meta: dict, uids: list[str]) -> dict:
+    """Question indices per group: "all", each family, each task, and "FAMILY/few" and "FAMILY/many"."""
+    out = {"all": np.arange(len(uids))}
+    for key, value in (("family", lambda m: m["family"]), ("task", lambda m: m["task"]),
+                       ("level", lambda m: f"{m['family']}/{'few' if m['others'] <= FEW else 'many'}")):
+        for name in sorted({value(meta[u]) for u in uids}):
+            out[name] = np.array([i for i, u in enumerate(uids) if value(meta[u]) == name])
+    return out
+
+
+def pairs(names) -> list[tuple[str, str]]:
+    """The paired comparisons the grid allows: (prompt_first, static), then every foveated variant
+    against pooled_1 and pooled_16."""
+    out = [("prompt_first", "static")] if {"prompt_first", "static"} <= set(names) else []
+    foveated = [n for n in names if not n.startswith("pooled_")]
+    return out + [(f, p) for p in ("pooled_1", "pooled_16") if p in names for f in foveated]
+
+
+def analyse(matrices: dict, meta: dict, uids: list[str]) -> dict:
+    """Intervals per variant and group, and the paired comparisons per family (and overall)."""
+    index = groups(meta, uids)
+    cis = {name: {g: intervals.interval(m[:, idx]) for g, idx in index.items()} for name, m in matrices.items()}
+    families = ["all"] + [f for f in FAMILY_NAMES if f in index]
+    comparisons = []
+    for a, b in pairs(list(matrices)):
+        seeds = min(len(matrices[a]), len(matrices[b]))  # paired by seed: the seeds both have
+        for g in families:
+            comparisons.append({"a": a, "b": b, "group": g, **intervals.paired(matrices[a][:seeds, index[g]],
+                                                                                matrices[b][:seeds, index[g]])})
+    return {"intervals": cis, "comparisons": comparisons}
+
+
+def ci_text(ci: dict) -> str:
+    return f"{100 * ci['mean']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+
+
+def diff_text(c: dict) -> str:
+    verdict = "separates" if c["separates"] else "does not separate"
+    return f"{100 * c['difference']:+.1f} points [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}], {verdict}"
+
+
+def verdict(check: dict, analysis: dict) -> list[str]:
+    """The answer, family by family: the best variant and the paired comparisons. Refused (one line
+    saying why) unless the probe check passed."""
+    if check["status"] != "passed":
+        return ["No verdict about looking: the probe check did not pass (the full-grid baseline did not learn "
+                "the probe), so no difference between variants can be read."]
+    cis, lines = analysis["intervals"], []
+    for family, label in FAMILY_NAMES.items():
+        ranked = sorted((v for v in cis if family in cis[v]), key=lambda v: -cis[v][family]["mean"])
+        if not ranked:
+            continue
+        lines.append(f"{label}: best {ranked[0]} {ci_text(cis[ranked[0]][family])}; "
+                     + "; ".join(f"{c['a']} vs {c['b']} {diff_text(c)}" for c in analysis["comparisons"]
+                                 if c["group"] == family))
+    return lines
+
+
+def table(results: dict, analysis: dict, args, tasks) -> str:
+    cis = analysis["intervals"]
+    families = [f for f in FAMILY_NAMES if any(f in c for c in cis.values())]
+    head = ("| variant | tokens / clip | " + " | ".join(FAMILY_NAMES[f] for f in families) + " | overall | "
+            + " | ".join(tasks) + " | train GFLOP / sample | train min | looked: static | looked: dynamic | chance |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        a, look = r["mean_std"], r["mean_std"].get("looked", {})
+        cell = lambda k: f"{100 * look[k][0]:.1f}" if k in look else "–"  # noqa: E731
+        lines.append(f"| {name} | {r['tokens_per_clip']} | " + " | ".join(ci_text(cis[name][f]) for f in families)
+                     + f" | **{ci_text(cis[name]['all'])}** | "
+                     + " | ".join(f"{100 * a[t][0]:.1f} ± {100 * a[t][1]:.1f}" if t in a else "–" for t in tasks)
+                     + f" | {a['train_flops_per_sample'][0] / 1e9:.2f} | {a['train_seconds'][0] / 60:.1f} | "
+                     f"{cell('static')} | {cell('dynamic')} | {cell('chance')} |")
+    seeds = ", ".join(map(str, args.seeds))
+    chance = ", ".join(f"{t} {100 / len(make_synthetic.vocabulary(t)):.1f}" for t in tasks)
+    notes = (f"\nAnswer accuracy (%) of the generated reply on the held-out probe questions. Families: mean and "
+             f"95 % interval (bootstrap over questions and seeds {seeds}); tasks: mean ± std over the seeds. Chance: "
+             f"{chance}. {args.steps} steps each. looked: the share (%) of the query's last-block attention on the "
+             f"target's patches (mean over heads and clips), and the share its area gets by chance.\n")
+    head = "| comparison (paired: same seeds, same questions) | " + " | ".join(
+        ["overall"] + [FAMILY_NAMES[f] for f in families]) + " |"
+    comparisons = ["", head, "|---|" + "---|" * (len(families) + 1)] if pairs(list(results)) else []
+    for a, b in pairs(list(results)):
+        cells = {c["group"]: diff_text(c) for c in analysis["comparisons"] if (c["a"], c["b"]) == (a, b)}
+        comparisons.append(f"| {a} − {b} | " + " | ".join(cells.get(g, "–") for g in ["all", *families]) + " |")
+    levels = ["", "| variant | " + " | ".join(f"{FAMILY_NAMES[f]}: {lv}" for f in families for lv in ("few", "many"))
+              + " |", "|---|" + "---|" * (2 * len(families))]
+    for name in results:
+        levels.append(f"| {name} | " + " | ".join(ci_text(cis[name][f"{f}/{lv}"]) if f"{f}/{lv}" in cis[name] else "–"
+                                               for f in families for lv in ("few", "many")) + " |")
+    level_note = f"\nfew: at most {FEW} other objects in the clip; many: more.\n"
+    return "\n".join(lines) + notes + "\n".join(comparisons) + "\n" + "\n".join(levels) + level_note
+
+
+def looked_table(results: dict, tasks) -> str:
+    """Where each variant with queries looked, per task: the target's share (%) of the static and the
+    dynamic query's attention, against the share its area gets by chance."""
+    rows = [(n, r["mean_std"]) for n, r in results.items() if "looked" in r["mean_std"]]
+    if not rows:
+        return ""
+    lines = ["| where it looked: static / dynamic query (chance) | " + " | ".join(tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for name, a in rows:
+        cells = []
+        for t in tasks:
+            look = a.get(f"looked_{t}", {})
+            share = lambda k: f"{100 * look[k][0]:.1f}" if k in look else "–"  # noqa: E731
+            cells.append(f"{share('static')} / {share('dynamic')} ({share('chance')})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def plot_tokens(results: dict, analysis: dict, path: Path):
+    """Accuracy against visual tokens per frame, one panel per family, 95 % intervals drawn."""
+    cis = analysis["intervals"]
+    families = [f for f in FAMILY_NAMES if any(f in c for c in cis.values())]
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 4.0), layout="constrained",
+                             squeeze=False)
+    for ax, family in zip(axes[0], families):
+        pooled = sorted((r["tokens_per_frame"], cis[n][family]) for n, r in results.items() if n.startswith("pooled_"))
+        if pooled:
+            x = [p[0] for p in pooled]
+            y = np.array([[c["mean"], c["mean"] - c["low"], c["high"] - c["mean"]] for _, c in pooled]) * 100
+            ax.errorbar(x, y[:, 0], y[:, 1:].T, marker="o", capsize=3, label="frames as images (pooled N)")
+        foveated = [n for n in results if not n.startswith("pooled_")]
+        for i, (name, marker) in enumerate(zip(foveated, "s^Dv<>p")):
+            c = cis[name][family]
+            ax.errorbar([1.1 ** (i - (len(foveated) - 1) / 2)], [100 * c["mean"]],
+                        [[100 * (c["mean"] - c["low"])], [100 * (c["high"] - c["mean"])]], marker=marker, capsize=3,
+                        ls="none", label=f"foveated: {name}")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 100)  # from 0: a few points must not look like a gap
+        ax.set_title(FAMILY_NAMES[family])
+        ax.set_xlabel("visual tokens per frame")
+    axes[0][0].set_ylabel("probe answer accuracy (%), 95 % interval")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_difficulty(matrices: dict, meta: dict, uids: list[str], path: Path):
+    """Accuracy (mean over seeds) against the number of other objects in the clip, per family."""
+    others = np.array([meta[u]["others"] for u in uids])
+    family = np.array([meta[u]["family"] for u in uids])
+    families = [f for f in FAMILY_NAMES if f in set(family)]
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 4.0), layout="constrained",
+                             squeeze=False)
+    for ax, fam in zip(axes[0], families):
+        counts = sorted(set(others[family == fam]))
+        for name in (v for v in DIFFICULTY_VARIANTS if v in matrices):
+            acc = [100 * matrices[name][:, (family == fam) & (others == k)].mean() for k in counts]
+            ax.plot(counts, acc, marker="o", label=name)
+        ax.set_ylim(0, 100)
+        ax.set_xticks(counts)
+        ax.set_title(FAMILY_NAMES[fam])
+        ax.set_xlabel("other objects in the clip")
+    axes[0][0].set_ylabel("probe answer accuracy (%), mean over seeds")
+    axes[0][-1].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_attention(args, data: Path, grid: dict) -> list[Path]:
+    """attention_TASK.png: the first clip of each DRAWN_TASKS task, with where the static glance, the
+    video-first dynamic query and the question-conditioned query looked (first seed's runs)."""
+    cfg, seed = args.base, args.seeds[0]
+    maps = {}
+    for name in COMPARED_QUERIES:
+        path = args.out / "runs" / name / f"seed{seed}" / "looked.json"
+        if name in grid and path.is_file():
+            maps[name] = {d["key"]: d["maps"] for d in json.loads(path.read_text())["drawn"]}
+    probe = looked.read_probe(data / "val_sft", cfg.data.frame_size, cfg.data.max_frames, len(make_synthetic.TASKS))
+    written = []
+    for sample, meta in probe:
+        if meta["task"] not in DRAWN_TASKS or not maps:
+            continue
+        rows = {}
+        for name, label in COMPARED_QUERIES.items():
+            kind = "static" if name == "static" else "dynamic"
+            drawn = maps.get(name, {}).get(sample["key"], {})
+            rows[label] = torch.tensor(drawn[kind]) if kind in drawn else None
+        boxes = [looked.scale_box(b, meta["frame_size"], cfg.data.frame_size) for b in meta["boxes"]]
+        path = args.out / f"attention_{meta['task']}.png"
+        looked.draw_looked(path, sample["frames"], rows, boxes, f"seed {seed}: {sample['question']} "
+                           f"({meta['answer']}; the target outlined)")
+        written.append(path)
+    return written
+
+
+def write(args, data: Path, grid: dict, results: dict, check: dict, tasks) -> dict:
+    """Analyse a finished grid and write the table and figures; returns the analysis (results.json)."""
+    meta = eval_meta(data)
+    scored, uids = matrices(args, grid)
+    analysis = analyse(scored, meta, uids)
+    analysis["verdict"] = verdict(check, analysis)
+    text = table(results, analysis, args, tasks) + looked_table(results, tasks)
+    (args.out / "table.md").write_text(text + "\n" + check_line(check) + "\n\n" + "\n".join(analysis["verdict"]) + "\n")
+    plot_tokens(results, analysis, args.out / "accuracy_vs_tokens.png")
+    plot_difficulty(scored, meta, uids, args.out / "accuracy_vs_difficulty.png")
+    analysis["figures"] = [str(p) for p in draw_attention(args, data, grid)]
+    return analysis
