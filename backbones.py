@@ -22,6 +22,10 @@ RANDOM = "random:"
 LLM_PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048),
+    # the study's testbed LLM (configs/ablate_probe.yaml): the tiny one is too small to bind a question to
+    # one of several objects (measured: docs), this one is 4x wider and 2x deeper, still cheap on a CPU
+    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048),
     # SmolLM2-135M-Instruct's architecture
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5),

@@ -82,12 +82,13 @@ class ProbeConfig:
     distractors: list[int] = field(default_factory=lambda: [2, 6])
     tasks: list[str] = field(default_factory=lambda: list(make_synthetic.TASKS))
     seed: int = 0
+    splits: list[str] = field(default_factory=lambda: ["sft", "val_sft", "eval"])  # the ones the runs read
 
     def args(self, frame_size: int) -> list[str]:
         return ["--size", str(self.size), "--held-out", str(self.held_out), "--frames", str(self.frames),
                 "--frame-size", str(frame_size), "--object-scale", str(self.object_scale),
                 "--distractors", *map(str, self.distractors), "--tasks", *self.tasks, "--seed", str(self.seed),
-                "--splits", "sft", "val_sft", "eval"]
+                "--splits", *self.splits]
 
 
 @dataclass
@@ -113,15 +114,18 @@ def variants(grid: int) -> dict:
     return out
 
 
-def load_study(path: Path) -> StudyConfig:
-    """The study config, every key type-checked (config.build_dataclass), and its base train config."""
+def load_study(path: Path, cls=StudyConfig):
+    """A study config (StudyConfig, or another dataclass with base, steps, seeds, probe and vision: the
+    proof of concept's), every key type-checked (config.build_dataclass); base made absolute."""
     if not path.is_file():
         raise ConfigError(f"study config {path} not found")
-    study = build_dataclass(StudyConfig, yaml.safe_load(path.read_text()) or {}, str(path))
+    study = build_dataclass(cls, yaml.safe_load(path.read_text()) or {}, str(path))
     study.base = str((path.parent / study.base).resolve())
-    unknown = sorted(set(study.probe.tasks) - set(make_synthetic.TASKS))
-    if unknown:
-        raise ConfigError(f"{path}: key 'probe.tasks' has unknown tasks {unknown}; known: {list(make_synthetic.TASKS)}")
+    for key, given, known in (("tasks", study.probe.tasks, make_synthetic.TASKS),
+                              ("splits", study.probe.splits, make_synthetic.SPLITS)):
+        if sorted(set(given) - set(known)):
+            raise ConfigError(f"{path}: key 'probe.{key}' has unknown {key} {sorted(set(given) - set(known))}; "
+                              f"known: {list(known)}")
     if study.steps < 1 or not study.seeds:
         raise ConfigError(f"{path}: need steps >= 1 and at least one seed")
     if isinstance(study.vision, pretrain_vision.Settings):

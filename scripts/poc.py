@@ -1,0 +1,132 @@
+"""The proof of concept on the testbed: does looking help predict the next frame? One command makes the
+clips (scripts/make_synthetic.py), pretrains the vision backbone (scripts/pretrain_vision.py, cached, as
+the study does), trains stage next_frame once per seed from the config's base, and reports the final
+validation of every mode: loss_fine (the LLM-chosen queries), loss_coarse (the static query), the
+improvement (coarse - fine) / coarse against the guide's bar (5-15 % solid, > 15 % strong), the copy and
+batch-mean references, and the static and dynamic attention entropy; then scripts/report.py on the
+best seed's run (its figures: learning curves, where the queries looked, predictions).
+
+    python scripts/poc.py --config configs/poc_testbed.yaml --out runs/poc
+
+The config (PocConfig): `base` (a next_frame train config, relative to this file), `steps`, `seeds`,
+`probe` (make_synthetic's arguments: ablate.ProbeConfig) and `vision` (pretrain_vision's settings, or
+a folder). Rerunning resumes: finished runs are kept. Writes table.md and results.json under --out.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import ablate  # noqa: E402
+import pretrain_vision  # noqa: E402
+from config import ConfigError, load_config  # noqa: E402
+
+METRICS = ("loss_fine", "loss_coarse", "improvement", "copy_loss", "mean_loss", "static_entropy", "dynamic_entropy")
+
+
+@dataclass
+class PocConfig:
+    base: str  # the next_frame train config, relative to this config's folder
+    steps: int = 1500
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    probe: ablate.ProbeConfig = field(default_factory=lambda: ablate.ProbeConfig(
+        size=20000, held_out=200, frames=8, tasks=["mcolour"], splits=["alignment", "val_alignment"]))
+    vision: typing.Union[pretrain_vision.Settings, str, None] = None
+
+
+def train_seed(args, poc: PocConfig, data: Path, seed: int) -> Path:
+    run_dir = args.out / "runs" / f"seed{seed}"
+    if ablate.finished(run_dir, args.steps):
+        return run_dir
+    print(f"training seed {seed}", flush=True)
+    keys = {"run_dir": str(run_dir), "seed": seed, "optim.steps": args.steps,
+            "data.train": f"[{{name: clips, shards: '{data / 'alignment'}'}}]",
+            "data.val": f"[{{name: clips, shards: '{data / 'val_alignment'}'}}]"}
+    if args.dino:
+        keys["model.dino"] = f"'{args.dino}'"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"seed{seed}.log", "a") as log:
+        subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", poc.base,
+                        *[f"{k}={v}" for k, v in keys.items()]], check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1)))
+    return run_dir
+
+
+def final_validation(run_dir: Path, steps: int) -> dict:
+    """{mode: {metric: value}} of the last validation (at `steps`)."""
+    rows = [r for r in ablate.read_csv(run_dir / "val.csv") if int(r["step"]) == steps and r["source"] == "all"]
+    return {r["mode"]: {m: float(r[m]) for m in METRICS if r.get(m) not in (None, "")} for r in rows}
+
+
+def bar(improvement: float) -> str:
+    """Where an improvement sits against the guide's bar."""
+    if improvement > 0.15:
+        return "strong (> 15 %)"
+    if improvement > 0.05:
+        return "solid (5-15 %)"
+    return "below the guide's 5 %" if improvement > 0 else "no improvement (the fine pass is not better)"
+
+
+def table(runs: dict, summary: dict, args) -> str:
+    lines = ["| mode | seed | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for mode, per_seed in summary.items():
+        for seed in args.seeds:
+            v = runs[seed].get(mode, {})
+            lines.append(f"| {mode} | {seed} | " + " | ".join(f"{v[m]:.5g}" if m in v else "–" for m in METRICS) + " |")
+        lines.append(f"| {mode} | mean ± std | " + " | ".join(
+            f"{per_seed[m][0]:.5g} ± {per_seed[m][1]:.2g}" if m in per_seed else "–" for m in METRICS) + " |")
+    verdicts = [f"{mode}: improvement {100 * s['improvement'][0]:+.2f} % ± {100 * s['improvement'][1]:.2f} % "
+                f"(seeds {', '.join(map(str, args.seeds))}): {bar(s['improvement'][0])}; loss_fine "
+                f"{s['loss_fine'][0]:.5g} against copying frame t {s['copy_loss'][0]:.5g} and the batch mean "
+                f"{s['mean_loss'][0]:.5g}" for mode, s in summary.items() if "improvement" in s]
+    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "poc_testbed.yaml")
+    parser.add_argument("--out", type=Path, default=Path("runs/poc"))
+    parser.add_argument("--backbones", type=Path, default=Path("runs/backbones"))
+    parser.add_argument("--steps", type=int, help="instead of the config's")
+    parser.add_argument("--seeds", type=int, nargs="+", help="instead of the config's")
+    args = parser.parse_args(argv)
+    try:
+        poc = ablate.load_study(args.config, PocConfig)
+        args.base = load_config(poc.base)
+        if args.base.stage != "next_frame":
+            raise ConfigError(f"{poc.base}: the proof of concept trains stage next_frame, not {args.base.stage!r}")
+        args.dino = ablate.vision_folder(poc, args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        data = ablate.ensure_data(args, poc)
+    except ConfigError as e:
+        raise SystemExit(f"poc.py: error: {e}") from None
+    args.steps, args.seeds = args.steps or poc.steps, args.seeds or poc.seeds
+    runs = {seed: final_validation(train_seed(args, poc, data, seed), args.steps) for seed in args.seeds}
+    modes = sorted({mode for r in runs.values() for mode in r})
+    summary = {mode: {m: ablate.spread([runs[s][mode][m] for s in args.seeds]) for m in METRICS
+                      if all(m in runs[s].get(mode, {}) for s in args.seeds)} for mode in modes}
+    best = min(args.seeds, key=lambda s: runs[s].get("coarse_fine", {}).get("loss_fine", float("inf")))
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(args.out / "runs" / f"seed{best}")],
+                   check=True)
+    report = {"config": str(args.config), "poc": dataclasses.asdict(poc), "steps": args.steps, "seeds": args.seeds,
+              "vision": args.dino, "runs": runs, "summary": summary, "best_seed": best}
+    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    text = table(runs, summary, args)
+    (args.out / "table.md").write_text(text)
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
