@@ -103,6 +103,9 @@ class StudyConfig:
     # or null (the base config's model.dino)
     vision: typing.Union[pretrain_vision.Settings, str, None] = None
     llm: typing.Optional[str] = None  # model.llm of every run (null: the base config's)
+    # > 0: the probe's captions (its alignment split: every object named, what moves) are mixed into the
+    # training data with this weight against the questions' 1 (the same mix for every variant)
+    captions: float = 0.0
 
 
 def variants(grid: int) -> dict:
@@ -128,6 +131,8 @@ def load_study(path: Path, cls=StudyConfig):
                               f"known: {list(known)}")
     if study.steps < 1 or not study.seeds:
         raise ConfigError(f"{path}: need steps >= 1 and at least one seed")
+    if getattr(study, "captions", 0) and "alignment" not in study.probe.splits:
+        raise ConfigError(f"{path}: key 'captions' mixes in the probe's alignment split: add it to 'probe.splits'")
     if isinstance(study.vision, pretrain_vision.Settings):
         try:
             study.vision.check()
@@ -182,9 +187,11 @@ def ensure_data(args, study: StudyConfig) -> Path:
 
 
 def overrides(args, study, data: Path, run_dir: Path, seed: int, keys: dict, mode: str) -> list[str]:
+    train = f"{{name: probe, shards: '{data / 'sft'}'}}"
+    if study.captions:
+        train += f", {{name: captions, shards: '{data / 'alignment'}', weight: {study.captions}}}"
     base = {"run_dir": str(run_dir), "seed": seed, "optim.steps": args.steps, "eval.modes": f"[{mode}]",
-            "data.train": f"[{{name: probe, shards: '{data / 'sft'}'}}]",
-            "data.val": f"[{{name: probe, shards: '{data / 'val_sft'}'}}]"}
+            "data.train": f"[{train}]", "data.val": f"[{{name: probe, shards: '{data / 'val_sft'}'}}]"}
     if args.dino:
         base["model.dino"] = f"'{args.dino}'"
     if study.llm:
@@ -223,6 +230,9 @@ def run_one(args, study, data: Path, bench_root: Path, name: str, keys: dict, mo
                    "--frame-size", str(cfg.data.frame_size), "--max-frames", str(cfg.data.max_frames),
                    "--output", str(run_dir / "probe.json.part"), *(["--limit", str(args.limit)] if args.limit else [])]
             subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=env)
+            items = run_dir / "probe.json.part.items.jsonl"  # benchmark.py's item-by-item log, kept beside it
+            if items.is_file():
+                items.rename(run_dir / "probe.json.items.jsonl")
             (run_dir / "probe.json.part").rename(run_dir / "probe.json")
     if "model.tokens_per_frame" not in keys and not (run_dir / "looked.json").is_file():
         score_looking(args, run_dir, data, mode)

@@ -54,6 +54,8 @@ def test_the_base_config_sets_the_grid(tmp_path, capsys):
     ({"probe": {"size": "many"}}, r"probe\.size' must be an integer"),
     ({"vision": {"width": 30, "heads": 4}}, r"key 'vision'.*width % heads"),
     ({"stepz": 3}, r"unknown key 'stepz'"),
+    ({"captions": 1.0}, r"'captions' mixes in the probe's alignment split"),
+    ({"probe": {"splits": ["sft", "test"]}}, r"probe\.splits.*test"),
 ])
 def test_a_bad_study_config_is_named(tmp_path, capsys, keys, message):
     with pytest.raises(SystemExit):
@@ -100,8 +102,9 @@ def test_the_probe_check_fails_a_constant_answer(tmp_path):
 
 @pytest.mark.slow
 def test_a_tiny_study_runs_scores_and_resumes(tmp_path):
-    config = study_file(tmp_path, steps=2, seeds=[0, 1], variants=["coarse_fine", "pooled_4"],
-                        probe={"size": 40, "held_out": 12, "frames": 4, "object_scale": 0.143, "distractors": [2, 4]},
+    config = study_file(tmp_path, steps=2, seeds=[0, 1], variants=["coarse_fine", "pooled_4"], captions=0.5,
+                        probe={"size": 40, "held_out": 12, "frames": 4, "object_scale": 0.143, "distractors": [2, 4],
+                               "splits": ["sft", "val_sft", "eval", "alignment"]},
                         vision={"width": 16, "depth": 2, "heads": 2, "mlp_ratio": 2, "steps": 2, "batch": 2})
     study = tmp_path / "study"
     args = ["--config", str(config), "--out", str(study), "--backbones", str(tmp_path / "backbones"), "--limit", "6"]
@@ -117,6 +120,8 @@ def test_a_tiny_study_runs_scores_and_resumes(tmp_path):
     shares = fine["runs"][0]["looked"]
     assert set(shares) == {"static", "dynamic", "chance"} and 0 < shares["chance"] < 1
     assert "looked" not in pooled["runs"][0]  # no queries, nothing to score
+    trained = yaml.safe_load((study / "runs" / "pooled_4" / "seed1" / "config.yaml").read_text())["data"]["train"]
+    assert [(t["name"], t["weight"]) for t in trained] == [("probe", 1.0), ("captions", 0.5)]  # the captions mixed in
     table = (study / "table.md").read_text()
     assert "| coarse_fine | 4 |" in table and "| pooled_4 | 16 |" in table and "probe check: failed" in table
     assert (study / "accuracy_vs_tokens.png").stat().st_size > 0 and (study / "looked_coarse_fine_clip0.png").is_file()
