@@ -70,6 +70,9 @@ class Settings:
     heads: int = 4
     mlp_ratio: int = 4
     position: str = "sincos"  # the patch position embeddings' initialisation (backbones.POSITIONS)
+    # which patches learn the shape: every patch of an object ("object": a token then binds its object's
+    # colour and shape) or only the one holding its centre ("centre": easier, but the shape sits on one token)
+    shape_on: str = "object"
     scale: list[float] = field(default_factory=lambda: [0.09, 0.16])  # object side / frame side, per frame
     objects: list[int] = field(default_factory=lambda: [0, 12])  # per frame, uniformly (fewer when they cannot fit)
     steps: int = 1500
@@ -80,6 +83,8 @@ class Settings:
     def check(self):
         if self.frame_size % self.patch_size or self.width % self.heads:
             raise ValueError(f"need frame_size % patch_size == 0 and width % heads == 0, got {self}")
+        if self.shape_on not in ("object", "centre"):
+            raise ValueError(f"shape_on must be 'object' or 'centre', got {self.shape_on!r}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
         if len(self.scale) != 2 or len(self.objects) != 2:
@@ -119,10 +124,10 @@ def scene(rng: random.Random, s: Settings):
     return pixels, np.asarray(index), objects
 
 
-def dense_labels(index: np.ndarray, objects: list, patch: int):
-    """Per patch (row-major): colour class of its object, shape class of the object centred on it
-    (0 = none, -100 = left out) and the centre of its object (of the patch itself on background) in
-    patch units [g * g, 2] as (x, y)."""
+def dense_labels(index: np.ndarray, objects: list, patch: int, shape_on: str = "object"):
+    """Per patch (row-major): colour class of its object, shape class (of its object with shape_on
+    "object", of the object centred on it with "centre"; 0 = none, -100 = left out) and the centre of
+    its object (of the patch itself on background) in patch units [g * g, 2] as (x, y)."""
     g = index.shape[0] // patch
     # [g * g, patch * patch]: the pixels of patch (r, c) at row r * g + c
     cells = index[:g * patch, :g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
@@ -137,14 +142,16 @@ def dense_labels(index: np.ndarray, objects: list, patch: int):
     top = counts.max(1)
     mine = (top >= MIN_SHARE * area[owner]) | (top >= MIN_SHARE * patch * patch)
     sliver = (top > 0) & ~mine
-    # shape is read where an object is centred (a quarter of a circle looks like a quarter of a square);
-    for p in np.nonzero(mine)[0]:  # elsewhere it is left out (the colour head says "no object")
+    for p in np.nonzero(mine)[0]:  # shape is left out on background: the colour head says "no object"
         o = objects[owner[p]]
         colour[p] = COLOURS.index(o["colour"]) + 1
+        if shape_on == "object":
+            shape[p] = world.SHAPES.index(o["shape"]) + 1
         x0, y0, x1, y1 = o["box"]
         centre[p] = ((x0 + x1) / 2 / patch, (y0 + y1) / 2 / patch)
-    for o in objects:
-        shape[centre_patch(o, patch, g)] = world.SHAPES.index(o["shape"]) + 1
+    if shape_on == "centre":  # the patch holding the centre sees most of a small object
+        for o in objects:
+            shape[centre_patch(o, patch, g)] = world.SHAPES.index(o["shape"]) + 1
     colour[sliver] = -100
     return colour, shape, centre
 
@@ -161,7 +168,7 @@ def batch_of(s: Settings, stream: str, index: int, size: int) -> dict:
     frames, colours, shapes, centres = [], [], [], []
     for _ in range(size):
         pixels, idx, objects = scene(rng, s)
-        c, sh, ce = dense_labels(idx, objects, s.patch_size)
+        c, sh, ce = dense_labels(idx, objects, s.patch_size, s.shape_on)
         frames.append(pixels)
         colours.append(c), shapes.append(sh), centres.append(ce)
     return {"frames": torch.stack(frames), "colour": torch.from_numpy(np.stack(colours)),

@@ -245,7 +245,8 @@ def plot_difficulty(matrices: dict, meta: dict, uids: list[str], path: Path):
         ax.set_title(FAMILY_NAMES[fam])
         ax.set_xlabel("other objects in the clip")
     axes[0][0].set_ylabel("probe answer accuracy (%), mean over seeds")
-    axes[0][-1].legend(fontsize=7)
+    if axes[0][-1].get_legend_handles_labels()[0]:  # no line when none of DIFFICULTY_VARIANTS ran
+        axes[0][-1].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -10,9 +10,12 @@ import yaml
 
 import checkpoint as ckpt
 from config import ConfigError, apply_override, load_config
+from conftest import load_script
 from schedule import lr_at, warmup_steps
 
 ROOT = Path(__file__).resolve().parents[1]
+# configs that describe a study over train configs (their `base`), not a train run: script and dataclass
+STUDY_CONFIGS = {"study_cpu.yaml": ("ablate", "StudyConfig"), "poc_testbed.yaml": ("poc", "PocConfig")}
 MINIMAL = {"stage": "sft", "run_dir": "runs/x", "data": {"train": [{"name": "a", "shards": "a/*.tar"}]}}
 
 
@@ -24,7 +27,13 @@ def write(tmp_path, tree, name="c.yaml"):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    cfg = load_config(path)
+    if path.name in STUDY_CONFIGS:
+        script, cls = STUDY_CONFIGS[path.name]
+        study = load_script("ablate").load_study(path, getattr(load_script(script), cls))
+        cfg = load_config(Path(study.base))  # the train config every run of the study shares
+    else:
+        assert "base" not in yaml.safe_load(path.read_text()), f"{path.name}: a study config not in STUDY_CONFIGS"
+        cfg = load_config(path)
     assert cfg.to_dict()["stage"] in ("alignment", "sft", "dpo", "next_frame")
 
 
