@@ -11,8 +11,8 @@ loss and where its queries look.
 The study config (StudyConfig; every key checked): `base` (the train config every run shares, relative
 to the study file), `steps`, `seeds`, `variants`, `quick` (the variants of --quick), `probe`
 (make_synthetic's arguments: clips, tasks, object size, distractors), `vision` (pretrain_vision's
-settings, or a folder holding a vision backbone) and `llm` (a model.llm for every run, or null for the
-base config's).
+settings, or a folder holding a vision backbone), `llm` (a model.llm for every run, or null for the
+base config's) and `captions` (the probe's captions mixed into every run's training with this weight).
 
 Variants (variants()): static (the static query only, trained in coarse_only), coarse_fine (as
 published), coarse_fine+coarse_loss (coarse_weight 1: the static path trained too), autoregressive
@@ -27,9 +27,11 @@ content-findable and question-dependent tasks (PROBE_BAR) before any comparison 
 report says "probe check: passed / failed" and, when it failed, gives no verdict about looking.
 
 Writes, under --out: data/probe/ (the probe), runs/VARIANT/seedS/ (each run: train.py's run directory
-plus probe.json, benchmark.py's synthetic scores, and looked.json), results.json (every figure),
-table.md, accuracy_vs_tokens.png and looked_VARIANT_clipI.png (attention of a few clips with the
-target's box outlined). Pretrained backbones go to --backbones (shared by studies).
+plus probe.json, benchmark.py's synthetic scores, and looked.json), then scripts/study_report.py's
+results.json (every figure, intervals and paired comparisons), table.md, accuracy_vs_tokens.png,
+accuracy_vs_difficulty.png and attention_TASK.png (where the static, dynamic and question-conditioned
+queries looked on a question-dependent clip, the target outlined). Pretrained backbones go to
+--backbones (shared by studies).
 """
 
 import argparse
