@@ -23,8 +23,9 @@ N the full patch grid). Rerunning resumes: a finished run or score is kept, a ha
 continues from its checkpoint (train.py resumes its run directory).
 
 The probe check: the full-grid baseline (the largest pooled_N) sees every patch, so it must answer the
-content-findable and question-dependent tasks (PROBE_BAR) before any comparison means something; the
-report says "probe check: passed / failed" and, when it failed, gives no verdict about looking.
+probe's tasks (study_report.PROBE_BAR) before a comparison on them means something; the report says
+"probe check: passed / partial / failed", gives verdicts on the tasks that passed only and, when none
+did, no verdict about looking.
 
 Writes, under --out: data/probe/ (the probe), runs/VARIANT/seedS/ (each run: train.py's run directory
 plus probe.json, benchmark.py's synthetic scores, and looked.json), then scripts/study_report.py's

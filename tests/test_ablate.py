@@ -8,6 +8,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -92,12 +93,38 @@ def test_the_probe_check_fails_a_constant_answer(tmp_path):
     results = constant_results(tmp_path, "The circle is red. The red object is a square.")
     check = report.probe_check(results)
     assert check["variant"] == "pooled_64" and check["status"] == "failed"  # the largest grid is the baseline
-    assert set(check["tasks"]) == {"colour", "shape", "qcolour", "qshape"}
+    assert set(check["tasks"]) == set(report.PROBE_BAR) and check["verified"] == []
     assert all(not t["ok"] and t["accuracy"] < 0.4 for t in check["tasks"].values())
     assert "no verdict about looking" in report.check_line(check)
     passing = {"pooled_64": {"tokens_per_frame": 64, "mean_std": {t: (0.95, 0.01) for t in report.PROBE_BAR}}}
     assert report.probe_check(passing)["status"] == "passed"
     assert report.probe_check({"static": {"tokens_per_frame": 1}})["status"] == "not run"
+
+
+def test_a_partial_probe_check_gives_verdicts_on_its_verified_tasks_only():
+    rng = np.random.default_rng(0)
+    meta = {f"c{i}": {"task": "colour", "family": "content", "others": 2} for i in range(60)}
+    meta.update({f"q{i}": {"task": "qshape", "family": "question", "others": 5} for i in range(60)})
+    uids = sorted(meta)
+    on_colour = np.array([meta[u]["task"] == "colour" for u in uids])
+    # prompt_first beats static by far on qshape, where the full grid failed, and ties on colour
+    matrices = {"static": np.stack([on_colour & (rng.random(120) < 0.9)] * 3),
+                "prompt_first": np.stack([(on_colour & (rng.random(120) < 0.9)) | ~on_colour] * 3),
+                "pooled_64": np.stack([on_colour | (rng.random(120) < 0.5)] * 3)}
+    results = {"pooled_64": {"tokens_per_frame": 64, "mean_std": {"colour": (1.0, 0.0), "qshape": (0.5, 0.0)}}}
+    check = report.probe_check(results)
+    assert (check["status"], check["verified"]) == ("partial", ["colour"])
+    assert "verdicts on the verified tasks only (colour)" in report.check_line(check)
+    analysis = report.analyse(matrices, meta, uids, check["verified"])
+    assert {c["group"] for c in analysis["comparisons"]} == {"all", "content"}  # qshape is not compared
+    first = next(c for c in analysis["comparisons"] if (c["a"], c["b"], c["group"]) == ("prompt_first", "static", "all"))
+    assert abs(first["difference"]) < 0.15  # colour only: the 50-point gap on qshape is left out
+    assert "question" in analysis["intervals"]["prompt_first"]  # the table still shows every task
+    lines = report.verdict(check, analysis)
+    assert lines[0].startswith("content-findable (colour): best ")
+    assert lines[1] == "question-dependent: no verdict (none of its tasks passed the probe check)"
+    refused = report.verdict({"status": "failed"}, analysis)
+    assert len(refused) == 1 and refused[0].startswith("No verdict about looking")
 
 
 @pytest.mark.slow
