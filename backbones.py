@@ -22,8 +22,8 @@ RANDOM = "random:"
 LLM_PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048),
-    # the study's testbed LLM (configs/ablate_probe.yaml): the tiny one is too small to bind a question to
-    # one of several objects (measured: docs), this one is 4x wider and 2x deeper, still cheap on a CPU
+    # 2x wider and 2x deeper, still cheap on a CPU: the PoC's LLM (configs/poc_testbed_train.yaml); in
+    # the study it learned slower than tiny at equal steps (README, "The testbed")
     "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=2048),
     # SmolLM2-135M-Instruct's architecture

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import Dinov2Config, Dinov2Model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,13 +177,17 @@ def batch_of(s: Settings, stream: str, index: int, size: int) -> dict:
 
 
 class Frames(IterableDataset):
-    """Training batches start .. steps - 1 (one worker draws them while the main process trains)."""
+    """Training batches start .. steps - 1, drawn by the loader's workers while the main process trains:
+    worker k of W draws steps start + k, start + k + W, ..., and the loader takes one from each worker in
+    turn, so the order (and every batch: batch_of seeds it by step) does not depend on W."""
 
     def __init__(self, s: Settings, start: int = 0):
         self.s, self.start = s, start
 
     def __iter__(self):
-        for step in range(self.start, self.s.steps):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.start + worker, self.s.steps, workers):
             yield batch_of(self.s, "train", step, self.s.batch)
 
 
@@ -209,8 +214,8 @@ def backbone(s: Settings) -> Dinov2Model:
 
 
 def normalise(frames: torch.Tensor) -> torch.Tensor:
-    mean = 255 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = 255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = 255 * torch.tensor(IMAGENET_MEAN, device=frames.device).view(1, 3, 1, 1)
+    std = 255 * torch.tensor(IMAGENET_STD, device=frames.device).view(1, 3, 1, 1)
     return (frames.float() - mean) / std
 
 
@@ -229,8 +234,12 @@ def losses(model, heads, batch) -> dict:
 
 
 def train(s: Settings, threads: int, log) -> tuple[Dinov2Model, dict]:
+    """Trains on CUDA when there is one (bf16 autocast over fp32 weights; more workers draw frames), else
+    on the CPU with `threads` threads and one worker; returns the backbone on the CPU."""
     torch.set_num_threads(threads)
-    model, heads = backbone(s), DenseHeads(s.width)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = 1 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+    model, heads = backbone(s).to(device), DenseHeads(s.width).to(device)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.05)
     warmup = max(1, s.steps // 20)
@@ -238,26 +247,28 @@ def train(s: Settings, threads: int, log) -> tuple[Dinov2Model, dict]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     curve, window, start = [], [], time.perf_counter()
     # one worker draws the frames while this process trains (none for a gate-only run)
-    loader = DataLoader(Frames(s), batch_size=None, num_workers=1 if s.steps else 0,
-                        prefetch_factor=4 if s.steps else None)
+    loader = DataLoader(Frames(s), batch_size=None, num_workers=workers if s.steps else 0,
+                        prefetch_factor=4 if s.steps else None, pin_memory=device.type == "cuda")
     model.train()
     for step, batch in enumerate(loader):
-        parts = losses(model, heads, batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            parts = losses(model, heads, batch)
         loss = sum(parts.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        window.append([float(v.detach()) for v in parts.values()])  # a CPU run: the sync costs nothing
-        if (step + 1) % 100 == 0 or step + 1 == s.steps:
-            mean = np.mean(window, 0).tolist()
+        window.append(torch.stack([v.detach().float() for v in parts.values()]))
+        if (step + 1) % 100 == 0 or step + 1 == s.steps:  # the one host sync in 100 steps
+            mean = torch.stack(window).mean(0).tolist()
             curve.append({"step": step + 1, **dict(zip(parts, mean)), "seconds": time.perf_counter() - start})
             window = []
             log(f"step {step + 1}/{s.steps}  " + "  ".join(f"{k} {v:.3f}" for k, v in zip(parts, mean))
                 + f"  {(step + 1) * s.batch / (time.perf_counter() - start):.0f} frames/s")
     seconds = time.perf_counter() - start
-    model.eval()
+    model.to("cpu").eval()
     return model, {"curve": curve, "train_seconds": seconds,
                    "frames_per_second": s.steps * s.batch / seconds if s.steps else None}
 

@@ -15,7 +15,8 @@ from schedule import lr_at, warmup_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs that describe a study over train configs (their `base`), not a train run: script and dataclass
-STUDY_CONFIGS = {"study_cpu.yaml": ("ablate", "StudyConfig"), "poc_testbed.yaml": ("poc", "PocConfig")}
+STUDY_CONFIGS = {"study_cpu.yaml": ("ablate", "StudyConfig"), "study_gpu.yaml": ("ablate", "StudyConfig"),
+                 "poc_testbed.yaml": ("poc", "PocConfig")}
 MINIMAL = {"stage": "sft", "run_dir": "runs/x", "data": {"train": [{"name": "a", "shards": "a/*.tar"}]}}
 
 
