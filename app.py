@@ -64,10 +64,10 @@ def random_model(seed: int = 0):
 
 
 def load(checkpoint=None, llm=None, dino=None, trust: bool = False):
-    """(model, where it came from, noise?): the checkpoint (checkpoint.load_model), else the quickstart's
+    """(model, where it came from, noise?): the checkpoint (model.load_model), else the quickstart's
     final model when present, else tiny random backbones."""
     if checkpoint is not None:
-        from checkpoint import load_model
+        from model import load_model
 
         model, source = load_model(checkpoint, llm, dino, trust=trust)
         return model, str(source), False

@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from checkpoint import hub_commit, load_model
+from loading import hub_commit
 from collate import pack_frames
 from config import MODES
 from data import Loader, SampleSpec, ShardStream, Source
 from media import MediaError, decode_image, decode_video, frame_extension_index, sample_frame_indices
-from model import autocast
+from model import autocast, load_model
 from progress import Progress
 
 BENCHES = ("mvbench", "videomme", "scienceqa", "pope", "val", "synthetic")
@@ -659,7 +659,7 @@ EXAMPLES = """examples:
       --dino facebook/dinov2-small --data-root /data/benchmarks --bench mvbench,videomme --mode coarse_fine
 
   # a Hugging Face Hub repo by id (@revision optional): its export, or its checkpoint.pt with the published
-  # backbones (checkpoint.PUBLISHED_BACKBONES; --llm / --dino override them)
+  # backbones (loading.PUBLISHED_BACKBONES; --llm / --dino override them)
   python benchmark.py --checkpoint sanps/fVLM-135M --data-root /data/benchmarks --output results.json
 
   # continue an interrupted run: keeps what results.json.items.jsonl already holds

@@ -37,10 +37,11 @@ import av
 import torch
 
 from benchmark import _HelpFormatter, _int_at_least
-from checkpoint import TRUST_FLAG, load_model
+from loading import TRUST_FLAG
 from config import MODES
 from looked import attention_maps
 from media import IMAGE_EXTENSIONS, MediaError, decode_image, decode_video, sample_frame_indices
+from model import load_model
 from session import STREAM_MODES, StreamSession
 
 MEDIA_FLAGS = ("--video", "--image", "--frames", "--camera")

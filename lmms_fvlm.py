@@ -48,9 +48,9 @@ from lmms_eval.api.model import lmms  # noqa: E402
 
 try:
     from benchmark import Item, Runner, batches_by_clip
-    from checkpoint import load_model
     from config import MODES
     from media import IMAGE_EXTENSIONS
+    from model import load_model
 except ModuleNotFoundError as e:  # installed as a copy (pip install .), away from the repository
     raise ModuleNotFoundError(f"lmms_fvlm needs the fvlm repository next to it ({_REPO} has no {e.name}.py): "
                               f"install it from the repository with `pip install -e .`") from e

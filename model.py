@@ -24,10 +24,8 @@ are -100. The first text token is never a target (it follows nothing but the vid
 """
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+import loading
 from backbones import load_llm, vision_config, vision_weights
 from collate import IGNORE_INDEX, pack_frames, pad_rows
-from config import EXPORT_FORMAT, MODES, ModelConfig, model_config, read_export_config
+from config import MODES, ModelConfig, model_config
 from encoder import FoveatedEncoder
 from predict import NextFrameHead
 from tokenization import chat_ids, pad_id
@@ -764,45 +763,35 @@ class FoveatedVLM(nn.Module):
 
     def save_pretrained(self, directory):
         """directory/config.json (the ModelConfig) + model.safetensors, with the backbones' configs and
-        the tokenizer in llm/ and dino/, so that from_pretrained needs nothing else."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.llm.config.save_pretrained(directory / "llm")
-        self.tokenizer.save_pretrained(directory / "llm")
-        self.dino_config.save_pretrained(directory / "dino")
-        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "pretrained"}
-        (directory / "config.json").write_text(json.dumps(dict(settings, format=EXPORT_FORMAT), indent=2))
-        state = self.state_dict()
-        if self.llm.config.tie_word_embeddings:
-            state.pop("llm.lm_head.weight", None)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"))
+        the tokenizer in llm/ and dino/, so that from_pretrained needs nothing else (loading.save_pretrained)."""
+        loading.save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, **overrides):
-        """A save_pretrained folder; overrides replace settings of its config.json. directory may be a
-        Hugging Face Hub id (`owner/name[@revision]`, see checkpoint.fetch): a repo with an export is
-        downloaded and read as a folder; one with only the published checkpoint.pt is read with the safe
-        loader and built with its published backbones (overrides may then name only llm / dino)."""
-        from safetensors.torch import load_file
+        """A save_pretrained folder (or a run directory: its final/); overrides replace settings of its
+        config.json. directory may be a Hugging Face Hub id (`owner/name[@revision]`, see loading.fetch):
+        a repo with an export is downloaded and read as a folder; one with only the published
+        checkpoint.pt is read with the safe loader and built with its published backbones (overrides
+        may then name only llm / dino). Reads every form `load_model` reads (loading.read_model)."""
+        llm, dino = overrides.pop("llm", None), overrides.pop("dino", None)
+        return cls.from_stored(loading.read_model(directory, llm, dino, overrides=overrides))
 
-        from checkpoint import build_fetched, fetch
-
-        source = directory
-        fetched = fetch(directory)  # downloaded once, built from here
-        directory = fetched[0]
-        if directory.is_file():  # a Hub repo's checkpoint.pt
-            if set(overrides) - {"llm", "dino"}:
-                raise ValueError(f"{source} holds a checkpoint.pt: only llm / dino may be overridden, not "
-                                 f"{sorted(set(overrides) - {'llm', 'dino'})}")
-            return build_fetched(fetched, overrides.get("llm"), overrides.get("dino"))[0]
-        stored = read_export_config(directory)
-        model = cls(stored, **dict(overrides, llm=directory / "llm", dino=directory / "dino", pretrained=False))
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
-        # the backbones were built from the folder; the config keeps where they first came from
-        model.config = dataclasses.replace(model.config, llm=stored.llm, dino=stored.dino)
+    @classmethod
+    def from_stored(cls, stored: loading.Stored):
+        """The model of loading.read_model's result: built from its backbones, its weights loaded."""
+        model = cls(stored.config, llm=stored.llm, dino=stored.dino, pretrained=False)
+        model.load_state_dict(stored.state)
+        # the backbones may have been built from an export's folders; the config keeps where they came from
+        model.config = dataclasses.replace(model.config, llm=stored.config.llm, dino=stored.config.dino)
         return model
+
+
+def load_model(path, llm: str | None = None, dino: str | None = None, trust: bool = False):
+    """(FoveatedVLM, what was read) from any form loading.read_model reads: an export folder, a run
+    directory, a training checkpoint, the published checkpoint.pt (llm / dino: its backbones), a Hub id.
+    trust: unpickle arbitrary objects (loading.read_torch_file)."""
+    stored = loading.read_model(path, llm, dino, trust)
+    return FoveatedVLM.from_stored(stored), stored.what
 
 
 def autocast(device: torch.device, enabled: bool = True):

@@ -42,6 +42,7 @@ import yaml
 
 import checkpoint as ckpt
 import distributed
+import loading
 import objectives as objective_units
 from config import ConfigError, config_from_dict, defaults_text, expand_path, load_config
 from data import Loader, SampleSpec, ShardStream, Source
@@ -299,13 +300,13 @@ def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
 def initial_weights(cfg, trust: bool = False) -> tuple[dict, str] | None:
     """(state dict, what was read) of cfg.init_from, or None. Read before the model is built: a path
     that is not a checkpoint fails before anything heavy loads. init_from may be a Hugging Face Hub id
-    (owner/name[@revision]; a path that exists wins): checkpoint.load_weights downloads it."""
+    (owner/name[@revision]; a path that exists wins): loading.load_weights downloads it."""
     if not cfg.init_from:
         return None
     path = expand_path(cfg.init_from, "init_from")
     try:
-        state, _, what = ckpt.load_weights(path, trust)
-    except ckpt.UntrustedCheckpoint as e:
+        state, _, what = loading.load_weights(path, trust)
+    except loading.UntrustedCheckpoint as e:
         raise ConfigError(f"init_from: {e}") from None
     except FileNotFoundError as e:
         raise ConfigError(f"init_from: {e}") from None

@@ -159,7 +159,7 @@ def main(argv=None) -> Path | None:
     parser.add_argument("--dry-run", type=Path, metavar="OUT_DIR", help="write the folder that would be uploaded to OUT_DIR; "
                                                                        "no network")
     args = parser.parse_args(argv)
-    from checkpoint import HUB_ID
+    from loading import HUB_ID
 
     if not HUB_ID.match(args.repo_id) or "@" in args.repo_id:
         parser.error(f"REPO_ID {args.repo_id!r} is not owner/name")

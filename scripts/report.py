@@ -46,6 +46,7 @@ import train  # noqa: E402
 from config import MODES, ConfigError, load_config  # noqa: E402
 from data import ShardStream  # noqa: E402
 from media import sample_frame_indices  # noqa: E402
+from model import load_model  # noqa: E402
 
 NEXT_FRAME = ("loss_fine", "loss_coarse")  # the next-frame objective's losses with and without foveation
 REFERENCE_LOSSES = ("copy_loss", "mean_loss")  # its baselines (copy frame t; predict the mean frame)
@@ -87,7 +88,7 @@ class RunFiles:
         if source is None:
             return None
         try:
-            model, what = ckpt.load_model(source)
+            model, what = load_model(source)
         except (OSError, ValueError) as e:
             raise ReportError(f"{source}: cannot load the model: {e}") from None
         return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), what

@@ -143,7 +143,7 @@ def test_defaults_and_loading(model, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="multiple"):
         app.Demo(model, frame_size=100)
     model.save_pretrained(tmp_path / "run" / "final")
-    loaded, source, noise = app.load(tmp_path / "run")  # a run folder: checkpoint.load_model finds final/
+    loaded, source, noise = app.load(tmp_path / "run")  # a run folder: model.load_model finds final/
     assert not noise and source.endswith("final")
     assert torch.equal(loaded.q_init, model.q_init)
     monkeypatch.setattr(app, "QUICKSTART_MODEL", tmp_path / "run" / "final")  # no --checkpoint: the quickstart's

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import checkpoint as ckpt
+import loading
 from config import ConfigError, apply_override, load_config
 from conftest import load_script
 from schedule import lr_at, warmup_steps
@@ -179,17 +180,17 @@ def test_load_weights_reads_every_form(tmp_path, tiny_model):
     torch.save({"model": state, "step": 3}, tmp_path / "checkpoint.pt")
     torch.save(state, tmp_path / "bare.pt")
     for source in ("run", "run/final", "checkpoint.pt", "bare.pt"):
-        loaded, settings, _ = ckpt.load_weights(tmp_path / source)
+        loaded, settings, _ = loading.load_weights(tmp_path / source)
         tiny_model.load_state_dict(loaded)
         assert all(torch.equal(tiny_model.state_dict()[k], v) for k, v in state.items()), source
         assert (settings is not None) == source.startswith("run"), source  # an export carries its config.json
         if settings is not None:
             assert settings["query_dim"] == tiny_model.config.query_dim
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ckpt.load_weights(tmp_path / "missing.pt")
+        loading.load_weights(tmp_path / "missing.pt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a save_pretrained folder"):
-        ckpt.load_weights(tmp_path / "empty")
+        loading.load_weights(tmp_path / "empty")
 
 
 def test_reading_a_config_imports_neither_torch_nor_the_model():

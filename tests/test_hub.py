@@ -1,7 +1,7 @@
 """Models through the Hugging Face Hub, offline: a Hub cache laid out here (huggingface_hub's own
 layout: models--owner--name/{refs/main, snapshots/<commit>/, blobs/}) with HF_HUB_OFFLINE on, so the
 real snapshot_download path finds the files. A save_pretrained export and a checkpoint.pt-only repo
-load by id (FoveatedVLM.from_pretrained, checkpoint.load_model, benchmark.py --checkpoint, train.py
+load by id (FoveatedVLM.from_pretrained, model.load_model, benchmark.py --checkpoint, train.py
 init_from); a missing id fails clearly; a pickled payload is refused; scripts/push.py --dry-run writes
 the folder to upload and its model card."""
 
@@ -18,11 +18,11 @@ import torch
 import yaml
 
 import benchmark
-import checkpoint as ckpt
+import loading
 import train
 from config import ConfigError, load_config
 from conftest import load_script, make_model
-from model import FoveatedVLM
+from model import FoveatedVLM, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -75,15 +75,15 @@ def outputs(model):
 
 
 def test_the_id_rule(tmp_path, monkeypatch):
-    assert ckpt.hub_id("sanps/fVLM-135M") == ("sanps/fVLM-135M", None)
-    assert ckpt.hub_id("sanps/fVLM-135M@v1.0") == ("sanps/fVLM-135M", "v1.0")
-    assert ckpt.hub_id(f"owner/name@{COMMIT}") == ("owner/name", COMMIT)
+    assert loading.hub_id("sanps/fVLM-135M") == ("sanps/fVLM-135M", None)
+    assert loading.hub_id("sanps/fVLM-135M@v1.0") == ("sanps/fVLM-135M", "v1.0")
+    assert loading.hub_id(f"owner/name@{COMMIT}") == ("owner/name", COMMIT)
     for path in ("random:tiny", "/abs/path", "./runs/x", "runs/a/b", "~/x/y", "../x", "x", "checkpoint.pt", "a/../b"):
-        assert ckpt.hub_id(path) is None, path
+        assert loading.hub_id(path) is None, path
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "stage3").mkdir(parents=True)
-    assert ckpt.hub_id("runs/stage3") is None  # a path that exists wins
-    assert ckpt.hub_id("runs/stage4") == ("runs/stage4", None)
+    assert loading.hub_id("runs/stage3") is None  # a path that exists wins
+    assert loading.hub_id("runs/stage4") == ("runs/stage4", None)
 
 
 def test_an_export_loads_by_id_and_equals_the_original(hub, exported):
@@ -94,7 +94,7 @@ def test_an_export_loads_by_id_and_equals_the_original(hub, exported):
     assert torch.equal(outputs(loaded), outputs(model))
     by_revision = FoveatedVLM.from_pretrained(f"me/tiny-fvlm@{COMMIT}").eval()
     assert torch.equal(outputs(by_revision), outputs(model))
-    again, what = ckpt.load_model("me/tiny-fvlm")
+    again, what = load_model("me/tiny-fvlm")
     assert COMMIT in what and torch.equal(outputs(again.eval()), outputs(model))
 
 
@@ -106,18 +106,18 @@ def test_a_checkpoint_pt_repo_loads_with_backbones_given_named_or_from_the_table
     repo.mkdir()
     torch.save({"model": model.state_dict(), "step": 10, "config": {"stage": 3, "llm": None}}, repo / "checkpoint.pt")
     put_in_cache(hub, "me/published", repo)
-    loaded, _ = ckpt.load_model("me/published", llm, dino)
+    loaded, _ = load_model("me/published", llm, dino)
     assert torch.equal(outputs(loaded.eval()), outputs(model))
     with pytest.raises(ValueError, match="needs --llm and --dino"):  # not in the table: the backbones must be named
-        ckpt.load_model("me/published")
-    monkeypatch.setitem(ckpt.PUBLISHED_BACKBONES, "me/published", (llm, dino))
+        load_model("me/published")
+    monkeypatch.setitem(loading.PUBLISHED_BACKBONES, "me/published", (llm, dino))
     from_table = FoveatedVLM.from_pretrained("me/published").eval()
     assert torch.equal(outputs(from_table), outputs(model))
     # a non-export config.json in the repo names them too
     (repo / "config.json").write_text(json.dumps({"llm": llm, "dino": dino}))
     put_in_cache(hub, "me/with-config", repo)
-    assert torch.equal(outputs(ckpt.load_model("me/with-config")[0].eval()), outputs(model))
-    assert ckpt.PUBLISHED_BACKBONES["sanps/fvlm-135m"] == ("HuggingFaceTB/SmolLM2-135M-Instruct", "facebook/dinov2-small")
+    assert torch.equal(outputs(load_model("me/with-config")[0].eval()), outputs(model))
+    assert loading.PUBLISHED_BACKBONES["sanps/fvlm-135m"] == ("HuggingFaceTB/SmolLM2-135M-Instruct", "facebook/dinov2-small")
 
 
 def test_a_pickled_payload_from_the_hub_is_refused(hub, tmp_path):
@@ -129,15 +129,15 @@ def test_a_pickled_payload_from_the_hub_is_refused(hub, tmp_path):
     repo.mkdir()
     torch.save({"model": {"q_static": torch.zeros(1, 8)}, "extra": Payload()}, repo / "checkpoint.pt")
     put_in_cache(hub, "bad/actor", repo)
-    with pytest.raises(ckpt.UntrustedCheckpoint, match=ckpt.TRUST_FLAG):
-        ckpt.load_model("bad/actor", "random:tiny", "random:tiny")
-    with pytest.raises(ckpt.UntrustedCheckpoint):
+    with pytest.raises(loading.UntrustedCheckpoint, match=loading.TRUST_FLAG):
+        load_model("bad/actor", "random:tiny", "random:tiny")
+    with pytest.raises(loading.UntrustedCheckpoint):
         FoveatedVLM.from_pretrained("bad/actor", llm="random:tiny", dino="random:tiny")
     assert not (tmp_path / "ran").exists()
 
 
 def test_an_id_not_in_the_cache_is_a_clear_error(hub, tmp_path):
-    for call in (lambda: FoveatedVLM.from_pretrained("nobody/nothing"), lambda: ckpt.load_weights("nobody/nothing@v2")):
+    for call in (lambda: FoveatedVLM.from_pretrained("nobody/nothing"), lambda: loading.load_weights("nobody/nothing@v2")):
         with pytest.raises(FileNotFoundError, match=r"nobody/nothing.*Hub id.*offline") as err:
             call()
         assert "HF_HUB_OFFLINE" in str(err.value)
@@ -146,7 +146,7 @@ def test_an_id_not_in_the_cache_is_a_clear_error(hub, tmp_path):
     (empty / "sub" / "notes.txt").write_text("x")
     put_in_cache(hub, "me/empty", empty)
     with pytest.raises(FileNotFoundError, match="neither a save_pretrained export .* nor a checkpoint.pt"):
-        ckpt.load_model("me/empty")
+        load_model("me/empty")
 
 
 # ---- the command lines: a tiny training run, then its export through the Hub -------------------------

@@ -27,7 +27,7 @@ from lmms_eval.models.registry_v2 import ModelManifest, ModelRegistryV2  # noqa:
 
 import benchmark  # noqa: E402
 import lmms_fvlm  # noqa: E402
-from checkpoint import load_model  # noqa: E402
+from model import load_model  # noqa: E402
 from lmms_fvlm import FVLM, cut_at_stops, generation_settings, media_of  # noqa: E402
 from media import decode_image  # noqa: E402
 from test_media import write_video  # noqa: E402

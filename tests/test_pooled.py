@@ -118,7 +118,7 @@ def test_cached_generation_equals_uncached(tiny_backbones, layout):
 
 @torch.no_grad()
 def test_save_load_round_trip(tiny_backbones, tmp_path):
-    from checkpoint import load_model
+    from model import load_model
 
     model = make_model(tiny_backbones, tokens_per_frame=4)
     model.save_pretrained(tmp_path / "export")

@@ -1,4 +1,4 @@
-"""Reading checkpoint files from others: nothing in them executes unless the user opts in, the
+"""Reading files from others (loading.py): nothing in them executes unless the user opts in, the
 published checkpoint.pt's format loads safely, and files that are not checkpoints fail clearly."""
 
 import subprocess
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import checkpoint as ckpt
+import loading
+from model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,17 +33,17 @@ def weights():
 def test_a_payload_never_runs_and_the_error_names_the_file_and_the_flag(tmp_path):
     marker, path = tmp_path / "ran", tmp_path / "evil.pt"
     torch.save({"model": weights(), "extra": Payload(marker)}, path)
-    with pytest.raises(ckpt.UntrustedCheckpoint) as err:
-        ckpt.load_weights(path)
-    assert str(path) in str(err.value) and ckpt.TRUST_FLAG in str(err.value)
+    with pytest.raises(loading.UntrustedCheckpoint) as err:
+        loading.load_weights(path)
+    assert str(path) in str(err.value) and loading.TRUST_FLAG in str(err.value)
     assert not marker.exists()
-    with pytest.raises(ckpt.UntrustedCheckpoint):
-        ckpt.load_model(path, "random:tiny", "random:tiny")
+    with pytest.raises(loading.UntrustedCheckpoint):
+        load_model(path, "random:tiny", "random:tiny")
     assert not marker.exists()
-    with pytest.raises(ckpt.UntrustedCheckpoint):  # resuming from a planted checkpoint is no way around it
+    with pytest.raises(loading.UntrustedCheckpoint):  # resuming from a planted checkpoint is no way around it
         ckpt.load_checkpoint(path)
     assert not marker.exists()
-    state, _, _ = ckpt.load_weights(path, trust=True)  # the explicit opt-in unpickles (and so runs) it
+    state, _, _ = loading.load_weights(path, trust=True)  # the explicit opt-in unpickles (and so runs) it
     assert marker.exists() and set(state) == set(weights())
 
 
@@ -62,7 +64,7 @@ def test_the_published_checkpoint_format_loads_with_the_safe_loader(tmp_path, en
         "epoch": np.int64(3), "config": {"stage": 3, "lr": 1e-5, "shards": ["a", "b"], "llm": None},
         "timestamp": "2026-02-01T12:00:00"}
     torch.save(obj, tmp_path / "checkpoint.pt")
-    loaded, settings, _ = ckpt.load_weights(tmp_path / "checkpoint.pt")
+    loaded, settings, _ = loading.load_weights(tmp_path / "checkpoint.pt")
     assert settings is None and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
@@ -70,8 +72,8 @@ def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_bytes(b"these are my notes, not a checkpoint\n" * 20)
     with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint") as err:
-        ckpt.load_weights(path)
-    assert not isinstance(err.value, ckpt.UntrustedCheckpoint)
+        loading.load_weights(path)
+    assert not isinstance(err.value, loading.UntrustedCheckpoint)
 
 
 def test_benchmark_refuses_a_payload_from_the_command_line(tmp_path):
@@ -88,7 +90,7 @@ def test_benchmark_refuses_a_payload_from_the_command_line(tmp_path):
                            str(tmp_path / "data")], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode != 0 and not marker.exists()
     assert "Traceback" not in done.stderr, done.stderr
-    assert ckpt.TRUST_FLAG in done.stderr and str(path) in done.stderr, done.stderr
+    assert loading.TRUST_FLAG in done.stderr and str(path) in done.stderr, done.stderr
 
 
 def test_the_readme_usage_loads_a_published_style_checkpoint_into_the_model(tmp_path, tiny_backbones, tiny_model):
@@ -99,6 +101,6 @@ def test_the_readme_usage_loads_a_published_style_checkpoint_into_the_model(tmp_
     torch.save({"model": tiny_model.state_dict(), "step": 2593, "metric": np.float64(0.5),
                 "config": {"stage": 3}}, tmp_path / "checkpoint.pt")
     fresh = make_model(tiny_backbones, seed=1)
-    state, _, _ = ckpt.load_weights(tmp_path / "checkpoint.pt")
+    state, _, _ = loading.load_weights(tmp_path / "checkpoint.pt")
     fresh.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), tiny_model.state_dict().values()))
