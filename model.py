@@ -10,12 +10,9 @@ Public contract (the published model card):
 Every setting lives in one `config.ModelConfig` (`FoveatedVLM(cfg)`, or its fields as keywords;
 `model.config`), which save_pretrained writes as config.json.
 
-Sequence layout. Every token has a logical position: with layout "video_first" (the published model)
-the T visual tokens come first and the whole chat text follows; with "prompt_first" the visual tokens
-are inserted after the first user message's content (before its <|im_end|>), so the queries can
-depend on the question. In the parallel modes real tokens are placed at their logical positions and
-all padding (pad frames, pad text) after them, so plain causal attention isolates padding and a real
-token's output never depends on how much padding its batch has (`Layout`).
+Sequence layout (layout.py): with "video_first" (the published model) the visual tokens come first
+and the whole chat text follows; with "prompt_first" they follow the first user message's content, so
+the queries can depend on the question. Padding never changes a real token's output.
 
 Loss. `logits[:, j]` predicts the text token after token j (from the sequence position just before
 that token, which is the last visual token where the video sits in between). The loss is the
@@ -38,81 +35,10 @@ from backbones import load_llm, vision_config, vision_weights
 from collate import IGNORE_INDEX, pack_frames, pad_rows
 from config import MODES, ModelConfig, model_config
 from encoder import FoveatedEncoder
+from layout import (Frames, Layout, assemble, chat_marks, check_text, chunk_mask, frame_inputs, grid, make_layout,
+                    regrid, take)
 from predict import NextFrameHead
 from tokenization import chat_ids, pad_id
-
-
-@dataclass
-class Visual:
-    """Which encoded frame each visual token reads.
-
-    pixels [N, 3, H, W]; token_frame [B, T] (pads point at frame 0); valid [B, T];
-    unique: no frame is read by two tokens, so per-token queries can be scattered into frame
-    order instead of copying K/V per token. token_part [B, T]: which of its frame's pooled tokens a
-    token is (the multi-token baseline; None for the foveated model).
-    """
-    pixels: torch.Tensor
-    token_frame: torch.Tensor
-    valid: torch.Tensor
-    unique: bool
-    token_part: torch.Tensor | None = None
-
-    def parts(self, n: int) -> "Visual":
-        """Each frame's token as n consecutive tokens (parts 0 .. n - 1 of the frame): [B, T] -> [B, T * n]."""
-        b, t = self.token_frame.shape
-        part = torch.arange(n, device=self.valid.device).repeat(t).expand(b, -1)
-        return Visual(self.pixels, self.token_frame.repeat_interleave(n, 1), self.valid.repeat_interleave(n, 1),
-                      False, part)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.valid.shape[1]
-
-    def repeat(self, times: int) -> "Visual":
-        """The same frames for `times` copies of the batch (stacked along the batch)."""
-        part = self.token_part.repeat(times, 1) if self.token_part is not None else None
-        return Visual(self.pixels, self.token_frame.repeat(times, 1), self.valid.repeat(times, 1), self.unique, part)
-
-
-@dataclass
-class Layout:
-    """Where each token of a batch sits in the sequence the LLM reads (logical positions: a row's real
-    tokens take 0, 1, 2, ... without gaps; padding never takes a position a real token needs).
-
-    Text token j of row b is real where text_valid[b, j]; text_rank[b, j] counts the real text tokens
-    before it. The video goes in front of the real text token of rank visual_start[b] (0 with
-    video_first; the <|im_end|> closing the first user message with prompt_first), so
-        text_pos[b, j]   = text_rank[b, j]                 before the video
-                         = text_rank[b, j] + n_visual[b]   after it
-        visual_pos[b, t] = visual_start[b] + t             for the t-th real visual token.
-    pred_pos[b, j] is the position whose hidden state predicts the token after text token j: the
-    position just before that token, which is the last visual token where the video sits between
-    j and its successor (pred_from_visual[b, j]; the successor of the last real token is the
-    first token to generate).
-    """
-    text_valid: torch.Tensor  # [B, S] bool
-    visual_valid: torch.Tensor  # [B, T] bool
-    n_text: torch.Tensor  # [B] real text tokens
-    n_visual: torch.Tensor  # [B] real visual tokens
-    visual_start: torch.Tensor  # [B] text rank the video is inserted before
-    text_rank: torch.Tensor  # [B, S]
-    text_pos: torch.Tensor  # [B, S]
-    visual_pos: torch.Tensor  # [B, T]
-    pred_pos: torch.Tensor  # [B, S]
-    pred_from_visual: torch.Tensor  # [B, S] bool
-
-    @property
-    def length(self) -> torch.Tensor:
-        """[B] real tokens per row: they occupy positions 0 .. length - 1."""
-        return self.n_text + self.n_visual
-
-    def rows(self, index) -> "Layout":
-        return Layout(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
-
-    def before_video(self) -> "Layout":
-        """The prompt_first coarse pass: only the text before the video is real (the rest is padding)."""
-        return dataclasses.replace(self, text_valid=self.text_valid & (self.text_rank < self.visual_start[:, None]),
-                                   n_text=self.visual_start)
 
 
 class Pass(NamedTuple):
@@ -159,11 +85,8 @@ class FoveatedVLM(nn.Module):
         # the proof-of-concept's next-frame head (objectives.NextFrame); absent in the published layout
         self.next_frame = NextFrameHead(llm_dim, cfg.next_frame, cfg.next_frame_width) if cfg.next_frame else None
         tok = self.tokenizer
-        ids = lambda s: tok.convert_tokens_to_ids(s) if s in tok.get_vocab() else None  # noqa: E731
-        self._im_start, self._im_end = ids("<|im_start|>"), ids("<|im_end|>")
-        user = tok.encode("user", add_special_tokens=False)
-        self._user = user[0] if len(user) == 1 else None
-        stops = {self._im_end, tok.eos_token_id}
+        self.marks = chat_marks(tok)  # the ChatML tokens prompt_first places the video by
+        stops = {self.marks.im_end, tok.eos_token_id}
         eos = self.llm.generation_config.eos_token_id if self.llm.generation_config is not None else None
         stops.update(eos if isinstance(eos, list) else [eos])
         self.stop_ids = sorted(s for s in stops if s is not None)
@@ -181,93 +104,17 @@ class FoveatedVLM(nn.Module):
 
     # ---- inputs ---------------------------------------------------------------------------------
 
-    def _visual(self, frames, frame_mask, frame_index, batch) -> Visual | None:
-        """Validate the frame inputs and describe which frame (and which pooled part) each visual token reads."""
-        vis = self._frame_tokens(frames, frame_mask, frame_index, batch)
-        return vis.parts(self.tokens_per_frame) if vis is not None and self.pooled is not None else vis
+    def _visual(self, frames, frame_mask, frame_index, batch) -> Frames | None:
+        """Validate the frame inputs and describe which frame each frame slot reads."""
+        return frame_inputs(frames, frame_mask, frame_index, batch)
 
-    def _frame_tokens(self, frames, frame_mask, frame_index, batch) -> Visual | None:
-        if frames is None or frames.numel() == 0:
-            if frame_index is not None and frame_index.shape[1] > 0:
-                raise ValueError("frame_index given without frames")
-            return None
-        if frame_index is not None:
-            if frames.dim() != 4 or frames.shape[1] != 3:
-                raise ValueError(f"with frame_index, frames must be packed [N, 3, H, W]; got {tuple(frames.shape)}")
-            if frame_index.dim() != 2 or frame_index.shape[0] != batch:
-                raise ValueError(f"frame_index must be [B={batch}, T], got {tuple(frame_index.shape)}")
-            if frame_mask is not None:
-                raise ValueError("pass either frame_mask (with [B, T, 3, H, W] frames) or frame_index, not both")
-            valid = frame_index >= 0
-            return Visual(frames, frame_index.clamp(min=0), valid, unique=False)
-        if frames.dim() != 5 or frames.shape[2] != 3:
-            raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
-        b, t = frames.shape[:2]
-        if b != batch:
-            raise ValueError(f"frames have batch size {b} but input_ids have {batch}")
-        if t == 0:
-            return None
-        if frame_mask is None:
-            index = torch.arange(b * t, device=frames.device).view(b, t)
-            return Visual(frames.flatten(0, 1), index, torch.ones(b, t, dtype=torch.bool, device=frames.device), True)
-        if frame_mask.shape != (b, t):
-            raise ValueError(f"frame_mask must have shape {(b, t)}, got {tuple(frame_mask.shape)}")
-        frame_mask = frame_mask.bool()
-        # Encode real frames only. This path syncs with the host (boolean indexing, and the check);
-        # the training collate sends packed frames (frame_index) instead.
-        if (frame_mask[:, 1:] & ~frame_mask[:, :-1]).any():
-            raise ValueError("frame_mask must list each sample's real frames first (padding at the end)")
-        pixels = frames[frame_mask]
-        if pixels.shape[0] == 0:
-            return None
-        index = (frame_mask.flatten().cumsum(0) - 1).clamp(min=0).view(b, t)
-        return Visual(pixels, index, frame_mask, True)
-
-    def _layout(self, input_ids, attention_mask, vis: Visual | None, visual_pos=None) -> Layout:
-        """Logical positions of every text and visual token (see Layout)."""
-        b, s = input_ids.shape
-        text_valid = attention_mask.bool()
-        visual_valid = vis.valid if vis is not None else torch.zeros(b, 0, dtype=torch.bool, device=input_ids.device)
-        n_text, n_visual = text_valid.sum(1), visual_valid.sum(1)
-        rank = text_valid.long().cumsum(1) - 1  # real text tokens before j (padding repeats its left neighbour's)
-        if self.layout == "video_first":
-            start = torch.zeros_like(n_text)
-        elif visual_pos is not None:
-            start = torch.minimum(visual_pos.to(n_text), n_text)
-        else:
-            start = self.visual_start(input_ids, text_valid, rank)
-        text_pos = rank + n_visual[:, None] * (rank >= start[:, None])
-        successor = rank + 1  # rank of the token after j
-        # the position just before the successor: shifted past the video when it comes after the video
-        pred_pos = successor + n_visual[:, None] * (successor >= start[:, None]) - 1
-        visual_pos = start[:, None] + visual_valid.long().cumsum(1) - 1
-        return Layout(text_valid=text_valid, visual_valid=visual_valid, n_text=n_text, n_visual=n_visual,
-                      visual_start=start, text_rank=rank, text_pos=text_pos, visual_pos=visual_pos.clamp(min=0),
-                      pred_pos=pred_pos.clamp(min=0),
-                      pred_from_visual=(successor == start[:, None]) & (n_visual[:, None] > 0))
-
-    def visual_start(self, input_ids, text_valid, rank=None) -> torch.Tensor:
-        """prompt_first: [B] text rank of the first <|im_end|> after the first '<|im_start|>user' (0
-        where there is none): the video goes right before it, after the question. rank: the text
-        tokens' ranks (Layout.text_rank), when already computed."""
-        if self._im_start is None or self._user is None or self._im_end is None:
-            raise ValueError("layout 'prompt_first' needs a ChatML tokenizer or an explicit visual_pos")
-        ids, text_valid = input_ids, text_valid.bool()
-        rank = text_valid.long().cumsum(1) - 1 if rank is None else rank
-        starts = (ids[:, :-1] == self._im_start) & (ids[:, 1:] == self._user) & text_valid[:, :-1] & text_valid[:, 1:]
-        starts = F.pad(starts, (0, 1))
-        first_user = torch.where(starts.any(1), starts.long().argmax(1), ids.shape[1])
-        after = torch.arange(ids.shape[1], device=ids.device)[None] > first_user[:, None]
-        ends = (ids == self._im_end) & text_valid & after
-        end = ends.long().argmax(1)
-        return torch.where(ends.any(1), rank.gather(1, end[:, None])[:, 0], torch.zeros_like(end))
-
-    def _check_text(self, input_ids, attention_mask, loss_mask):
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
-        for name, t in (("attention_mask", attention_mask), ("loss_mask", loss_mask)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+    def _layout(self, input_ids, attention_mask, vis: Frames | None, visual_pos=None) -> Layout:
+        """Logical positions of every text and visual token (layout.Layout)."""
+        if vis is None:
+            visual_valid = input_ids.new_zeros(input_ids.shape[0], 0, dtype=torch.bool)
+        else:  # each frame slot is tokens_per_frame consecutive visual tokens
+            visual_valid = vis.valid.repeat_interleave(self.tokens_per_frame, 1) if self.pooled else vis.valid
+        return make_layout(input_ids, attention_mask, visual_valid, self.layout, self.marks, visual_pos)
 
     # ---- visual tokens --------------------------------------------------------------------------
 
@@ -303,7 +150,7 @@ class FoveatedVLM(nn.Module):
     def _visual_embeddings(self, mode, vis, kv, lay, text_emb, return_attention, queries=None):
         """(visual token embeddings for the parallel modes, the fine queries used, attention maps)."""
         if self.pooled is not None:  # kv: the pooled tokens [frames, s * s, D] (encode_frames)
-            return self._project(kv[vis.token_frame, vis.token_part]), None, {}
+            return self._project(kv[vis.token_frame].flatten(1, 2)), None, {}
         attn = {}
         if mode == "coarse_fine" and queries is not None:  # teacher-forced / intervened queries
             z, attn["dynamic"] = self._query_tokens(queries, vis, kv, return_attention)
@@ -314,30 +161,14 @@ class FoveatedVLM(nn.Module):
             if self.layout == "video_first":  # the text comes after the video: the coarse pass skips it
                 h_vis = self._llm(emb, torch.arange(emb.shape[1], device=emb.device).expand(emb.shape[0], -1))
             else:  # coarse pass over [question; coarse visual tokens]; the rest of the text is padding
-                h = self._llm(*self._assemble(text_emb, emb, lay.before_video()))
-                h_vis = _take(h, lay.visual_pos)
+                h = self._llm(*assemble(text_emb, emb, lay.before_video()))
+                h_vis = take(h, lay.visual_pos)
             queries = self._fine_queries(h_vis)
             z, attn["dynamic"] = self._query_tokens(queries, vis, kv, return_attention)
             emb = self._project(z)
         return emb, queries, attn
 
     # ---- LLM passes -----------------------------------------------------------------------------
-
-    def _assemble(self, text_emb, vis_emb, lay: Layout):
-        """Place real tokens at their logical positions and padding after them -> (sequence [B, S + T, D],
-        positions). A row's padding text tokens take the slots length, length + 1, ... in order, then
-        its padding visual tokens; every slot is filled exactly once."""
-        b, s, d = text_emb.shape
-        tv, vv, length = lay.text_valid, lay.visual_valid, lay.length
-        pad_text_rank = (~tv).long().cumsum(1) - 1  # k-th padding text token of the row
-        text_slot = torch.where(tv, lay.text_pos, length[:, None] + pad_text_rank)
-        pads_text = s - tv.sum(1)
-        pad_visual_rank = (~vv).long().cumsum(1) - 1
-        vis_slot = torch.where(vv, lay.visual_pos, (length + pads_text)[:, None] + pad_visual_rank)
-        slot = torch.cat([text_slot, vis_slot], dim=1)
-        src = torch.cat([text_emb, vis_emb.to(text_emb.dtype)], dim=1)
-        seq = torch.zeros_like(src).scatter(1, slot[..., None].expand(-1, -1, d), src)
-        return seq, torch.arange(seq.shape[1], device=seq.device).expand(b, -1)
 
     def _llm(self, embeds, positions, cache=None, mask=None):
         out = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, cache=cache,
@@ -353,10 +184,10 @@ class FoveatedVLM(nn.Module):
             vis_emb, queries, attn = self._visual_embeddings(mode, vis, kv, lay, text_emb, return_attention, queries)
         if vis_emb is None:
             vis_emb = text_emb.new_zeros(text_emb.shape[0], 0, text_emb.shape[2])
-        seq, pos = self._assemble(text_emb, vis_emb, lay)
+        seq, pos = assemble(text_emb, vis_emb, lay)
         h = self._llm(seq, pos, cache)
         cache_valid = pos < lay.length[:, None]  # real tokens fill the first `length` slots
-        return Pass(_take(h, lay.pred_pos), queries, attn, cache_valid)
+        return Pass(take(h, lay.pred_pos), queries, attn, cache_valid)
 
     def _autoregressive(self, text_emb, vis, kv, lay: Layout, return_attention, cache, queries=None) -> Pass:
         """Prefix text (prompt_first), then frame by frame through the KV cache, then the rest of the text.
@@ -380,7 +211,7 @@ class FoveatedVLM(nn.Module):
         if vis is None:
             return Pass(h_pred, None, {}, valid)
         # ...except where the video sits in between: then from the last visual token
-        last = _take(h_vis, (lay.n_visual - 1).clamp(min=0)[:, None])
+        last = take(h_vis, (lay.n_visual - 1).clamp(min=0)[:, None])
         h_pred = torch.where(lay.pred_from_visual[..., None], last, h_pred)
         return Pass(h_pred, used, {"dynamic": dynamic}, valid)
 
@@ -390,7 +221,7 @@ class FoveatedVLM(nn.Module):
         states [B, T, D], queries used [B, T, Dq], their attention or None, the updated slot mask)."""
         query = self.q_init.expand(vis.valid.shape[0], -1)
         h_vis, used, attn = [], [], []
-        for t in range(vis.num_tokens):
+        for t in range(vis.valid.shape[1]):
             if queries is not None:
                 query = queries[:, t]
             used.append(query)
@@ -408,15 +239,8 @@ class FoveatedVLM(nn.Module):
         A chunk token attends to the earlier real slots, the real slots of its own chunk before it,
         and always to itself (so a padding token's attention row is never empty: no NaN). The mask is
         4-D boolean [B, 1, chunk, slots] (True = attend), which transformers takes as given."""
-        past = cache_valid.shape[1]
-        cache_valid = torch.cat([cache_valid, valid], dim=1)
-        n = embeds.shape[1]
-        slot = torch.arange(cache_valid.shape[1], device=cache_valid.device)
-        token_slot = past + torch.arange(n, device=cache_valid.device)
-        causal = slot[None, :] <= token_slot[:, None]
-        mask = (cache_valid[:, None, :] & causal[None]) | (slot[None, :] == token_slot[:, None])[None]
-        h = self._llm(embeds, positions, cache, mask[:, None])
-        return h, cache_valid
+        mask, cache_valid = chunk_mask(cache_valid, valid)
+        return self._llm(embeds, positions, cache, mask), cache_valid
 
     def _loss(self, h_pred, input_ids, attention_mask, loss_mask, target_index=None):
         """Next-token log-probs of the loss targets, from the hidden states that predict them.
@@ -434,7 +258,7 @@ class FoveatedVLM(nn.Module):
             cell_labels = labels.masked_fill(~mask[:, 1:], IGNORE_INDEX).flatten()
             rows = torch.arange(b, device=input_ids.device).repeat_interleave(s - 1)
         else:
-            rows, cols = _grid(target_index, s)
+            rows, cols = grid(target_index, s)
             cell_logits = logits = self.llm.lm_head(h_pred[rows, cols])
             cell_labels = labels[rows, cols]
         logp = token_logps(cell_logits, cell_labels)
@@ -478,7 +302,7 @@ class FoveatedVLM(nn.Module):
             if queries is not None:
                 raise ValueError("queries= needs the foveated model; this one reads pooled tokens (tokens_per_frame)")
             mode = "coarse_only"  # no queries: every mode is the same single pass
-        self._check_text(input_ids, attention_mask, loss_mask)
+        check_text(input_ids, attention_mask, loss_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vis = self._visual(frames, frame_mask, frame_index, input_ids.shape[0])
@@ -519,7 +343,7 @@ class FoveatedVLM(nn.Module):
         kv = self._kv(vis, kv)
         # video only: token t at position t (real frames first, padding after them: causal attention
         # keeps padding out of every real token's state)
-        pos = torch.arange(vis.num_tokens, device=vis.valid.device).expand(batch, -1)
+        pos = torch.arange(vis.valid.shape[1], device=vis.valid.device).expand(batch, -1)
         z, static = self._static_tokens(vis, kv, return_attention)
         out = {"valid": vis.valid, "coarse": self._llm(self._project(z), pos), "fine": None,
                "attention": {"static": static, "dynamic": None}}
@@ -544,7 +368,7 @@ class FoveatedVLM(nn.Module):
         mode = "coarse_only" if self.pooled is not None else mode
         for ids, am, lm in ((chosen_ids, chosen_attention_mask, chosen_loss_mask),
                             (rejected_ids, rejected_attention_mask, rejected_loss_mask)):
-            self._check_text(ids, am, lm)
+            check_text(ids, am, lm)
         b = chosen_ids.shape[0]
         if rejected_ids.shape[0] != b:
             raise ValueError(f"chosen batch {b} != rejected batch {rejected_ids.shape[0]}")
@@ -565,8 +389,8 @@ class FoveatedVLM(nn.Module):
             vis_emb = self._visual_embeddings(mode, vis, kv, lay.rows(slice(0, b)), text_emb[:b], False)[0].repeat(2, 1, 1)
         index = None
         if chosen_target_index is not None:  # each side's [B, S_side - 1] grid -> the stacked [2B, s - 1] grid
-            index = torch.cat([_regrid(chosen_target_index, chosen_ids.shape[1], s, 0),
-                               _regrid(rejected_target_index, rejected_ids.shape[1], s, b)])
+            index = torch.cat([regrid(chosen_target_index, chosen_ids.shape[1], s, 0),
+                               regrid(rejected_target_index, rejected_ids.shape[1], s, b)])
         res = self._loss(self._parallel(mode, text_emb, both, None, lay, vis_emb=vis_emb).h_pred, ids, am, lm, index)
         return dict(chosen_logps=res["logp_sum"][:b], rejected_logps=res["logp_sum"][b:],
                     chosen_tokens=res["num_tokens"][:b], rejected_tokens=res["num_tokens"][b:])
@@ -663,7 +487,7 @@ class FoveatedVLM(nn.Module):
             else:
                 res = self._parallel(mode, text_emb, vis, kv, lay, cache=cache)
             # the prompt's last real token predicts the first new token; new tokens continue the positions
-            logits = self.llm.lm_head(_take(res.h_pred, (lay.n_text - 1)[:, None])[:, 0])
+            logits = self.llm.lm_head(take(res.h_pred, (lay.n_text - 1)[:, None])[:, 0])
             yield from self._decode_loop(logits, cache, res.cache_valid, lay.length, max_new_tokens, temperature, top_p)
 
     def _decode_loop(self, logits, cache, cache_valid, pos, max_new_tokens, temperature, top_p):
@@ -810,23 +634,6 @@ def token_logps(logits, labels):
 def _check_mode(mode):
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-
-
-def _take(x, index):
-    """x [B, L, D] gathered at index [B, K] -> [B, K, D]."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _grid(index, length):
-    """Flat indices into the [B, length - 1] next-token grid -> (rows, columns)."""
-    width = max(length - 1, 1)
-    return index // width, index % width
-
-
-def _regrid(index, old_len, new_len, row_offset):
-    """Flat indices into a [B, old_len - 1] grid -> into [row_offset + B, new_len - 1]."""
-    rows, cols = _grid(index, old_len)
-    return (rows + row_offset) * (new_len - 1) + cols
 
 
 def _collect(steps) -> dict:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from conftest import make_model
 from collate import pack_frames, target_index
+from layout import visual_start
 from model import MODES
 
 SIZE = 28  # tiny frames: 2x2 patches + CLS with the test DINO
@@ -106,8 +107,8 @@ def test_prompt_first_matches_a_naive_concatenation(tiny_backbones):
     model = make_model(tiny_backbones, layout="prompt_first")
     frames, (ids, _) = video(3, 8), sample_ids(model, "Is the dot red?", "Yes.")
     ids_t = torch.tensor([ids])
-    p = ids.index(model._im_end)  # the first <|im_end|> closes the system turn...
-    p = ids.index(model._im_end, p + 1)  # ...the second one the user turn: the video goes before it
+    p = ids.index(model.marks.im_end)  # the first <|im_end|> closes the system turn...
+    p = ids.index(model.marks.im_end, p + 1)  # ...the second one the user turn: the video goes before it
     enc, llm = model.encoder, model.llm
     z = model.dino_to_llm(enc.query(model.q_static.expand(3, -1), enc.encode(frames))[0]) * model.visual_scale
     text = llm.get_input_embeddings()(ids_t)[0]
@@ -198,7 +199,7 @@ def test_prompt_first_puts_the_video_after_the_question(tiny_backbones):
     tok = model.tokenizer
     batch = make_batch(model, SAMPLES[:2])
     ids, am = batch["input_ids"], batch["attention_mask"].bool()
-    p = model.visual_start(ids, am)
+    p = visual_start(ids, am, model.marks)
     for i, (_, question, _) in enumerate(SAMPLES[:2]):
         assert tok.decode(ids[i, : p[i]]).endswith("user\n" + question)
         assert tok.decode(ids[i, p[i]:]).startswith("<|im_end|>\n<|im_start|>assistant\n")

@@ -14,6 +14,7 @@ from collate import pack_frames
 from config import ConfigError, load_config, model_config
 from conftest import make_model
 from flops import FlopCount
+from layout import frame_inputs, make_layout
 from model import MODES
 from test_flops import counted, sft_batch
 from test_model import SAMPLES, greedy_without_cache, make_batch, per_sample_loss, video
@@ -89,10 +90,10 @@ def test_prompt_first_puts_the_n_tokens_per_frame_after_the_question(tiny_backbo
     model = make_model(tiny_backbones, layout="prompt_first", tokens_per_frame=4)
     b = make_batch(model, [(None, "What moves?", "A ball.")])
     frames = big(2, 3)[None]
-    vis = model._visual(frames, None, None, 1)
-    lay = model._layout(b["input_ids"], b["attention_mask"], vis)
-    assert lay.n_visual.tolist() == [8] and vis.token_part[0].tolist() == [0, 1, 2, 3] * 2
-    assert vis.token_frame[0].tolist() == [0] * 4 + [1] * 4
+    vis = frame_inputs(frames, None, None, 1)
+    valid = vis.valid.repeat_interleave(model.tokens_per_frame, 1)  # each frame is 4 consecutive visual tokens
+    lay = make_layout(b["input_ids"], b["attention_mask"], valid, model.layout, model.marks)
+    assert lay.n_visual.tolist() == [8] and vis.token_frame[0].tolist() == [0, 1]
     # decode the text around the video: it sits right after the question, before <|im_end|>
     first = b["input_ids"][0][lay.text_rank[0] < lay.visual_start[0]]
     assert model.tokenizer.decode(first).endswith("What moves?")
