@@ -188,7 +188,7 @@ def looked_maps(model, frames: torch.Tensor, messages: list, mode: str) -> dict 
     pooled baseline (no queries)."""
     from looked import attention_maps
 
-    return None if model.pooled is not None else attention_maps(model, frames, messages, mode)["maps"]
+    return attention_maps(model, frames, messages, mode)["maps"] if model.visual.queries else None
 
 
 def looked_gallery(model, frames: torch.Tensor, maps: dict | None) -> list[tuple[Image.Image, str]]:
@@ -324,8 +324,7 @@ class Demo:
         """One webcam frame -> (state, statistics markdown, the frame with where the query looked, the
         standing question's latest answer). state: the browser session's Live (None at first; a new one
         when the mode changes)."""
-        if self.model.pooled is not None:
-            mode = "coarse_only"  # the pooled baseline has no queries: it streams in coarse_only
+        mode = self.model.visual.run_mode(mode)  # the pooled baseline streams in coarse_only, its one mode
         if state is None or state.mode != mode:
             state = Live(self, mode)
         if frame is None:

@@ -19,17 +19,13 @@ class Row:
 
 class FlopCount:
     def __init__(self, model, frame_size: int):
-        enc, llm = model.encoder, model.llm
-        self.patch_pass, backbone_query = enc.dino.flops(frame_size, frame_size)
+        llm = model.llm
+        # a frame's encode, a token's look (a query through the backbone), an LLM state into a query
+        # (the pooled baseline: every block in full, then no queries: visual.py)
+        self.patch_pass, self.query, self.to_query = model.visual.flops(frame_size)
+        self.per_frame = model.visual.per_frame  # visual tokens per frame
+        self.run_mode = model.visual.run_mode  # the mode a requested one runs as (pooled: always coarse_only)
         self.project = 2 * model.dino_to_llm.weight.numel()  # a visual token into the LLM
-        # the pooled baseline: every block in full, then tokens_per_frame tokens per frame, no queries
-        self.tokens_per_frame = model.tokens_per_frame if model.pooled is not None else None
-        if self.tokens_per_frame is not None:
-            self.patch_pass, self.query, self.to_query = enc.dino.features_flops(frame_size, frame_size), 0.0, 0.0
-        else:
-            # a query token: into the backbone's width, through its blocks, out again
-            self.query = backbone_query + 2 * (enc.query_input_proj.weight.numel() + enc.output_proj.weight.numel())
-            self.to_query = 2 * model.llm_to_query.weight.numel()  # an LLM state into a query
         c = llm.config
         self.llm_token = 2 * sum(p.numel() for p in llm.model.layers.parameters() if p.dim() == 2)
         width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
@@ -42,35 +38,33 @@ class FlopCount:
 
     def rows(self, attention_mask, frame_index) -> list[Row]:
         """The rows of a host batch (a text mask [B, S], frame_index [B, T]): visual tokens, not frames."""
-        per_frame = self.tokens_per_frame or 1
-        return [Row(t, v * per_frame) for t, v in zip(attention_mask.sum(1).tolist(),
-                                                      (frame_index >= 0).sum(1).tolist())]
+        return [Row(t, v * self.per_frame) for t, v in zip(attention_mask.sum(1).tolist(),
+                                                           (frame_index >= 0).sum(1).tolist())]
 
-    def _llm(self, tokens: int, pairs: int) -> float:
+    def llm(self, tokens: int, pairs: int) -> float:
+        """An LLM pass over `tokens` tokens computing `pairs` (query, key) attention pairs."""
         return tokens * self.llm_token + pairs * self.llm_pair
 
     def forward(self, rows: list[Row], frames: int, targets: int, mode: str, coarse_rows: list[Row] | None = None):
         """One forward of `rows` with `frames` encoded frames and `targets` logits. coarse_rows: the
         rows whose visual tokens are computed (default: rows; DPO computes them once for two replies)."""
         coarse_rows = rows if coarse_rows is None else coarse_rows
+        mode = self.run_mode(mode)
         visual = sum(r.visual for r in coarse_rows)
         total = frames * self.patch_pass + targets * self.head
-        if self.tokens_per_frame is not None:  # pooled tokens projected, then one pass (every mode)
-            return float(total + visual * self.project + sum(self._llm(r.text + r.visual, (r.text + r.visual) ** 2)
-                                                             for r in rows))
         if mode != "autoregressive":  # the static query: once per encoded frame, projected per token
             total += frames * self.query + visual * self.project
         if mode != "coarse_only":  # the fine queries: one per visual token, from an LLM state
             total += visual * (self.query + self.project + self.to_query)
         if mode == "coarse_fine":  # the coarse pass: the visual tokens (after the question with prompt_first)
             n = [r.visual + (r.text if self.prompt_first else 0) for r in coarse_rows]
-            total += self._llm(sum(n), sum(x * x for x in n))
+            total += self.llm(sum(n), sum(x * x for x in n))
         for r in rows:
             t, v = r.text, r.visual
             if mode != "autoregressive":
-                total += self._llm(t + v, (t + v) ** 2)
+                total += self.llm(t + v, (t + v) ** 2)
             elif self.prompt_first:  # whole text (prefix real), v one-token steps, whole text again
-                total += self._llm(2 * t + v, t * t + v * t + v * (v + 1) // 2 + t * (2 * t + v))
+                total += self.llm(2 * t + v, t * t + v * t + v * (v + 1) // 2 + t * (2 * t + v))
             else:  # v one-token steps, each attending to the steps so far; then the text over everything
-                total += self._llm(t + v, v * (v + 1) // 2 + t * (v + t))
+                total += self.llm(t + v, v * (v + 1) // 2 + t * (v + t))
         return float(total)

@@ -284,7 +284,7 @@ def answer(model, frames, args, device, write) -> tuple[str, dict]:
 
 def answer_camera(model, args, write) -> tuple[str, dict]:
     """--camera: --seconds of frames into a StreamSession (every --skip-th), then the question."""
-    mode = "coarse_only" if model.pooled is not None else args.mode  # the pooled baseline has no queries
+    mode = model.visual.run_mode(args.mode)  # the pooled baseline streams in coarse_only, its one mode
     sink = min(SINK, args.max_frames - 1)
     session = StreamSession(model, mode=mode, frame_size=args.frame_size, window=args.max_frames - sink, sink=sink,
                             skip=args.skip)
@@ -386,9 +386,11 @@ def _load(args, device):
     if args.frame_size % patch:
         raise UsageError(f"--frame-size {args.frame_size} is not a multiple of the vision backbone's {patch}-px "
                          f"patches")
-    if args.attention is not None and model.pooled is not None:
-        raise UsageError(f"--attention: this model reads each frame as {model.tokens_per_frame} pooled patch tokens "
-                         f"(tokens_per_frame), with no queries: nothing looked anywhere")
+    if args.attention is not None:
+        try:
+            model.visual.require_queries("--attention")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return model, source
 
 

@@ -87,9 +87,8 @@ def attention_maps(model, frames: torch.Tensor, question, mode: str) -> dict:
     from collate import pack_frames
     from model import autocast
 
-    if getattr(model.config, "tokens_per_frame", None) is not None:
-        raise ValueError("the pooled baseline (tokens_per_frame) has no queries: no attention to show")
-    device = next(model.parameters()).device
+    model.visual.require_queries("attention maps")
+    device = model.device
     dino = model.encoder.dino
     pixels, index = pack_frames([frames], model.image_frames)
     (gh, gw), prefix = dino.grid(*pixels.shape[-2:]), dino.num_prefix
@@ -101,10 +100,8 @@ def attention_maps(model, frames: torch.Tensor, question, mode: str) -> dict:
         kv = model.encode_frames(pixels_d)  # once, for the pass below and the static query
         attention = model(frames=pixels_d, frame_index=index_d, input_ids=ids, mode=mode, kv=kv,
                           return_attention=True)["attention"]
-        if attention.get("static") is None:  # autoregressive: q_static on each frame, no LLM involved
-            n = pixels.shape[0]
-            static = model.encoder.query(model.q_static.expand(n, -1), kv, return_attention=True)[1]
-            attention["static"] = static[index_d.clamp(min=0)]  # [1, T, blocks, heads, keys]
+        if attention.get("static") is None:  # autoregressive: the glance at each frame, no LLM involved
+            attention["static"] = model.look(kv, frame_ids=index_d.clamp(min=0), return_attention=True)[1]
     out = {"pixels": pixels, "token_frame": index[0].tolist(), "maps": {}, "totals": {}}
     for kind in KINDS:
         attn = attention.get(kind)  # [1, T, blocks, heads, keys]
@@ -128,7 +125,7 @@ def clip_scores(model, sample: dict, meta: dict, mode: str) -> dict | None:
     "maps": {kind: [T, gh, gw]}, kind: `target_share`} for kind static and dynamic (None where the
     mode has no dynamic query, i.e. coarse_only), or None for a model without queries (a pooled
     baseline with tokens_per_frame)."""
-    if getattr(model.config, "tokens_per_frame", None) is not None:
+    if not model.visual.queries:
         return None
     frames = sample["frames"]
     if len(meta["boxes"]) != len(frames):

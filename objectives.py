@@ -311,7 +311,7 @@ class NextFrame(Objective):
         rows, frames = [Row(0, v) for v in visual], _frames(host)
         total = count.forward(rows, frames, 0, mode)
         if mode == "autoregressive":  # the coarse pass beside it, for loss_coarse
-            total += frames * count.query + sum(visual) * count.project + count._llm(sum(visual),
+            total += frames * count.query + sum(visual) * count.project + count.llm(sum(visual),
                                                                                      sum(v * v for v in visual))
         return 3 * (total + self.normaliser(host) * (2 if self.fine else 1) * count.next_frame)
 

@@ -36,7 +36,6 @@ from collections import deque
 import numpy as np
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
 from media import _pil_to_tensor, resize
 from model import autocast
@@ -52,9 +51,8 @@ class StreamSession:
         if mode not in STREAM_MODES:
             raise ValueError(f"a stream runs in mode {' or '.join(STREAM_MODES)}, not {mode!r} (coarse_fine reads "
                              f"the whole clip twice)")
-        if model.pooled is not None and mode != "coarse_only":
-            raise ValueError(f"the pooled baseline (tokens_per_frame {model.tokens_per_frame}) has no queries: "
-                             f"mode must be coarse_only")
+        if model.visual.run_mode(mode) != mode:
+            model.visual.require_queries(f"a stream in mode {mode}")
         if model.layout != "video_first":
             raise ValueError(f"a stream needs the video_first layout (this model: {model.layout!r}, which puts the "
                              f"question before the frames)")
@@ -70,15 +68,14 @@ class StreamSession:
         self.model, self.mode, self.frame_size = model, mode, frame_size
         self.window, self.sink, self.skip, self.timings = window, sink, skip, timings
         self.attention = attention  # keep the last added frame and its query's attention (`last`)
-        self.device = model.dino_to_llm.weight.device
-        self.per_frame = model.tokens_per_frame  # visual tokens each frame appends
+        self.device = model.device
+        self.per_frame = model.visual.per_frame  # visual tokens each frame appends
         self.reset()
 
     def reset(self):
         """Forget every frame: an empty cache, the next frame read with q_init."""
-        self.cache = DynamicCache(config=self.model.llm.config)
-        self.valid = torch.zeros(1, 0, dtype=torch.bool, device=self.device)  # cache slots (all real here)
-        self.query = self.model.q_init if self.model.pooled is None else None
+        self.cache = self.model.new_cache(1)  # every slot real here: frames, then a question while it is asked
+        self.query = self.model.first_query(1)  # where the next frame is looked at (autoregressive)
         self.frames_seen = 0  # given to add_frame, skipped ones included
         self.frames_added = 0  # encoded and appended
         self.evicted = 0  # frames dropped from the window
@@ -91,11 +88,11 @@ class StreamSession:
 
     @property
     def frames_in_cache(self) -> int:
-        return self.valid.shape[1] // self.per_frame
+        return self.cache.length // self.per_frame
 
     @property
     def cache_tokens(self) -> int:
-        return self.valid.shape[1]
+        return self.cache.length
 
     # ---- frames ----------------------------------------------------------------------------------
 
@@ -129,24 +126,18 @@ class StreamSession:
         start = time.perf_counter()
         with autocast(self.device):
             kv = model.encode_frames(pixels)
-            attn = None
-            if model.pooled is not None:  # the baseline: its s x s pooled tokens, [1, N, D]
-                z = kv
-            else:
-                query = self.query if self.mode == "autoregressive" else model.q_static
-                z, attn = model.encoder.query(query.expand(1, -1), kv, return_attention=self.attention)
-                z = z[:, None]  # [1, 1, D]
+            # autoregressive: the query formed after the last frame; coarse_only: the glance (static query)
+            query = self.query if self.mode == "autoregressive" else None
+            tokens, attn = model.look(kv, query, return_attention=self.attention)  # [1, per_frame, D]
             if self.attention:
                 self.last = (pixels[0], None if attn is None else attn[0])
             self._lap("encode_ms", start)
             start = time.perf_counter()
             if self.window is not None and self.frames_in_cache >= self.sink + self.window:
                 self._evict_oldest()
-            pos = self.valid.shape[1] + torch.arange(self.per_frame, device=self.device)[None]
-            h, self.valid = model._cached_step(model._project(z), pos, torch.ones_like(pos, dtype=torch.bool),
-                                               self.valid, self.cache)
+            h = model.append(self.cache, tokens, self.cache.length + torch.arange(self.per_frame, device=self.device)[None])
             if self.mode == "autoregressive":
-                self.query = model.llm_to_query(h[:, -1])  # where to look in the next frame
+                self.query = model.next_query(h[:, -1])  # where to look in the next frame
         self._lap("llm_ms", start)
         self.frames_added += 1
         return True
@@ -156,11 +147,11 @@ class StreamSession:
         keys rotated back by as many positions: shift_keys)."""
         n, first = self.per_frame, self.sink * self.per_frame
         inv_freq = self.model.llm.model.rotary_emb.inv_freq
-        for layer in self.cache.layers:
+        for layer in self.cache.kv.layers:
             keys, values = layer.keys, layer.values
             layer.keys = torch.cat([keys[:, :, :first], shift_keys(keys[:, :, first + n:], -n, inv_freq)], dim=2)
             layer.values = torch.cat([values[:, :, :first], values[:, :, first + n:]], dim=2)
-        self.valid = self.valid[:, n:]
+        self.cache.valid = self.cache.valid[:, n:]  # all real: which n slots go does not matter
         self.evicted += 1
 
     # ---- questions -------------------------------------------------------------------------------
@@ -177,7 +168,7 @@ class StreamSession:
     @torch.no_grad()
     def _answer(self, question, max_new_tokens, temperature, top_p):
         model = self.model
-        kept = self.valid.shape[1]
+        kept = self.cache.length
         ids = torch.tensor([model.chat_ids([{"role": "user", "content": question}])], device=self.device)
         start = time.perf_counter()
         first, tokens = None, 0
@@ -195,14 +186,12 @@ class StreamSession:
         try:
             with autocast(self.device):
                 pos = kept + torch.arange(ids.shape[1], device=self.device)[None]
-                h, valid = model._cached_step(model.llm.get_input_embeddings()(ids), pos,
-                                              torch.ones_like(ids, dtype=torch.bool), self.valid, self.cache)
+                h = model.append(self.cache, model.embed(ids), pos)
                 logits = model.llm.lm_head(h[:, -1])
-                steps = model._decode_loop(logits, self.cache, valid, pos[:, -1] + 1, max_new_tokens, temperature,
-                                           top_p)
+                steps = model._decode_loop(logits, self.cache, pos[:, -1] + 1, max_new_tokens, temperature, top_p)
                 yield from model._stream_text(timed(steps))  # token ids -> text pieces, as generate streams
         finally:  # also when a streamed answer is abandoned (closed): the frames' cache is left as it was
-            self.cache.crop(kept - self.cache.get_seq_length())
+            self.cache.crop(kept)
             self.answering = False
             if first is not None and tokens > 1:
                 self.stats["tokens_per_s"] = (tokens - 1) / max(time.perf_counter() - first, 1e-9)

@@ -289,9 +289,9 @@ def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
             run.val_log = CsvLog(run_dir / "val.csv", ["step", "mode", "source", *val_columns], resume_step)
         run.wandb = _wandb(cfg, run_dir) if cfg.log.wandb else None
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s stage (%s), %s mode | %.1fM parameters (%.1fM trained) | %d rank(s) on %s | %d steps x %d "
+    log.info("%s stage (%s), %s | %.1fM parameters (%.1fM trained) | %d rank(s) on %s | %d steps x %d "
              "micro-batches of <= %d samples", cfg.stage, ", ".join(o.name for o, _ in objectives),
-             cfg.mode if model.pooled is None else f"{model.tokens_per_frame} pooled tokens per frame (no queries), one",
+             model.visual.mode_text(cfg.mode),
              n_params / 1e6, sum(p.numel() for p in run.params) / 1e6, dist.world_size, device, cfg.optim.steps,
              cfg.optim.grad_accum, cfg.data.batch_size)
     return run

@@ -335,9 +335,10 @@ def attention(run) -> Section:
         return Section(f"{head}\n\nNot drawn: no model in {run.run_dir} (best/, final/ or checkpoints/); pass "
                        f"--checkpoint.")
     model, what = run.model
-    if model.pooled is not None:
-        return Section(f"{head}\n\nNot drawn: {what} is the multi-token baseline ({model.tokens_per_frame} pooled "
-                       f"tokens per frame): it has no queries, so nothing chooses where to look.")
+    try:
+        model.visual.require_queries("Fig. 3")
+    except ValueError as e:
+        return Section(f"{head}\n\nNot drawn: {what}: {e}.")
     size, patch = run.args.frame_size or run.cfg.data.frame_size, model.encoder.dino.patch_size
     if size % patch:
         raise ReportError(f"frame size {size} is not a multiple of the vision backbone's {patch}-px patches")

@@ -147,7 +147,7 @@ def test_clip_scores_tiny_model(tiny_backbones, probe, mode):
 
 
 def test_clip_scores_without_queries_and_coarse_only(tiny_backbones, probe):
-    pooled = types.SimpleNamespace(config=types.SimpleNamespace(tokens_per_frame=4))
+    pooled = make_model(tiny_backbones, tokens_per_frame=4)
     assert clip_scores(pooled, *probe[0], "coarse_fine") is None
     scores = clip_scores(make_model(tiny_backbones), *probe[0], "coarse_only")
     assert scores["dynamic"] is None and "dynamic" not in scores["maps"]

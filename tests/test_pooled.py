@@ -37,10 +37,10 @@ def pooled(request, tiny_backbones):
 def test_tokens_are_the_pooled_final_patches(pooled):
     frames = big(2, 0)
     tokens = pooled.encode_frames(frames)
-    n = pooled.tokens_per_frame
+    n = pooled.visual.per_frame
     assert tokens.shape == (2, n, pooled.encoder.dino.dim)
     patches = pooled.encoder.dino.features(frames)[:, pooled.encoder.dino.num_prefix:]  # [2, 16, D], row-major
-    s, cell = pooled.pooled, GRID // pooled.pooled
+    s, cell = pooled.visual.side, GRID // pooled.visual.side
     grid = patches.view(2, GRID, GRID, -1)
     for i in range(s):  # token i * s + j is the mean of the cell-by-cell block (i, j) of the patch grid
         for j in range(s):
@@ -91,7 +91,7 @@ def test_prompt_first_puts_the_n_tokens_per_frame_after_the_question(tiny_backbo
     b = make_batch(model, [(None, "What moves?", "A ball.")])
     frames = big(2, 3)[None]
     vis = frame_inputs(frames, None, None, 1)
-    valid = vis.valid.repeat_interleave(model.tokens_per_frame, 1)  # each frame is 4 consecutive visual tokens
+    valid = vis.valid.repeat_interleave(model.visual.per_frame, 1)  # each frame is 4 consecutive visual tokens
     lay = make_layout(b["input_ids"], b["attention_mask"], valid, model.layout, model.marks)
     assert lay.n_visual.tolist() == [8] and vis.token_frame[0].tolist() == [0, 1]
     # decode the text around the video: it sits right after the question, before <|im_end|>
@@ -124,7 +124,7 @@ def test_save_load_round_trip(tiny_backbones, tmp_path):
     model = make_model(tiny_backbones, tokens_per_frame=4)
     model.save_pretrained(tmp_path / "export")
     loaded = type(model).from_pretrained(tmp_path / "export")
-    assert dataclasses.replace(loaded.config, pretrained=True) == model.config and loaded.tokens_per_frame == 4
+    assert dataclasses.replace(loaded.config, pretrained=True) == model.config and loaded.visual.per_frame == 4
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     batch = make_batch(model, [(None, "What moves?", "A ball.")])
@@ -133,7 +133,7 @@ def test_save_load_round_trip(tiny_backbones, tmp_path):
     assert torch.equal(model(**batch)["logits"], loaded(**batch)["logits"])
     torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config)}}, tmp_path / "c.pt")
     from_file, _ = load_model(tmp_path / "c.pt")
-    assert from_file.tokens_per_frame == 4 and torch.equal(from_file(**batch)["logits"], model(**batch)["logits"])
+    assert from_file.visual.per_frame == 4 and torch.equal(from_file(**batch)["logits"], model(**batch)["logits"])
 
 
 def test_flops_equal_the_counted_ones(tiny_backbones):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
 from conftest import lively_llm, make_model
 from session import StreamSession, shift_keys
@@ -98,11 +97,10 @@ def test_shifted_keys_equal_keys_computed_at_the_new_position(model):
     emb = torch.randn(1, 1, model.llm.config.hidden_size)
     caches = {}
     for p in (7, 4):
-        caches[p] = DynamicCache(config=model.llm.config)
-        model._cached_step(emb, torch.tensor([[p]]), torch.ones(1, 1, dtype=torch.bool),
-                           torch.zeros(1, 0, dtype=torch.bool), caches[p])
+        caches[p] = model.new_cache(1)
+        model.append(caches[p], emb, torch.tensor([[p]]))
     inv_freq = model.llm.model.rotary_emb.inv_freq
-    for a, b in zip(caches[7].layers, caches[4].layers):
+    for a, b in zip(caches[7].kv.layers, caches[4].kv.layers):
         assert not torch.allclose(a.keys, b.keys)  # the positions matter...
         torch.testing.assert_close(shift_keys(a.keys, -3, inv_freq), b.keys, atol=1e-5, rtol=1e-5)  # ...and shift
 
@@ -113,7 +111,7 @@ def test_window_evicts_after_the_sink_and_keeps_positions_dense(model, pooled):
         mode = "autoregressive" if m is model else "coarse_only"
         session = fed(m, frames, mode=mode, window=5, sink=2)
         assert session.frames_in_cache == 7 and session.evicted == 33 and session.cache_tokens == 7 * per_frame
-        assert all(layer.keys.shape[2] == 7 * per_frame for layer in session.cache.layers)
+        assert all(layer.keys.shape[2] == 7 * per_frame for layer in session.cache.kv.layers)
         assert session.ask(QUESTION, max_new_tokens=6)  # answers from the window
         assert session.cache_tokens == 7 * per_frame
     # a window never reached changes nothing
@@ -145,7 +143,7 @@ def test_memory_stays_flat_over_ten_thousand_frames(model):
 def test_bad_settings_are_refused(model, pooled, tiny_backbones):
     with pytest.raises(ValueError, match="coarse_fine reads the whole clip twice"):
         StreamSession(model, mode="coarse_fine")
-    with pytest.raises(ValueError, match="pooled baseline .* mode must be coarse_only"):
+    with pytest.raises(ValueError, match="mode autoregressive needs the foveated model's queries; this is the pooled"):
         StreamSession(pooled)
     with pytest.raises(ValueError, match="video_first layout"):
         StreamSession(make_model(tiny_backbones, layout="prompt_first"))

@@ -677,9 +677,9 @@ def test_the_pooled_multi_token_baseline_trains_validates_and_benchmarks(synthet
     last = [v for v in val if v["step"] == "4"]
     assert last[0]["loss"] == last[1]["loss"] and last[0]["dynamic_entropy"] == "nan"  # one pass, no queries
     model = FoveatedVLM.from_pretrained(tmp_path / "run" / "final")
-    assert model.tokens_per_frame == 4
+    assert model.visual.per_frame == 4
     load_script("report").main([str(tmp_path / "run")])
-    assert "it has no queries" in (tmp_path / "run" / "report.md").read_text()
+    assert "nothing chooses where to look" in (tmp_path / "run" / "report.md").read_text()
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "synthetic").symlink_to(synthetic)
     report = benchmark.main(["--checkpoint", str(tmp_path / "run" / "final"), "--data-root", str(tmp_path / "benchmarks"),
