@@ -49,6 +49,7 @@ from lmms_eval.api.model import lmms  # noqa: E402
 try:
     from benchmark import Item, Runner, batches_by_clip
     from config import MODES
+    from decoding import prompt_ids
     from media import IMAGE_EXTENSIONS
     from model import load_model
 except ModuleNotFoundError as e:  # installed as a copy (pip install .), away from the repository
@@ -299,7 +300,7 @@ class FVLM(lmms):
         text_only = [it for it in items if it.media is None]
         for k in range(0, len(text_only), self._batch_size):
             batch = text_only[k:k + self._batch_size]
-            ids, am = self.model.prompt_ids([[{"role": "user", "content": it.prompt}] for it in batch])
+            ids, am = prompt_ids(self.model, [[{"role": "user", "content": it.prompt}] for it in batch])
             gen = self.model.generate_ids(ids, am, mode=self.mode, max_new_tokens=max_new_tokens)
             for it, tokens in zip(batch, gen["tokens"]):
                 yield int(it.uid), self.model.tokenizer.decode(tokens, skip_special_tokens=True)

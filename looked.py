@@ -85,7 +85,7 @@ def attention_maps(model, frames: torch.Tensor, question, mode: str) -> dict:
     "totals": {kind: [T] the attention mass over all keys, the prefix tokens included}}. A model
     without queries (the pooled baseline) has nothing to show: ValueError."""
     from collate import pack_frames
-    from model import autocast
+    from precision import autocast
 
     model.visual.require_queries("attention maps")
     device = model.device

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+import decoding
 import loading
 from backbones import load_llm, vision_config, vision_weights
-from collate import IGNORE_INDEX, pack_frames, pad_rows
+from collate import IGNORE_INDEX
 from config import MODES, ModelConfig, model_config
 from encoder import FoveatedEncoder
 from layout import (Frames, Layout, assemble, chat_marks, check_text, chunk_mask, frame_inputs, grid, make_layout,
@@ -447,7 +448,7 @@ class FoveatedVLM(nn.Module):
 
     def generate(self, frames=None, prompt="", max_new_tokens: int = 128, mode: str = "autoregressive",
                  temperature: float = 0.0, top_p: float = 1.0, stream: bool = False):
-        """Reply to `prompt` about `frames`.
+        """Reply to `prompt` about `frames` (decoding.py).
 
         prompt: a string, a list of chat messages, or a list of those (a batch).
         frames: None, an image [3, H, W], a video [T, 3, H, W], a batch [B, T, 3, H, W], or a list
@@ -456,16 +457,7 @@ class FoveatedVLM(nn.Module):
         (single prompt only). Greedy when temperature == 0, else temperature + top-p sampling.
         """
         _check_mode(mode)
-        conversations, batched = _conversations(prompt)
-        samples = _frames_per_sample(frames, len(conversations), batched)
-        if stream and batched:
-            raise ValueError("stream=True takes a single prompt")
-        steps = self._generate_steps(conversations, samples, max_new_tokens, mode, temperature, top_p)
-        if stream:
-            return self._stream_text(steps)
-        tokens = _collect(steps)["tokens"]
-        replies = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-        return replies if batched else replies[0]
+        return decoding.generate(self, frames, prompt, max_new_tokens, mode, temperature, top_p, stream)
 
     @torch.no_grad()
     def generate_ids(self, input_ids, attention_mask=None, frames=None, frame_index=None, kv=None,
@@ -473,83 +465,43 @@ class FoveatedVLM(nn.Module):
                      top_p: float = 1.0) -> dict:
         """Batched decoding from prepared inputs (the evaluation path).
 
-        input_ids / attention_mask [B, S]: templated prompts (e.g. `chat_ids`), right padded.
+        input_ids / attention_mask [B, S]: templated prompts (decoding.prompt_ids), right padded.
         frames [N, 3, H, W] packed with frame_index [B, T] (collate.pack_frames), and optionally
         kv = self.encode_frames(frames), computed once and reused across modes and prompts.
         Returns {"tokens": each sample's new ids (without the stop token), "first_logits": [B, V]
         float32 logits of the first new token, i.e. the prompt's next-token distribution}.
         """
-        _check_mode(mode)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return _collect(self._decode_steps(input_ids, attention_mask, frames, frame_index, kv, mode, max_new_tokens,
-                                           temperature, top_p))
-
-    def _stream_text(self, steps):
-        ids, sent = [], ""
-        for step, _ in steps:
-            if step[0] is None:
-                continue
-            ids.append(step[0])
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text[len(sent):]
-                sent = text
-
-    def prompt_ids(self, conversations) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conversations -> right-padded generation prompts (input_ids, attention_mask) [B, S]."""
-        rows = [self.chat_ids(c) for c in conversations]
-        return pad_rows(rows, self.pad_id), pad_rows([[1] * len(r) for r in rows], 0)
-
-    def _generate_steps(self, conversations, samples, max_new_tokens, mode, temperature, top_p):
-        ids, am = self.prompt_ids(conversations)
-        pixels, index = pack_frames(samples, self.image_frames)
-        return self._decode_steps(ids, am, pixels, index, None, mode, max_new_tokens, temperature, top_p)
+        return decoding.collect(decoding.steps(self, input_ids, attention_mask, frames, frame_index, kv, mode,
+                                               max_new_tokens, temperature, top_p))
 
     @torch.no_grad()
-    def _decode_steps(self, ids, am, pixels, index, kv, mode, max_new_tokens, temperature, top_p):
-        """Yield, per decoding step, (each sample's new token id or None once it has stopped, the
-        logits [B, V] that token was drawn from)."""
-        device, weight_dtype = self.dino_to_llm.weight.device, self.dino_to_llm.weight.dtype
+    def prefill(self, input_ids, attention_mask, frames=None, frame_index=None, kv=None, mode: str = "autoregressive"):
+        """Prompts through the LLM into a new KV cache, the start of decoding -> (the logits of each
+        row's first new token [B, V], the cache, that token's logical position [B]). input_ids /
+        attention_mask [B, S]: right-padded prompts; frames [N, 3, H, W] packed with frame_index [B, T];
+        kv as in forward. Inputs are moved to the model's device (uint8 frames stay uint8: the encoder
+        normalises them)."""
+        _check_mode(mode)
         mode = self.visual.run_mode(mode)
-        b = ids.shape[0]
-        ids, am = ids.to(device), am.to(device)
-        if pixels is not None:  # uint8 frames stay uint8 (the encoder normalises them)
-            dtype = pixels.dtype if pixels.dtype == torch.uint8 else weight_dtype
-            pixels = pixels.to(device, dtype)
-        with autocast(device):
-            vis = self._visual(pixels, None, index.to(device), b) if pixels is not None else None
-            kv = self._kv(vis, kv)
-            lay = self._layout(ids, am, vis)
-            cache = self.new_cache(b)
-            text_emb = self.embed(ids)
-            if mode == "autoregressive":
-                res = self._autoregressive(text_emb, vis, kv, lay, False, cache)
-            else:
-                res = self._parallel(mode, text_emb, vis, kv, lay, cache=cache)
-            # the prompt's last real token predicts the first new token; new tokens continue the positions
-            logits = self.llm.lm_head(take(res.h_pred, (lay.n_text - 1)[:, None])[:, 0])
-            yield from self._decode_loop(logits, cache, lay.length, max_new_tokens, temperature, top_p)
-
-    def _decode_loop(self, logits, cache, pos, max_new_tokens, temperature, top_p):
-        """Yield, per decoding step, (each sample's new token id or None once it has stopped, the
-        logits [B, V] that token was drawn from), each token fed back through the KV cache.
-        logits [B, V]: the first new token's distribution; pos [B]: that token's logical position."""
-        b, device = logits.shape[0], logits.device
-        stops = torch.tensor(self.stop_ids, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            tok = _sample(logits.float(), temperature, top_p)
-            done |= torch.isin(tok, stops)  # a stop token ends its row, and a row once ended stays ended
-            flags = done.tolist()  # one host sync a step (the token ids need it anyway)
-            yield [None if f else t for f, t in zip(flags, tok.tolist())], logits
-            if all(flags):
-                return
-            h = self.append(cache, self.embed(tok[:, None]), pos[:, None])
-            logits = self.llm.lm_head(h[:, 0])
-            pos = pos + 1
+        b, device = input_ids.shape[0], self.device
+        ids, am = input_ids.to(device), attention_mask.to(device)
+        vis = None
+        if frames is not None:
+            dtype = frames.dtype if frames.dtype == torch.uint8 else self.dino_to_llm.weight.dtype
+            vis = self._visual(frames.to(device, dtype), None, frame_index.to(device), b)
+        kv = self._kv(vis, kv)
+        lay = self._layout(ids, am, vis)
+        cache, text_emb = self.new_cache(b), self.embed(ids)
+        if mode == "autoregressive":
+            res = self._autoregressive(text_emb, vis, kv, lay, False, cache)
+        else:
+            res = self._parallel(mode, text_emb, vis, kv, lay, cache=cache)
+        # the prompt's last real token predicts the first new token; new tokens continue the positions
+        return self.llm.lm_head(take(res.h_pred, (lay.n_text - 1)[:, None])[:, 0]), cache, lay.length
 
     def encode_frames(self, pixels: torch.Tensor, chunk: int | None = None):
         """What the visual tokens are computed from, once per frame and reusable across modes and
@@ -644,11 +596,6 @@ def load_model(path, llm: str | None = None, dino: str | None = None, trust: boo
     return FoveatedVLM.from_stored(stored), stored.what
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast over fp32 weights on CUDA; a no-op on CPU, which computes in fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
 def token_logps(logits, labels):
     """log p(label) of each row of logits [K, V] (computed in fp32); 0 where label == -100. The one
     cross-entropy of the project: training, validation, DPO and the published dense path use it."""
@@ -660,56 +607,3 @@ def token_logps(logits, labels):
 def _check_mode(mode):
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-
-
-def _collect(steps) -> dict:
-    """Decoding steps -> {"tokens": per-sample new ids, "first_logits": the first step's logits}."""
-    tokens, first = None, None
-    for step, logits in steps:
-        if first is None:
-            first, tokens = logits.float(), [[] for _ in step]
-        for i, tok in enumerate(step):
-            if tok is not None:
-                tokens[i].append(tok)
-    return {"tokens": tokens, "first_logits": first}
-
-
-def _sample(logits, temperature, top_p):
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1)[:, 0]
-
-
-def _conversations(prompt):
-    """prompt -> (list of message lists, batched?)."""
-    as_messages = lambda p: [{"role": "user", "content": p}] if isinstance(p, str) else list(p)  # noqa: E731
-    if isinstance(prompt, str):
-        return [as_messages(prompt)], False
-    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-        return [as_messages(prompt)], False
-    if isinstance(prompt, (list, tuple)) and prompt:
-        return [as_messages(p) for p in prompt], True
-    raise ValueError("prompt must be a string, a list of chat messages, or a non-empty list of those")
-
-
-def _frames_per_sample(frames, batch, batched):
-    if frames is None:
-        return [None] * batch
-    if isinstance(frames, (list, tuple)):
-        if len(frames) != batch:
-            raise ValueError(f"{len(frames)} frame entries for {batch} prompts")
-        return list(frames)
-    if frames.dim() == 5:
-        if frames.shape[0] != batch:
-            raise ValueError(f"frames batch {frames.shape[0]} != {batch} prompts")
-        return list(frames)
-    if batched and batch != 1:
-        raise ValueError("for a batch of prompts pass frames as a list (one entry per prompt) or [B, T, 3, H, W]")
-    return [frames] * batch
-

@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from media import _pil_to_tensor, resize
-from model import autocast
+from decoding import decode, stream_text
+from precision import autocast
 
 STREAM_MODES = ("autoregressive", "coarse_only")
 
@@ -188,8 +189,8 @@ class StreamSession:
                 pos = kept + torch.arange(ids.shape[1], device=self.device)[None]
                 h = model.append(self.cache, model.embed(ids), pos)
                 logits = model.llm.lm_head(h[:, -1])
-                steps = model._decode_loop(logits, self.cache, pos[:, -1] + 1, max_new_tokens, temperature, top_p)
-                yield from model._stream_text(timed(steps))  # token ids -> text pieces, as generate streams
+                steps = decode(model, logits, self.cache, pos[:, -1] + 1, max_new_tokens, temperature, top_p)
+                yield from stream_text(model.tokenizer, timed(steps))  # token ids -> text pieces, as generate streams
         finally:  # also when a streamed answer is abandoned (closed): the frames' cache is left as it was
             self.cache.crop(kept)
             self.answering = False

@@ -47,8 +47,9 @@ import objectives as objective_units
 from config import ConfigError, config_from_dict, defaults_text, expand_path, load_config
 from data import Loader, SampleSpec, ShardStream, Source
 from flops import FlopCount
-from model import FoveatedVLM, autocast
+from model import FoveatedVLM
 from objectives import micro_batch_losses
+from precision import autocast
 from schedule import lr_at, warmup_steps
 from validation import validate
 

@@ -12,6 +12,7 @@ import yaml
 
 from collate import pack_frames
 from config import ConfigError, load_config, model_config
+from decoding import prompt_ids
 from conftest import make_model
 from flops import FlopCount
 from layout import frame_inputs, make_layout
@@ -112,7 +113,7 @@ def test_cached_generation_equals_uncached(tiny_backbones, layout):
     assert model.generate([f for f, _ in cases], [p for _, p in cases], max_new_tokens=6) == expected
     # the evaluation path: frames encoded once (encode_frames), passed as kv
     pixels, index = pack_frames([cases[0][0]])
-    ids, am = model.prompt_ids([[{"role": "user", "content": cases[0][1]}]])
+    ids, am = prompt_ids(model, [[{"role": "user", "content": cases[0][1]}]])
     out = model.generate_ids(ids, am, pixels, index, kv=model.encode_frames(pixels), max_new_tokens=6)
     assert model.tokenizer.decode(out["tokens"][0], skip_special_tokens=True) == expected[0]
 

@@ -4,6 +4,7 @@ import pytest
 
 from backbones import offline_llm, smollm2_gguf
 from config import ConfigError
+from decoding import reply_steps
 from model import FoveatedVLM
 
 
@@ -27,8 +28,8 @@ def test_text_only_generation_is_sensible_and_stops_at_end_of_turn(real_model):
     assert real_model.stop_ids == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id})
     reply = real_model.generate(None, "What is the capital of France?", max_new_tokens=48)
     assert "Paris" in reply
-    steps = list(real_model._generate_steps([[{"role": "user", "content": "What is the capital of France?"}]],
-                                            [None], 48, "autoregressive", 0.0, 1.0))
+    steps = list(reply_steps(real_model, [[{"role": "user", "content": "What is the capital of France?"}]], [None], 48,
+                             "autoregressive", 0.0, 1.0))
     assert steps[-1][0] == [None], "generation must end on <|im_end|>, not on the token limit"
     assert len(steps) < 48
     assert "".join(real_model.generate(None, "What is the capital of France?", max_new_tokens=48, stream=True)) == reply
