@@ -216,6 +216,25 @@ def chunk_mask(cache_valid, valid):
     return mask[:, None], cache_valid
 
 
+@dataclass
+class Cache:
+    """The LLM's KV cache over a batch (a transformers DynamicCache) and which of its slots hold real
+    tokens (padding slots are never attended to: `chunk_mask`). Physical slot order follows logical
+    order for real tokens."""
+    kv: object
+    valid: torch.Tensor  # [B, L] bool
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def crop(self, length: int):
+        """Forget every slot from `length` on."""
+        if length < self.length:
+            self.kv.crop(length - self.length)  # transformers takes the number of slots to drop, negated
+            self.valid = self.valid[:, :length]
+
+
 def take(x, index):
     """x [B, L, D] gathered at index [B, K] -> [B, K, D]."""
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
@@ -231,3 +250,17 @@ def regrid(index, old_len, new_len, row_offset):
     """Flat indices into a [B, old_len - 1] grid -> into [row_offset + B, new_len - 1]."""
     rows, cols = grid(index, old_len)
     return (rows + row_offset) * (new_len - 1) + cols
+
+
+def stack_pairs(pad_id: int, chosen, rejected, chosen_index=None, rejected_index=None):
+    """Chosen and rejected (ids, attention_mask, loss_mask) [B, S_side], right padded to one width s
+    and stacked [2B, s] (chosen rows first), with their target indices (each in its own side's
+    [B, S_side - 1] grid) moved into the stacked [2B, s - 1] grid (None without)."""
+    b, s = chosen[0].shape[0], max(chosen[0].shape[1], rejected[0].shape[1])
+    pad = lambda x, v: F.pad(x, (0, s - x.shape[1]), value=v)  # noqa: E731
+    ids, am, lm = (torch.cat([pad(c, v), pad(r, v)]) for c, r, v in zip(chosen, rejected, (pad_id, 0, 0)))
+    index = None
+    if chosen_index is not None:
+        index = torch.cat([regrid(chosen_index, chosen[0].shape[1], s, 0),
+                           regrid(rejected_index, rejected[0].shape[1], s, b)])
+    return ids, am, lm, index

@@ -244,6 +244,26 @@ def read_model(spec, llm: str | None = None, dino: str | None = None, trust: boo
 
 # ---- writing ------------------------------------------------------------------------------------------
 
+def normalize_state(state: dict, dino_state_from_hf, tied: bool) -> dict:
+    """A state dict in our layout or the published one -> ours: `_orig_mod.` / `module.` prefixes
+    (torch.compile, DDP) stripped, vision-backbone weights in transformers' names renamed
+    (dino_state_from_hf, the backbone's own), a tied lm_head (tied: the LLM ties it) filled in."""
+    out, dino = {}, {}
+    for key, value in state.items():
+        key = key.replace("_orig_mod.", "")
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key.startswith("encoder.dino."):
+            dino[key[len("encoder.dino."):]] = value
+        else:
+            out[key] = value
+    out.update({"encoder.dino." + k: v for k, v in dino_state_from_hf(dino).items()})
+    embed, head = "llm.model.embed_tokens.weight", "llm.lm_head.weight"
+    if tied and head not in out and embed in out:
+        out[head] = out[embed]
+    return out
+
+
 def save_pretrained(model, directory):
     """directory/config.json (the model's ModelConfig) + model.safetensors, with the backbones' configs
     and the tokenizer in llm/ and dino/, so that read_model needs nothing else."""

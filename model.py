@@ -14,29 +14,27 @@ Sequence layout (layout.py): with "video_first" (the published model) the visual
 and the whole chat text follows; with "prompt_first" they follow the first user message's content, so
 the queries can depend on the question. Padding never changes a real token's output.
 
-Loss. `logits[:, j]` predicts the text token after token j (from the sequence position just before
+Loss (loss.py). `logits[:, j]` predicts the text token after token j (from the sequence position just before
 that token, which is the last visual token where the video sits in between). The loss is the
 token-weighted mean of -log p over text tokens j >= 1 with loss_mask[j] = 1; labels of other tokens
 are -100. The first text token is never a target (it follows nothing but the video).
 """
 
 import dataclasses
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
 import decoding
 import loading
 from backbones import load_llm, vision_config, vision_weights
-from collate import IGNORE_INDEX
 from config import MODES, ModelConfig, model_config
 from encoder import FoveatedEncoder
-from layout import (Frames, Layout, assemble, chat_marks, check_text, chunk_mask, frame_inputs, grid, make_layout,
-                    regrid, take)
+from layout import (Cache, Frames, Layout, assemble, chat_marks, check_text, chunk_mask, frame_inputs, make_layout,
+                    stack_pairs, take)
+from loss import next_token_loss
 from predict import NextFrameHead
 from tokenization import chat_ids, pad_id
 from visual import visual_tokens
@@ -47,24 +45,6 @@ class Pass(NamedTuple):
     h_pred: torch.Tensor  # [B, S, D] hidden state predicting the token after each text token (Layout.pred_pos)
     queries: torch.Tensor | None  # [B, T, query_dim] the fine queries used (None in coarse_only / text only)
     attention: dict  # "static" / "dynamic" -> [B, T, blocks, heads, keys] with return_attention (else None)
-
-
-@dataclass
-class Cache:
-    """The LLM's KV cache over a batch and which of its slots hold real tokens (padding slots are never
-    attended to). Physical slot order follows logical order for real tokens (layout.py)."""
-    kv: DynamicCache
-    valid: torch.Tensor  # [B, L] bool
-
-    @property
-    def length(self) -> int:
-        return self.valid.shape[1]
-
-    def crop(self, length: int):
-        """Forget every slot from `length` on."""
-        if length < self.length:
-            self.kv.crop(length - self.length)  # transformers takes the number of slots to drop, negated
-            self.valid = self.valid[:, :length]
 
 
 class FoveatedVLM(nn.Module):
@@ -289,32 +269,6 @@ class FoveatedVLM(nn.Module):
         mask, cache.valid = chunk_mask(cache.valid, valid)
         return self._llm(embeds, positions, cache.kv, mask)
 
-    def _loss(self, h_pred, input_ids, attention_mask, loss_mask, target_index=None):
-        """Next-token log-probs of the loss targets, from the hidden states that predict them.
-
-        With target_index (flat indices into the [B, S - 1] grid of next-token cells, cell
-        (b, j - 1) = text token j of row b; see collate.target_index), logits are computed at those
-        cells only ([K, V], the training path). Without it, logits are computed everywhere ([B, S, V],
-        the published contract) and the cells outside the masks are ignored."""
-        b, s = input_ids.shape
-        labels = input_ids[:, 1:]  # the label of cell (b, j - 1) is text token j
-        if target_index is None:
-            logits = self.llm.lm_head(h_pred)
-            mask = attention_mask.bool() if loss_mask is None else loss_mask.bool() & attention_mask.bool()
-            cell_logits = logits[:, :-1].flatten(0, 1)
-            cell_labels = labels.masked_fill(~mask[:, 1:], IGNORE_INDEX).flatten()
-            rows = torch.arange(b, device=input_ids.device).repeat_interleave(s - 1)
-        else:
-            rows, cols = grid(target_index, s)
-            cell_logits = logits = self.llm.lm_head(h_pred[rows, cols])
-            cell_labels = labels[rows, cols]
-        logp = token_logps(cell_logits, cell_labels)
-        counted = (cell_labels != IGNORE_INDEX).long()
-        logp_sum = logp.new_zeros(b).index_add(0, rows, logp)
-        num_tokens = counted.new_zeros(b).index_add(0, rows, counted)
-        return dict(logits=logits, loss=-logp_sum.sum() / num_tokens.sum().clamp(min=1), logp_sum=logp_sum,
-                    num_tokens=num_tokens, target_labels=cell_labels, target_rows=rows)
-
     # ---- public API -----------------------------------------------------------------------------
 
     def forward(self, frames=None, input_ids=None, attention_mask=None, loss_mask=None, frame_mask=None,
@@ -364,7 +318,8 @@ class FoveatedVLM(nn.Module):
                                        queries)
         else:
             res = self._parallel(mode, text_emb, vis, kv, lay, return_attention, queries)
-        out = dict(queries=res.queries, **self._loss(res.h_pred, input_ids, attention_mask, loss_mask, target_index))
+        loss = next_token_loss(self.llm.lm_head, res.h_pred, input_ids, attention_mask, loss_mask, target_index)
+        out = dict(queries=res.queries, **loss)
         if return_attention:
             out["attention"] = res.attention
         return out
@@ -418,11 +373,9 @@ class FoveatedVLM(nn.Module):
             raise ValueError(f"chosen batch {b} != rejected batch {rejected_ids.shape[0]}")
         if (chosen_target_index is None) != (rejected_target_index is None):
             raise ValueError("pass both chosen_target_index and rejected_target_index, or neither")
-        s = max(chosen_ids.shape[1], rejected_ids.shape[1])
-        pad = lambda x, v: F.pad(x, (0, s - x.shape[1]), value=v)  # noqa: E731
-        ids = torch.cat([pad(chosen_ids, self.pad_id), pad(rejected_ids, self.pad_id)])  # [2B, s]: chosen, rejected
-        am = torch.cat([pad(chosen_attention_mask, 0), pad(rejected_attention_mask, 0)])
-        lm = torch.cat([pad(chosen_loss_mask, 0), pad(rejected_loss_mask, 0)])
+        ids, am, lm, index = stack_pairs(  # [2B, s]: chosen rows, then rejected
+            self.pad_id, (chosen_ids, chosen_attention_mask, chosen_loss_mask),
+            (rejected_ids, rejected_attention_mask, rejected_loss_mask), chosen_target_index, rejected_target_index)
         vis = self._visual(frames, frame_mask, frame_index, b)
         both = vis.repeat(2) if vis is not None else None
         text_emb = self.embed(ids)
@@ -431,11 +384,8 @@ class FoveatedVLM(nn.Module):
         if vis is not None:  # the visual tokens depend on the frames and the prompt only: computed once
             kv = self.encode_frames(vis.pixels)
             vis_emb = self._visual_embeddings(mode, vis, kv, lay.rows(slice(0, b)), text_emb[:b], False)[0].repeat(2, 1, 1)
-        index = None
-        if chosen_target_index is not None:  # each side's [B, S_side - 1] grid -> the stacked [2B, s - 1] grid
-            index = torch.cat([regrid(chosen_target_index, chosen_ids.shape[1], s, 0),
-                               regrid(rejected_target_index, rejected_ids.shape[1], s, b)])
-        res = self._loss(self._parallel(mode, text_emb, both, None, lay, vis_emb=vis_emb).h_pred, ids, am, lm, index)
+        h_pred = self._parallel(mode, text_emb, both, None, lay, vis_emb=vis_emb).h_pred
+        res = next_token_loss(self.llm.lm_head, h_pred, ids, am, lm, index)
         return dict(chosen_logps=res["logp_sum"][:b], rejected_logps=res["logp_sum"][b:],
                     chosen_tokens=res["num_tokens"][:b], rejected_tokens=res["num_tokens"][b:])
 
@@ -545,23 +495,9 @@ class FoveatedVLM(nn.Module):
         """Accepts our layout and the published one: `_orig_mod.` / `module.` prefixes (torch.compile,
         DDP) are stripped, vision-backbone weights may use transformers' names, and a tied lm_head may
         be absent."""
-        return super().load_state_dict(self._normalize_state(state_dict), strict=strict, assign=assign)
-
-    def _normalize_state(self, state):
-        out, dino = {}, {}
-        for key, value in state.items():
-            key = key.replace("_orig_mod.", "")
-            if key.startswith("module."):
-                key = key[len("module."):]
-            if key.startswith("encoder.dino."):
-                dino[key[len("encoder.dino."):]] = value
-            else:
-                out[key] = value
-        out.update({"encoder.dino." + k: v for k, v in type(self.encoder.dino).state_from_hf(dino).items()})
-        embed, head = "llm.model.embed_tokens.weight", "llm.lm_head.weight"
-        if self.llm.config.tie_word_embeddings and head not in out and embed in out:
-            out[head] = out[embed]
-        return out
+        return super().load_state_dict(
+            loading.normalize_state(state_dict, type(self.encoder.dino).state_from_hf,
+                                    self.llm.config.tie_word_embeddings), strict=strict, assign=assign)
 
     def save_pretrained(self, directory):
         """directory/config.json (the ModelConfig) + model.safetensors, with the backbones' configs and
@@ -594,12 +530,6 @@ def load_model(path, llm: str | None = None, dino: str | None = None, trust: boo
     trust: unpickle arbitrary objects (loading.read_torch_file)."""
     stored = loading.read_model(path, llm, dino, trust)
     return FoveatedVLM.from_stored(stored), stored.what
-
-
-def token_logps(logits, labels):
-    """log p(label) of each row of logits [K, V] (computed in fp32); 0 where label == -100. The one
-    cross-entropy of the project: training, validation, DPO and the published dense path use it."""
-    return -F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ tiny model in both query modes, the summary, and the figure (box outline where t
 
 import json
 import math
-import types
 
 import numpy as np
 import pytest
