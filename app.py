@@ -380,28 +380,6 @@ def build_app(model, frame_size: int | None = None, max_frames: int = 8, window:
     demo = Demo(model, frame_size, max_frames, window, noise, source)
     examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="fvlm_examples_"))
     examples = make_examples(examples_dir)
-
-    from media import MediaError
-
-    def errors(fn):  # bad input (a ValueError, an undecodable file) as a message on the page
-        if inspect.isgeneratorfunction(fn):
-            def wrapped(*args):
-                try:
-                    yield from fn(*args)
-                except (ValueError, MediaError) as e:
-                    raise gr.Error(str(e)) from e
-        else:
-            def wrapped(*args):
-                try:
-                    return fn(*args)
-                except (ValueError, MediaError) as e:
-                    raise gr.Error(str(e)) from e
-        return wrapped
-
-    def chat(path, prompt, history, mode, max_new_tokens, temperature):
-        for history, stats, gallery in demo.chat(path, prompt, history, mode, max_new_tokens, temperature):
-            yield history, stats, gr.skip() if gallery is None else gallery
-
     with gr.Blocks(title="fvlm: foveated video VLM", analytics_enabled=False) as app:
         gr.Markdown("# fvlm: a foveated video VLM\nOne visual token per frame: the LLM chooses where the next "
                     f"frame is looked at. Model: `{source or type(model).__name__}` · frames at "
@@ -411,64 +389,96 @@ def build_app(model, frame_size: int | None = None, max_frames: int = 8, window:
                     f'border-radius:6px;padding:10px 14px;font-weight:600">⚠ {NOISE_BANNER}</div>')
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        media = gr.File(label="Image or video", file_types=list(IMAGE_SUFFIXES + VIDEO_SUFFIXES),
-                                        elem_id="chat-media", height=120)
-                        preset = gr.Radio(list(PRESETS), label="Preset prompts", elem_id="chat-presets")
-                        prompt = gr.Textbox(label="Prompt", value=PRESETS["describe"], lines=2, elem_id="chat-prompt")
-                        mode = gr.Radio(list(MODES), value="autoregressive", label="Mode", elem_id="chat-mode")
-                        with gr.Accordion("Generation", open=False):
-                            max_new = gr.Slider(1, 256, value=48, step=1, label="max new tokens")
-                            temperature = gr.Slider(0, 2, value=demo.temperature, step=0.05,
-                                                    label="temperature (0: greedy)")
-                        with gr.Row():
-                            ask = gr.Button("Ask", variant="primary", elem_id="chat-ask")
-                            clear = gr.Button("Clear chat", elem_id="chat-clear")
-                        gr.Examples([[p, q] for p, q in examples], inputs=[media, prompt],
-                                    label="Example clips (synthetic, rendered by the app)", elem_id="chat-examples")
-                    with gr.Column(scale=2):
-                        chatbot = gr.Chatbot(label="Chat", height=300, elem_id="chat-reply")
-                        stats = gr.Markdown("Ask something: the reply streams here, then its TTFT and tokens/s.",
-                                            elem_id="chat-stats")
-                        gallery = gr.Gallery(label="Where it looked: each frame with the static and the dynamic "
-                                                   "query's attention (last backbone block, mean over heads; "
-                                                   "dark: least, yellow: most)",
-                                             columns=4, height=720, object_fit="contain", elem_id="chat-gallery")
-                preset.change(lambda k: PRESETS.get(k, ""), preset, prompt)
-                media.change(errors(lambda p: ([], "", demo.preview(p))), media, [chatbot, stats, gallery])
-                for trigger in (ask.click, prompt.submit):
-                    trigger(errors(chat), [media, prompt, chatbot, mode, max_new, temperature],
-                            [chatbot, stats, gallery])
-                clear.click(lambda: ([], ""), None, [chatbot, stats])
-
+                _chat_tab(gr, demo, examples)
             with gr.Tab("Live", id="live"):
-                live_state = gr.State(None)
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam",
-                                          elem_id="live-webcam")
-                        skip = gr.Slider(1, 10, value=1, step=1, label="frame skip (add every k-th frame)",
-                                         elem_id="live-skip")
-                        question = gr.Textbox(value=LIVE_QUESTION, label="Standing question", elem_id="live-question")
-                        every = gr.Slider(0.5, 10, value=2, step=0.5, label="answer every (s)")
-                        with gr.Row():
-                            live_mode = gr.Radio(["autoregressive", "coarse_only"], value="autoregressive",
-                                                 label="Mode (a new session)")
-                            heat = gr.Checkbox(value=True, label="foveation heatmap")
-                        reset = gr.Button("Reset session")
-                    with gr.Column(scale=1):
-                        answer = gr.Textbox(label="Answer (a few tokens)", elem_id="live-answer", interactive=False)
-                        live_stats = gr.Markdown("Start the webcam: frames stream in and the statistics appear here.",
-                                                 elem_id="live-stats")
-                        looked = gr.Image(label="Current frame: where the query looked", elem_id="live-looked",
-                                          interactive=False, height=320)
-                webcam.stream(errors(demo.live), [live_state, webcam, skip, question, every, live_mode, heat],
-                              [live_state, live_stats, looked, answer], stream_every=stream_every, time_limit=None,
-                              concurrency_limit=4, show_progress="hidden")
-                reset.click(lambda: (None, "Session reset.", None, ""), None, [live_state, live_stats, looked, answer])
+                _live_tab(gr, demo, stream_every)
     app.demo = demo  # the handlers, for tests
     return app
+
+
+def _errors(gr, fn):
+    """fn with bad input (a ValueError, an undecodable file) shown as a message on the page."""
+    from media import MediaError
+
+    if inspect.isgeneratorfunction(fn):
+        def wrapped(*args):
+            try:
+                yield from fn(*args)
+            except (ValueError, MediaError) as e:
+                raise gr.Error(str(e)) from e
+    else:
+        def wrapped(*args):
+            try:
+                return fn(*args)
+            except (ValueError, MediaError) as e:
+                raise gr.Error(str(e)) from e
+    return wrapped
+
+
+def _chat_tab(gr, demo, examples):
+    """The Chat tab: a file, a prompt, the streamed reply with its speed, and where it looked."""
+    def chat(path, prompt, history, mode, max_new_tokens, temperature):
+        for history, stats, gallery in demo.chat(path, prompt, history, mode, max_new_tokens, temperature):
+            yield history, stats, gr.skip() if gallery is None else gallery
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            media = gr.File(label="Image or video", file_types=list(IMAGE_SUFFIXES + VIDEO_SUFFIXES),
+                            elem_id="chat-media", height=120)
+            preset = gr.Radio(list(PRESETS), label="Preset prompts", elem_id="chat-presets")
+            prompt = gr.Textbox(label="Prompt", value=PRESETS["describe"], lines=2, elem_id="chat-prompt")
+            mode = gr.Radio(list(MODES), value="autoregressive", label="Mode", elem_id="chat-mode")
+            with gr.Accordion("Generation", open=False):
+                max_new = gr.Slider(1, 256, value=48, step=1, label="max new tokens")
+                temperature = gr.Slider(0, 2, value=demo.temperature, step=0.05,
+                                        label="temperature (0: greedy)")
+            with gr.Row():
+                ask = gr.Button("Ask", variant="primary", elem_id="chat-ask")
+                clear = gr.Button("Clear chat", elem_id="chat-clear")
+            gr.Examples([[p, q] for p, q in examples], inputs=[media, prompt],
+                        label="Example clips (synthetic, rendered by the app)", elem_id="chat-examples")
+        with gr.Column(scale=2):
+            chatbot = gr.Chatbot(label="Chat", height=300, elem_id="chat-reply")
+            stats = gr.Markdown("Ask something: the reply streams here, then its TTFT and tokens/s.",
+                                elem_id="chat-stats")
+            gallery = gr.Gallery(label="Where it looked: each frame with the static and the dynamic "
+                                       "query's attention (last backbone block, mean over heads; "
+                                       "dark: least, yellow: most)",
+                                 columns=4, height=720, object_fit="contain", elem_id="chat-gallery")
+    preset.change(lambda k: PRESETS.get(k, ""), preset, prompt)
+    media.change(_errors(gr, lambda p: ([], "", demo.preview(p))), media, [chatbot, stats, gallery])
+    for trigger in (ask.click, prompt.submit):
+        trigger(_errors(gr, chat), [media, prompt, chatbot, mode, max_new, temperature],
+                [chatbot, stats, gallery])
+    clear.click(lambda: ([], ""), None, [chatbot, stats])
+
+
+def _live_tab(gr, demo, stream_every: float):
+    """The Live tab: webcam frames into a streaming session, a standing question answered every few seconds."""
+    live_state = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1):
+            webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam",
+                              elem_id="live-webcam")
+            skip = gr.Slider(1, 10, value=1, step=1, label="frame skip (add every k-th frame)",
+                             elem_id="live-skip")
+            question = gr.Textbox(value=LIVE_QUESTION, label="Standing question", elem_id="live-question")
+            every = gr.Slider(0.5, 10, value=2, step=0.5, label="answer every (s)")
+            with gr.Row():
+                live_mode = gr.Radio(["autoregressive", "coarse_only"], value="autoregressive",
+                                     label="Mode (a new session)")
+                heat = gr.Checkbox(value=True, label="foveation heatmap")
+            reset = gr.Button("Reset session")
+        with gr.Column(scale=1):
+            answer = gr.Textbox(label="Answer (a few tokens)", elem_id="live-answer", interactive=False)
+            live_stats = gr.Markdown("Start the webcam: frames stream in and the statistics appear here.",
+                                     elem_id="live-stats")
+            looked = gr.Image(label="Current frame: where the query looked", elem_id="live-looked",
+                              interactive=False, height=320)
+    webcam.stream(_errors(gr, demo.live), [live_state, webcam, skip, question, every, live_mode, heat],
+                  [live_state, live_stats, looked, answer], stream_every=stream_every, time_limit=None,
+                  concurrency_limit=4, show_progress="hidden")
+    reset.click(lambda: (None, "Session reset.", None, ""), None, [live_state, live_stats, looked, answer])
 
 
 def main(argv=None):

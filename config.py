@@ -365,7 +365,8 @@ def validate_model(m: ModelConfig, where: str, prefix: str = "model."):
                           f"got {m.next_frame}")
 
 
-def validate(cfg: Config, where: str):
+def _checks(where: str):
+    """(check(ok, key, message), choice(value, key, options)): each raises a ConfigError naming the key."""
     def check(ok, key, message):
         if not ok:
             raise ConfigError(f"{where}: key '{key}' {message}")
@@ -373,6 +374,11 @@ def validate(cfg: Config, where: str):
     def choice(value, key, options):
         check(value in options, key, f"must be one of {list(options)}, got {value!r}")
 
+    return check, choice
+
+
+def validate(cfg: Config, where: str):
+    check, choice = _checks(where)
     choice(cfg.stage, "stage", STAGES)
     choice(cfg.mode, "mode", MODES)
     choice(cfg.device, "device", DEVICES)
@@ -385,42 +391,9 @@ def validate(cfg: Config, where: str):
           "cannot be autoregressive for DPO training (use coarse_fine or coarse_only)")
     for i, m in enumerate(cfg.eval.modes):
         choice(m, f"eval.modes.{i}", MODES)
-    check(bool(cfg.data.train), "data.train", "must list at least one source")
-    for part in ("train", "val"):
-        names = [s.name for s in getattr(cfg.data, part)]
-        check(len(set(names)) == len(names), f"data.{part}", f"source names must be unique, got {names}")
-        for i, s in enumerate(getattr(cfg.data, part)):
-            check(s.weight > 0, f"data.{part}.{i}.weight", f"must be > 0, got {s.weight}")
-    check(0 <= cfg.data.text_ratio < 1, "data.text_ratio", f"must be in [0, 1), got {cfg.data.text_ratio}")
-    check(not cfg.data.resampled or cfg.data.epochs == 1, "data.epochs",
-          "only applies to exact passes (data.resampled: false); resampled streams never end")
-    for key in ("frame_size", "max_frames", "max_text_tokens", "batch_size", "epochs", "prefetch_factor"):
-        check(getattr(cfg.data, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(cfg.data, key)}")
-    check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    for key in ("max_batch_frames", "max_batch_tokens"):
-        v = getattr(cfg.data, key)
-        check(v is None or v >= 1, f"data.{key}", f"must be >= 1 or null, got {v}")
-    check(cfg.data.target_fps is None or cfg.data.target_fps > 0, "data.target_fps", "must be > 0 or null")
+    _validate_data(cfg.data, check)
     validate_model(cfg.model, where)
-    o = cfg.optim
-    check(o.steps >= 1, "optim.steps", f"must be >= 1, got {o.steps}")
-    check(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {o.grad_accum}")
-    check(sorted(o.lr) == sorted(GROUPS), "optim.lr", f"must give an LR for each of {list(GROUPS)}, got {sorted(o.lr)}")
-    for g, lr in o.lr.items():
-        check(lr >= 0, f"optim.lr.{g}", f"must be >= 0, got {lr}")
-    for i, g in enumerate(o.freeze):
-        choice(g, f"optim.freeze.{i}", GROUPS)
-    check(len(set(o.freeze)) < len(GROUPS), "optim.freeze", "cannot freeze every parameter group")
-    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
-    check(o.weight_decay >= 0 and o.eps > 0, "optim.weight_decay", "and optim.eps must be >= 0 and > 0")
-    check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
-    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    check(o.schedule != "converging" or o.target_lr is not None, "optim.target_lr",
-          "is required by the converging schedule")
-    check(o.target_lr is None or o.schedule == "converging", "optim.target_lr",
-          "is only used by the converging schedule")
-    check(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
-    check(o.max_bad_steps >= 1, "optim.max_bad_steps", "must be >= 1")
+    _validate_optim(cfg.optim, check, choice)
     check(cfg.dpo.beta > 0, "dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
     check(cfg.coarse_weight >= 0, "coarse_weight", f"must be >= 0, got {cfg.coarse_weight}")
     check(cfg.coarse_weight == 0 or cfg.stage in ("alignment", "sft", "next_frame"), "coarse_weight",
@@ -445,6 +418,46 @@ def validate(cfg: Config, where: str):
     check(c.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     check(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
+
+
+def _validate_data(d, check):
+    check(bool(d.train), "data.train", "must list at least one source")
+    for part in ("train", "val"):
+        names = [s.name for s in getattr(d, part)]
+        check(len(set(names)) == len(names), f"data.{part}", f"source names must be unique, got {names}")
+        for i, s in enumerate(getattr(d, part)):
+            check(s.weight > 0, f"data.{part}.{i}.weight", f"must be > 0, got {s.weight}")
+    check(0 <= d.text_ratio < 1, "data.text_ratio", f"must be in [0, 1), got {d.text_ratio}")
+    check(not d.resampled or d.epochs == 1, "data.epochs",
+          "only applies to exact passes (data.resampled: false); resampled streams never end")
+    for key in ("frame_size", "max_frames", "max_text_tokens", "batch_size", "epochs", "prefetch_factor"):
+        check(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
+    check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    for key in ("max_batch_frames", "max_batch_tokens"):
+        v = getattr(d, key)
+        check(v is None or v >= 1, f"data.{key}", f"must be >= 1 or null, got {v}")
+    check(d.target_fps is None or d.target_fps > 0, "data.target_fps", "must be > 0 or null")
+
+
+def _validate_optim(o, check, choice):
+    check(o.steps >= 1, "optim.steps", f"must be >= 1, got {o.steps}")
+    check(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {o.grad_accum}")
+    check(sorted(o.lr) == sorted(GROUPS), "optim.lr", f"must give an LR for each of {list(GROUPS)}, got {sorted(o.lr)}")
+    for g, lr in o.lr.items():
+        check(lr >= 0, f"optim.lr.{g}", f"must be >= 0, got {lr}")
+    for i, g in enumerate(o.freeze):
+        choice(g, f"optim.freeze.{i}", GROUPS)
+    check(len(set(o.freeze)) < len(GROUPS), "optim.freeze", "cannot freeze every parameter group")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+    check(o.weight_decay >= 0 and o.eps > 0, "optim.weight_decay", "and optim.eps must be >= 0 and > 0")
+    check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
+    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    check(o.schedule != "converging" or o.target_lr is not None, "optim.target_lr",
+          "is required by the converging schedule")
+    check(o.target_lr is None or o.schedule == "converging", "optim.target_lr",
+          "is only used by the converging schedule")
+    check(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
+    check(o.max_bad_steps >= 1, "optim.max_bad_steps", "must be >= 1")
 
 
 _VARIABLE = re.compile(r"\$(\w+|\{\w+\})")

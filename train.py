@@ -273,29 +273,43 @@ def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
     for objective, _ in objectives:  # before a resume overwrites the weights: e.g. DPO's reference
         objective.setup(model, run)
     if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        run.loader.load_state_dict(resume["data"][dist.rank])
-        ckpt.set_rng_state(resume["rng"][dist.rank])
-        counters.update(resume["counters"])
-        log.info("resumed from %s (step %d)", latest, counters["step"])
+        _restore(run, resume, latest)
     else:
         torch.manual_seed(cfg.seed + dist.rank)  # runtime randomness (dropout) differs per rank
     run.data = micro_batch_stream(run)
     if dist.is_main:
-        resume_step = counters["step"] if resume else None
-        run.metrics_log = CsvLog(run_dir / "metrics.csv", metric_columns(run), resume_step)
-        if val_sources:
-            val_columns = dict.fromkeys(c for o, _ in objectives for c in o.val_metrics)
-            run.val_log = CsvLog(run_dir / "val.csv", ["step", "mode", "source", *val_columns], resume_step)
-        run.wandb = _wandb(cfg, run_dir) if cfg.log.wandb else None
+        _open_logs(run, counters["step"] if resume else None)
+    _log_setup(run)
+    return run
+
+
+def _restore(run, resume: dict, latest: Path):
+    """A run's weights, optimizer, data position, RNG states and counters from its latest checkpoint."""
+    run.model.load_state_dict(resume["model"])
+    run.optimizer.load_state_dict(resume["optimizer"])
+    run.loader.load_state_dict(resume["data"][run.dist.rank])
+    ckpt.set_rng_state(resume["rng"][run.dist.rank])
+    run.counters.update(resume["counters"])
+    log.info("resumed from %s (step %d)", latest, run.counters["step"])
+
+
+def _open_logs(run, resume_step: int | None):
+    """metrics.csv, val.csv (with validation sources) and W&B (log.wandb), continued after resume_step."""
+    run.metrics_log = CsvLog(run.run_dir / "metrics.csv", metric_columns(run), resume_step)
+    if run.val_sources:
+        val_columns = dict.fromkeys(c for o, _ in run.objectives for c in o.val_metrics)
+        run.val_log = CsvLog(run.run_dir / "val.csv", ["step", "mode", "source", *val_columns], resume_step)
+    run.wandb = _wandb(run.cfg, run.run_dir) if run.cfg.log.wandb else None
+
+
+def _log_setup(run):
+    cfg, model = run.cfg, run.model
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s stage (%s), %s | %.1fM parameters (%.1fM trained) | %d rank(s) on %s | %d steps x %d "
-             "micro-batches of <= %d samples", cfg.stage, ", ".join(o.name for o, _ in objectives),
+             "micro-batches of <= %d samples", cfg.stage, ", ".join(o.name for o, _ in run.objectives),
              model.visual.mode_text(cfg.mode),
-             n_params / 1e6, sum(p.numel() for p in run.params) / 1e6, dist.world_size, device, cfg.optim.steps,
-             cfg.optim.grad_accum, cfg.data.batch_size)
-    return run
+             n_params / 1e6, sum(p.numel() for p in run.params) / 1e6, run.dist.world_size, run.dist.device,
+             cfg.optim.steps, cfg.optim.grad_accum, cfg.data.batch_size)
 
 
 def initial_weights(cfg, trust: bool = False) -> tuple[dict, str] | None:
@@ -460,7 +474,7 @@ class Steps:
 
 def train_step(run, micro_batches: list[dict]) -> Steps:
     """One optimizer step on this rank's micro-batches (host batches); every rank calls it together."""
-    cfg, dist, device = run.cfg, run.dist, run.device
+    cfg, dist = run.cfg, run.dist
     start = time.perf_counter()
     units = tuple(objective for objective, _ in run.objectives)
     # Every rank had its data, and the effective batch's normaliser of each objective: host numbers,
@@ -476,28 +490,7 @@ def train_step(run, micro_batches: list[dict]) -> Steps:
     # every term; with one objective, the plain summed loss scaled once, as a token-weighted mean.
     base = max(normalisers[0], 1.0)
     scales = [w * base / max(n, 1.0) for (_, w), n in zip(run.objectives, normalisers)]
-    loss_sums = torch.zeros(len(units), device=device)
-    metric_sums = {name: torch.zeros((), device=device) for u in units for name in u.metrics}
-    samples = tokens = flops = oom = 0
-    for host in micro_batches:
-        try:
-            with run.autocast():
-                terms = run.loss_fn(run.model, run.to_device(host), units, cfg.mode)
-            sum(scale * loss for scale, (loss, _) in zip(scales, terms)).backward()
-        except torch.OutOfMemoryError:
-            oom, terms = 1, None  # drop the failed graph before returning its memory
-            run.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            log.warning("CUDA out of memory at step %d (%d samples, %d frames)", run.step, len(host["keys"]),
-                        0 if host["frames"] is None else host["frames"].shape[0])
-            break
-        loss_sums += torch.stack([loss.detach().float() for loss, _ in terms])
-        for _, metrics in terms:
-            for name, value in metrics.items():
-                metric_sums[name] += value
-        samples += len(host["keys"])
-        tokens += batch_tokens(host)
-        flops += sum(u.flops(run.flop_count, host, cfg.mode) for u in units)
+    loss_sums, metric_sums, (samples, tokens, flops), oom = _backward(run, micro_batches, units, scales)
     # An OOM anywhere skips the step everywhere; a stop signal anywhere stops every rank after it
     # (agreed here, before the next step draws data, so the checkpoint's data position is exact).
     oom, stop = distributed.agree(dist, [oom, run.signals is not None and run.signals.received is not None],
@@ -524,6 +517,36 @@ def train_step(run, micro_batches: list[dict]) -> Steps:
                       metrics=dict(zip(metric_sums, values[1 + len(units):])), grad_norm=values[0],
                       samples=int(totals[0]), tokens=int(totals[1]), flops=totals[2],
                       seconds=time.perf_counter() - start, lrs=lrs, stop=stop)
+
+
+def _backward(run, micro_batches: list[dict], units: tuple, scales: list[float]):
+    """Forward and backward over the micro-batches, gradients accumulated -> (the summed loss of each
+    objective [units], its metrics' sums, (samples, tokens, FLOPs), 1 if CUDA ran out of memory
+    (the gradients then dropped) else 0)."""
+    cfg, device = run.cfg, run.device
+    loss_sums = torch.zeros(len(units), device=device)
+    metric_sums = {name: torch.zeros((), device=device) for u in units for name in u.metrics}
+    samples = tokens = flops = oom = 0
+    for host in micro_batches:
+        try:
+            with run.autocast():
+                terms = run.loss_fn(run.model, run.to_device(host), units, cfg.mode)
+            sum(scale * loss for scale, (loss, _) in zip(scales, terms)).backward()
+        except torch.OutOfMemoryError:
+            oom, terms = 1, None  # drop the failed graph before returning its memory
+            run.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            log.warning("CUDA out of memory at step %d (%d samples, %d frames)", run.step, len(host["keys"]),
+                        0 if host["frames"] is None else host["frames"].shape[0])
+            break
+        loss_sums += torch.stack([loss.detach().float() for loss, _ in terms])
+        for _, metrics in terms:
+            for name, value in metrics.items():
+                metric_sums[name] += value
+        samples += len(host["keys"])
+        tokens += batch_tokens(host)
+        flops += sum(u.flops(run.flop_count, host, cfg.mode) for u in units)
+    return loss_sums, metric_sums, (samples, tokens, flops), oom
 
 
 def batch_tokens(host: dict) -> int:
