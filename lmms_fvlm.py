@@ -1,6 +1,6 @@
 """lmms-eval model plugin: evaluate an fvlm checkpoint on any lmms-eval task (its prompts, its scorers).
 
-    pip install --no-deps lmms-eval==0.7.3 && pip install -e .     # README "lmms-eval plugin" lists the rest
+    pip install --no-deps lmms-eval==0.7.3 && pip install -e .     # docs/evaluation.md "lmms-eval plugin" lists the rest
     python -m lmms_eval --model fvlm --model_args checkpoint=runs/stage3_135M,mode=autoregressive,max_frames=64 \\
         --tasks mvbench,videomme --output_path results/ --log_samples
 

@@ -5,7 +5,7 @@ generates for the same prompts and media. The entry point is found through a dis
 PYTHONPATH, as `pip install -e .` would register it. Also: model_args checks, gen_kwargs (greedy only,
 `until` cutting), the visuals lmms-eval hands over, and generate_until called in-process.
 
-Needs lmms-eval 0.7.3 and the modules its command line imports (README "lmms-eval plugin"; CI installs them).
+Needs lmms-eval 0.7.3 and the modules its command line imports (docs/evaluation.md "lmms-eval plugin"; CI installs them).
 """
 
 import importlib.util
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 lmms_eval = pytest.importorskip(
-    "lmms_eval", reason="lmms-eval is not installed: pip install --no-deps lmms-eval==0.7.3 plus the modules README "
+    "lmms_eval", reason="lmms-eval is not installed: pip install --no-deps lmms-eval==0.7.3 plus the modules docs/evaluation.md "
                         "'lmms-eval plugin' lists (CI does)")
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models.registry_v2 import ModelManifest, ModelRegistryV2  # noqa: E402

@@ -94,7 +94,7 @@ def test_benchmark_refuses_a_payload_from_the_command_line(tmp_path):
 
 
 def test_the_readme_usage_loads_a_published_style_checkpoint_into_the_model(tmp_path, tiny_backbones, tiny_model):
-    """README's Usage: FoveatedVLM(...) then load_weights("checkpoint.pt") -> load_state_dict, for a
+    """docs/model.md, Usage: FoveatedVLM(...) then load_weights("checkpoint.pt") -> load_state_dict, for a
     file written the predecessor's way (the model's state next to training state and numpy numbers)."""
     from conftest import make_model
 
