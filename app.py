@@ -34,9 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from config import MODES
+from frames import IMAGE_SUFFIXES, VIDEO_SUFFIXES, attention_grid, check_frame_size, read_media
+from frames import overlay as draw_overlay
+
 ROOT = Path(__file__).resolve().parent
 QUICKSTART_MODEL = ROOT / "runs" / "tiny_stage3" / "final"  # scripts/quickstart.py's final export
-MODES = ("autoregressive", "coarse_fine", "coarse_only")
 PRESETS = {
     "describe": "Describe the video.",
     "count": "How many objects are there?",
@@ -48,8 +51,6 @@ LIVE_QUESTION = "What happens in the video?"
 NOISE_BANNER = ("Tiny random backbones (no --checkpoint, and no quickstart model in runs/tiny_stage3/final): "
                 "the answers below are noise. Train one with python scripts/quickstart.py, or pass "
                 "--checkpoint PATH.")
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".y4m")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHOW_SIZE = 224  # overlays are drawn at least this large
 
 
@@ -87,22 +88,6 @@ def default_frame_size(model) -> int:
 
 
 # ---- media ---------------------------------------------------------------------------------------
-
-def read_media(path, max_frames: int, frame_size: int) -> torch.Tensor:
-    """An image file -> uint8 [3, S, S]; a video file -> [T, 3, S, S], T <= max_frames evenly spread."""
-    from media import MediaError, decode_image, decode_video
-
-    path = Path(path)
-    data = path.read_bytes()
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return decode_image(data, frame_size)
-    try:
-        return decode_video(data, max_frames, frame_size)
-    except MediaError:
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            raise
-        return decode_image(data, frame_size)  # an image with an unusual name
-
 
 def write_mp4(path, frames, fps: int = 8):
     """uint8 frames ([T, H, W, 3] array or [T, 3, H, W] tensor, even H and W) -> an H.264 mp4 (PyAV;
@@ -145,38 +130,13 @@ def make_examples(folder, size: int = 224, frames: int = 8) -> list[tuple[str, s
 
 # ---- where it looked -----------------------------------------------------------------------------
 
-def attention_grid(model, attn: torch.Tensor, size: int) -> torch.Tensor:
-    """Per-token attention [T, blocks, heads, keys] -> the last block's, mean over heads, on the
-    patches [T, gh, gw] (the prefix tokens left out, as looked.clip_scores does)."""
-    dino = model.encoder.dino
-    (gh, gw), prefix = dino.grid(size, size), dino.num_prefix
-    keys = attn[:, -1].float().mean(1).cpu()
-    return keys[:, prefix:].reshape(-1, gh, gw)
-
-
-def overlay(frame: torch.Tensor, attention: torch.Tensor | None, lo: float | None = None,
-            hi: float | None = None) -> Image.Image:
-    """A frame (uint8 [3, S, S]) with an attention map [gh, gw] over it (patch i covers pixels
-    [i * p, (i + 1) * p)), at least SHOW_SIZE px a side. The map is scaled from lo to hi (default: its
-    own min and max) and drawn in looked.py's colour map, each patch as opaque as its share of that
-    range (up to looked.OVERLAY_ALPHA): the frame shows through where the query looked least."""
-    from looked import CMAP, OVERLAY_ALPHA
-    from matplotlib import colormaps
-
-    image = Image.fromarray(frame.permute(1, 2, 0).contiguous().numpy())
+def overlay(frame: torch.Tensor, attention: torch.Tensor | None, vmax: float | None = None) -> Image.Image:
+    """A frame (uint8 [3, S, S]) with an attention map [gh, gw] over it (frames.overlay, over [0, vmax];
+    default: the map's own max), at least SHOW_SIZE px a side."""
+    image = frame.permute(1, 2, 0).contiguous().numpy()
     if attention is not None:
-        gh, gw = attention.shape
-        p = frame.shape[-1] // gh
-        a = attention.float().numpy()
-        lo = float(a.min()) if lo is None else lo
-        hi = float(a.max()) if hi is None else hi
-        a = np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1)
-        heat = colormaps[CMAP](a)[..., :3]
-        alpha = (OVERLAY_ALPHA * a)[..., None]
-        grid = np.asarray(image.crop((0, 0, gw * p, gh * p))).astype(np.float32) / 255
-        patches = heat.repeat(p, 0).repeat(p, 1)
-        blend = grid * (1 - alpha.repeat(p, 0).repeat(p, 1)) + patches * alpha.repeat(p, 0).repeat(p, 1)
-        image.paste(Image.fromarray((blend * 255 + 0.5).astype(np.uint8)), (0, 0))
+        image = draw_overlay(image, attention.float().numpy(), float(attention.max()) if vmax is None else vmax)
+    image = Image.fromarray(image)
     if image.width < SHOW_SIZE:
         image = image.resize((SHOW_SIZE, SHOW_SIZE * image.height // image.width), Image.NEAREST)
     return image
@@ -193,15 +153,15 @@ def looked_maps(model, frames: torch.Tensor, messages: list, mode: str) -> dict 
 
 def looked_gallery(model, frames: torch.Tensor, maps: dict | None) -> list[tuple[Image.Image, str]]:
     """Gallery items (image, caption): each frame (glimpse, for an image) with the static query's and
-    the dynamic query's attention over it, on one colour scale (the least to the most attention on a
-    patch in any of them); the plain frames when there are no maps."""
+    the dynamic query's attention over it, on one colour scale (0 to the most attention on a patch in
+    any of them); the plain frames when there are no maps."""
     video = frames if frames.dim() == 4 else frames[None].expand(model.image_frames, -1, -1, -1)
     word = "frame" if frames.dim() == 4 else "glimpse"
     if maps is None:
         return [(overlay(f, None), f"{word} {t + 1}") for t, f in enumerate(video)]
     present = {k: maps[k] for k in ("static", "dynamic") if maps.get(k) is not None}
-    lo, hi = min(float(v.min()) for v in present.values()), max(float(v.max()) for v in present.values())
-    return [(overlay(video[t], v[t], lo, hi), f"{word} {t + 1} · {k} query")
+    vmax = max(float(v.max()) for v in present.values())
+    return [(overlay(video[t], v[t], vmax), f"{word} {t + 1} · {k} query")
             for t in range(len(video)) for k, v in present.items()]
 
 
@@ -250,9 +210,7 @@ class Demo:
                  noise: bool = False, source: str = "", live_tokens: int = 12):
         self.model = model.eval()
         self.frame_size = frame_size or default_frame_size(model)
-        patch = model.encoder.dino.patch_size
-        if self.frame_size % patch:
-            raise ValueError(f"frame size {self.frame_size} is not a multiple of the backbone's {patch}-px patch")
+        check_frame_size(self.frame_size, model.encoder.dino.patch_size)
         self.max_frames, self.window, self.noise, self.source = max_frames, window, noise, source
         self.live_tokens = live_tokens
         # a random model greedily repeats one token: sampled, its noise at least looks like noise
@@ -340,7 +298,8 @@ class Demo:
                 pixels, attn = session.last
                 start = time.perf_counter()
                 shown = heatmap and attn is not None
-                grid = attention_grid(self.model, attn[None], self.frame_size)[0] if shown else None
+                dino = self.model.encoder.dino
+                grid = attention_grid(attn[None], dino.num_prefix, dino.grid(*pixels.shape[-2:]))[0] if shown else None
                 state.heatmap = overlay(pixels.cpu(), grid)
                 state.look_ms = 1000 * (time.perf_counter() - start) if grid is not None else None
             question = (question or "").strip()

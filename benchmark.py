@@ -41,6 +41,7 @@ from config import MODES
 from data import Loader, SampleSpec, ShardStream, Source
 from media import MediaError, decode_image, decode_video, frame_extension_index, sample_frame_indices
 from decoding import prompt_ids
+from frames import check_frame_size
 from model import load_model
 from precision import autocast
 from progress import Progress
@@ -735,9 +736,10 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, source = load_model(args.checkpoint, args.llm, args.dino, trust=args.trust_checkpoint)
     model.to(device).eval()
-    patch = model.encoder.dino.patch_size
-    if args.frame_size % patch:
-        parser.error(f"--frame-size {args.frame_size} is not a multiple of the vision backbone's {patch}-px patches")
+    try:
+        check_frame_size(args.frame_size, model.encoder.dino.patch_size, f"--frame-size {args.frame_size}")
+    except ValueError as e:
+        parser.error(str(e))
 
     if not args.resume or not items_path.is_file() or not items_path.stat().st_size:
         items_path.write_text(json.dumps({"settings": settings}) + "\n")

@@ -34,12 +34,14 @@ import time
 from pathlib import Path
 
 import av
+import numpy as np
 import torch
 
 from benchmark import _HelpFormatter, _int_at_least
 from loading import TRUST_FLAG
 from config import MODES
 from looked import attention_maps
+from frames import check_frame_size, overlay
 from media import IMAGE_EXTENSIONS, MediaError, decode_image, decode_video, sample_frame_indices
 from model import load_model
 from session import STREAM_MODES, StreamSession
@@ -315,17 +317,13 @@ def timing_line(stats: dict) -> str:
 @torch.no_grad()
 def write_attention_gif(path, pixels: torch.Tensor, token_frame: list[int], maps: dict,
                         frame_ms: int = GIF_FRAME_MS) -> Path:
-    """One GIF frame per visual token: its frame, then each query's attention over it (looked.py's
-    colour map and overlay opacity, one colour scale for the whole GIF), labelled above."""
-    from matplotlib import colormaps
+    """One GIF frame per visual token: its frame, then each query's attention over it (frames.overlay,
+    one colour scale for the whole GIF), labelled above."""
     from PIL import Image, ImageDraw, ImageFont
-
-    from looked import CMAP, OVERLAY_ALPHA
 
     kinds = [k for k in ("static", "dynamic") if maps.get(k) is not None]
     side = max(pixels.shape[-1], GIF_PANEL)
     vmax = max(float(maps[k].max()) for k in kinds) or 1.0
-    cmap = colormaps[CMAP]
     try:
         font = ImageFont.load_default(size=11)
     except (TypeError, ImportError, OSError):  # no FreeType: the fixed bitmap font
@@ -335,9 +333,8 @@ def write_attention_gif(path, pixels: torch.Tensor, token_frame: list[int], maps
         frame = Image.fromarray(pixels[f].permute(1, 2, 0).numpy()).resize((side, side), Image.Resampling.NEAREST)
         panels = [(f"frame {t + 1}/{len(token_frame)}", frame)]
         for kind in kinds:
-            heat = (cmap((maps[kind][t] / vmax).clamp(0, 1).numpy())[..., :3] * 255).round().astype("uint8")
-            heat = Image.fromarray(heat).resize((side, side), Image.Resampling.NEAREST)  # one block per patch
-            panels.append((f"{kind} query", Image.blend(frame, heat, OVERLAY_ALPHA)))
+            heat = overlay(np.asarray(frame), maps[kind][t].numpy(), vmax)  # one block per patch
+            panels.append((f"{kind} query", Image.fromarray(heat)))
         canvas = Image.new("RGB", (side * len(panels), side + GIF_HEADER), "white")
         draw = ImageDraw.Draw(canvas)
         for i, (label, panel) in enumerate(panels):
@@ -382,10 +379,7 @@ def _load(args, device):
         raise UsageError(f"--checkpoint {'' if named else str(args.checkpoint) + ' '}cannot be loaded: "
                          f"{message}") from None
     model.to(device).eval()
-    patch = model.encoder.dino.patch_size
-    if args.frame_size % patch:
-        raise UsageError(f"--frame-size {args.frame_size} is not a multiple of the vision backbone's {patch}-px "
-                         f"patches")
+    check_frame_size(args.frame_size, model.encoder.dino.patch_size, f"--frame-size {args.frame_size}", UsageError)
     if args.attention is not None:
         try:
             model.visual.require_queries("--attention")

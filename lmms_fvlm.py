@@ -50,6 +50,7 @@ try:
     from benchmark import Item, Runner, batches_by_clip
     from config import MODES
     from decoding import prompt_ids
+    from frames import check_frame_size
     from media import IMAGE_EXTENSIONS
     from model import load_model
 except ModuleNotFoundError as e:  # installed as a copy (pip install .), away from the repository
@@ -243,10 +244,7 @@ class FVLM(lmms):
 
         model, source = load_model(path, llm or None, dino or None, trust=trust)
         self.model = model.to(self._device).eval()
-        patch = model.encoder.dino.patch_size
-        if self.frame_size % patch:
-            raise ValueError(f"fvlm model_args frame_size={self.frame_size} is not a multiple of the vision "
-                             f"backbone's {patch}-px patches")
+        check_frame_size(self.frame_size, model.encoder.dino.patch_size, f"fvlm model_args frame_size={self.frame_size}")
         self.source = source
         self._runner = _Generator(self.model, [mode], self._device)
         logger.info(f"fvlm: {source} on {self._device}, mode {mode}, {self.max_frames} frames of "

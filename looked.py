@@ -23,12 +23,11 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from data import media_members  # noqa: E402
+from frames import CMAP, attention_grid, overlay  # noqa: E402
 from media import decode_image, frame_extension_index, sample_frame_indices  # noqa: E402
 from shards import expand, read_samples  # noqa: E402
 
 KINDS = ("static", "dynamic")
-CMAP = "inferno"  # scripts/report.py's attention overlays
-OVERLAY_ALPHA = 0.6
 BOX_COLOUR = "lime"
 
 
@@ -108,11 +107,9 @@ def attention_maps(model, frames: torch.Tensor, question, mode: str) -> dict:
         if attn is None:
             out["maps"][kind] = out["totals"][kind] = None
             continue
-        if attn.shape[-1] != prefix + gh * gw:
-            raise ValueError(f"attention has {attn.shape[-1]} keys; expected {prefix} prefix + {gh} x {gw} patches")
-        keys = attn[0, :, -1].float().mean(1).cpu()  # last block, mean over heads: [T, keys]
-        # keys: the prefix tokens, then the patches row by row
-        out["maps"][kind], out["totals"][kind] = keys[:, prefix:].reshape(-1, gh, gw), keys.sum(1)
+        # the last block, mean over heads: the map over the patches, and the mass over every key
+        out["maps"][kind] = attention_grid(attn[0], prefix, (gh, gw))
+        out["totals"][kind] = attn[0, :, -1].float().mean(1).cpu().sum(1)
     return out
 
 
@@ -180,13 +177,8 @@ def draw_looked(path, frames: torch.Tensor, attention: dict, boxes_scaled, title
     for r, (name, attn) in enumerate(rows):
         for t in range(t_total):
             ax = axes[r, t]
-            ax.imshow(frames[t].permute(1, 2, 0).numpy(), interpolation="nearest")
-            if attn is not None:
-                gh, gw = attn.shape[-2:]
-                p = size // gh
-                # imshow puts pixel j's centre at j, so pixel edges sit at j - 0.5
-                ax.imshow(attn[t].numpy(), cmap=CMAP, vmin=0, vmax=vmax, alpha=OVERLAY_ALPHA, interpolation="nearest",
-                          extent=(-0.5, gw * p - 0.5, gh * p - 0.5, -0.5))
+            frame = frames[t].permute(1, 2, 0).numpy()
+            ax.imshow(frame if attn is None else overlay(frame, attn[t].numpy(), vmax), interpolation="nearest")
             x0, y0, x1, y1 = boxes_scaled[t]
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOUR, lw=1.2))
             ax.set_xlim(-0.5, size - 0.5)

@@ -39,6 +39,7 @@ from PIL import Image
 
 from media import _pil_to_tensor, resize
 from decoding import decode, stream_text
+from frames import check_frame_size
 from precision import autocast
 
 STREAM_MODES = ("autoregressive", "coarse_only")
@@ -57,9 +58,7 @@ class StreamSession:
         if model.layout != "video_first":
             raise ValueError(f"a stream needs the video_first layout (this model: {model.layout!r}, which puts the "
                              f"question before the frames)")
-        patch = model.encoder.dino.patch_size
-        if frame_size < patch or frame_size % patch:
-            raise ValueError(f"frame_size {frame_size} must be a positive multiple of the backbone's {patch}-px patch")
+        check_frame_size(frame_size, model.encoder.dino.patch_size, f"frame_size {frame_size}")
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 frame (or None: keep every frame), got {window}")
         if sink < 0 or skip < 1:

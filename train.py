@@ -47,6 +47,7 @@ import objectives as objective_units
 from config import ConfigError, config_from_dict, defaults_text, expand_path, load_config
 from data import Loader, SampleSpec, ShardStream, Source
 from flops import FlopCount
+from frames import check_frame_size
 from model import FoveatedVLM
 from objectives import micro_batch_losses
 from precision import autocast
@@ -250,10 +251,8 @@ def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     random.seed(cfg.seed + dist.rank)  # Python's random (a resume restores its state below)
     model = build_model(cfg, init_state).to(device)
-    patch = model.encoder.dino.patch_size
-    if cfg.data.frame_size % patch:
-        raise ConfigError(f"data.frame_size {cfg.data.frame_size} is not a multiple of the vision backbone's "
-                          f"{patch}-px patches (the remainder would be cut off)")
+    check_frame_size(cfg.data.frame_size, model.encoder.dino.patch_size, f"data.frame_size {cfg.data.frame_size}",
+                     ConfigError)
     distributed.broadcast_model(dist, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint as ckpt  # noqa: E402
+import frames  # noqa: E402
 import objectives  # noqa: E402
 import train  # noqa: E402
 from config import MODES, ConfigError, load_config  # noqa: E402
@@ -57,8 +58,7 @@ TABLE_COLUMNS = ("samples", "loss", "token_acc", "answer_acc", "loss_coarse", "l
 MODE_COLOURS = {"coarse_fine": "C0", "coarse_only": "C1", "autoregressive": "C2"}
 KINDS = {"static": "static query", "dynamic": "dynamic query"}  # attention maps, in drawing order
 MAX_ROWS = 16  # frames drawn per clip figure, spread over the clip (a 64-frame grid is unreadable); the GIF has all
-OVERLAY_ALPHA = 0.6
-CMAP = matplotlib.colormaps["inferno"]
+CMAP = matplotlib.colormaps[frames.CMAP]  # the colour bar of the overlays (frames.overlay)
 GIF_PANEL = 192  # px: smaller frames are enlarged (nearest neighbour: one patch stays one block) in the GIF
 
 
@@ -340,8 +340,7 @@ def attention(run) -> Section:
     except ValueError as e:
         return Section(f"{head}\n\nNot drawn: {what}: {e}.")
     size, patch = run.args.frame_size or run.cfg.data.frame_size, model.encoder.dino.patch_size
-    if size % patch:
-        raise ReportError(f"frame size {size} is not a multiple of the vision backbone's {patch}-px patches")
+    frames.check_frame_size(size, patch, error=ReportError)
     try:
         samples, key = read_clips(run, model, size)
     except ConfigError as e:  # e.g. the data is not where the run read it
@@ -528,13 +527,13 @@ def clip_attention(model, sample: dict, mode: str) -> dict:
 def last_block_map(attn: torch.Tensor, prefix: int, grid: tuple[int, int]) -> tuple[np.ndarray, float]:
     """attention [T, blocks, heads, keys] of one clip -> (the last block's attention on the patches,
     mean over heads, [T, grid h, grid w]; the mean entropy of those maps renormalised over the patches)."""
-    gh, gw = grid
-    if attn.shape[-1] != prefix + gh * gw:
-        raise ReportError(f"attention has {attn.shape[-1]} keys; expected {prefix} prefix + {gh} x {gw} patches")
-    patches = attn[:, -1].float().mean(1)[:, prefix:]  # [T, patches], row by row
+    try:
+        patches = frames.attention_grid(attn, prefix, grid).flatten(1)  # [T, patches], row by row
+    except ValueError as e:
+        raise ReportError(str(e)) from None
     p = patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
     drawn = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-    return patches.reshape(-1, gh, gw).cpu().numpy(), drawn.item()
+    return patches.reshape(-1, *grid).numpy(), drawn.item()
 
 
 def describe(tokenizer, ids) -> str:
@@ -546,19 +545,10 @@ def describe(tokenizer, ids) -> str:
     return " ".join(line.replace("`", "'").split())
 
 
-def overlay(frame: np.ndarray, heat: np.ndarray, vmax: float) -> np.ndarray:
-    """frame [H, W, 3] uint8 with heat [grid h, grid w] upsampled to it (each patch a block: patch row
-    0 is the top of the frame) in CMAP over [0, vmax], alpha-blended -> [H, W, 3] uint8."""
-    h, w = frame.shape[:2]
-    up = heat[np.arange(h) * heat.shape[0] // h][:, np.arange(w) * heat.shape[1] // w]
-    colours = CMAP(np.clip(up / max(vmax, 1e-12), 0, 1))[..., :3] * 255
-    return ((1 - OVERLAY_ALPHA) * frame + OVERLAY_ALPHA * colours).round().astype(np.uint8)
-
-
 def clip_panels(clip: dict, t: int, vmax: float) -> list[tuple[str, np.ndarray]]:
     """(title, image) of frame t: the frame, then each attention overlay."""
     frame = clip["frames"][t]
-    return [("frame", frame)] + [(KINDS[k], overlay(frame, m[t], vmax)) for k, m in clip["maps"].items()]
+    return [("frame", frame)] + [(KINDS[k], frames.overlay(frame, m[t], vmax)) for k, m in clip["maps"].items()]
 
 
 def clip_vmax(clip: dict) -> float:

@@ -127,10 +127,10 @@ def test_live_counts_skips_and_answers_from_the_frames(demo, model):
 def test_overlay_and_media(tmp_path):
     frame = torch.zeros(3, 28, 28, dtype=torch.uint8)
     attention = torch.zeros(2, 2)
-    attention[0, 1] = 1.0  # the top-right patch: bright there, the frame untouched elsewhere
+    attention[0, 1] = 1.0  # the top-right patch: bright there, the colour map's dark end elsewhere
     image = np.asarray(app.overlay(frame, attention))
     assert image.shape == (app.SHOW_SIZE, app.SHOW_SIZE, 3)
-    assert image[: app.SHOW_SIZE // 2, app.SHOW_SIZE // 2:].mean() > 100 and image[app.SHOW_SIZE // 2:].max() == 0
+    assert image[: app.SHOW_SIZE // 2, app.SHOW_SIZE // 2:].mean() > 100 and image[app.SHOW_SIZE // 2:].max() <= 3
     examples = app.make_examples(tmp_path, size=112, frames=4)
     assert [Path(p).name for p, _ in examples] == ["synthetic_motion.mp4", "synthetic_colour.mp4",
                                                   "synthetic_shape.mp4"]

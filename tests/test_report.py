@@ -131,18 +131,6 @@ def test_report_of_a_trained_run(trained_run):
     assert digests(trained_run) == before
 
 
-def test_heatmaps_sit_on_their_patch():
-    """A map peaked at patch (row 0, last column) colours the top-right block of the frame, and only it."""
-    frame = np.full((56, 56, 3), 128, np.uint8)
-    heat = np.zeros((4, 4))
-    heat[0, 3] = 1.0
-    image = report.overlay(frame, heat, vmax=1.0)
-    hot = report.OVERLAY_ALPHA * np.array(report.CMAP(1.0)[:3]) * 255 + (1 - report.OVERLAY_ALPHA) * 128
-    cold = report.OVERLAY_ALPHA * np.array(report.CMAP(0.0)[:3]) * 255 + (1 - report.OVERLAY_ALPHA) * 128
-    assert np.abs(image[:14, 42:] - hot).max() <= 1 and np.abs(image[14:, :42] - cold).max() <= 1
-    assert np.abs(image[:14, :42] - cold).max() <= 1
-
-
 def test_the_drawn_map_is_the_last_block_over_patches(tiny_model, monkeypatch):
     """The map drawn is the last block's attention, averaged over heads, on the patch keys (after the
     CLS / register keys, row by row); earlier blocks and the prefix keys are left out."""
