@@ -37,7 +37,7 @@ import av
 import numpy as np
 import torch
 
-from benchmark import _HelpFormatter, _int_at_least
+from cli import HelpFormatter, int_at_least
 from loading import TRUST_FLAG
 from config import MODES
 from looked import attention_maps
@@ -106,7 +106,7 @@ def _number(kind, low: float, high: float | None = None, low_open: bool = False)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="generate.py", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
-                     formatter_class=_HelpFormatter)
+                     formatter_class=HelpFormatter)
     parser.add_argument("prompt", help="the question (the user message of the chat template); with no media flag "
                                        "the model answers from the text alone")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
@@ -124,16 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("--frames", type=Path, metavar="DIR",
                        help=f"a folder of image files ({', '.join(IMAGE_EXTENSIONS)}), one clip's frames in "
                             f"natural order (frame2 before frame10)")
-    media.add_argument("--camera", type=_int_at_least(0), metavar="N",
+    media.add_argument("--camera", type=int_at_least(0), metavar="N",
                        help="the V4L2 camera /dev/videoN, read for --seconds into a streaming session (modes "
                             "autoregressive and coarse_only)")
     parser.add_argument("--mode", default="autoregressive", choices=MODES, help="forward mode")
-    parser.add_argument("--max-frames", type=_int_at_least(1), default=64, metavar="N",
+    parser.add_argument("--max-frames", type=int_at_least(1), default=64, metavar="N",
                         help="frames sampled uniformly from a video or a --frames folder; with --camera the most "
                              f"frames the session keeps (the first {SINK} and the latest)")
-    parser.add_argument("--frame-size", type=_int_at_least(1), default=224, metavar="PX",
+    parser.add_argument("--frame-size", type=int_at_least(1), default=224, metavar="PX",
                         help="frame side in pixels (a multiple of the vision backbone's patch size)")
-    parser.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, metavar="N",
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=128, metavar="N",
                         help="reply length limit")
     parser.add_argument("--stream", action="store_true", help="print the reply piece by piece as it is generated")
     parser.add_argument("--temperature", type=_number(float, 0.0), default=0.0, metavar="T",

@@ -47,7 +47,8 @@ from tqdm import tqdm  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 
 try:
-    from benchmark import Item, Runner, batches_by_clip
+    from bench_loaders import Item
+    from bench_runner import Runner, batches_by_clip
     from config import MODES
     from decoding import prompt_ids
     from frames import check_frame_size

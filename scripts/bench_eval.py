@@ -16,7 +16,8 @@ import torch
 from transformers.utils import logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark import Item, Runner  # noqa: E402
+from bench_loaders import Item  # noqa: E402
+from bench_runner import Runner  # noqa: E402
 from model import MODES, FoveatedVLM  # noqa: E402
 
 OPTIONS = ["red", "green", "blue", "yellow"]

@@ -76,7 +76,7 @@ def benchmark_section(results: Path | None) -> str:
         return ""
     report = json.loads(results.read_text())
     try:
-        from benchmark import markdown
+        from bench_report import markdown
 
         table = markdown(report)
     except (KeyError, TypeError, ValueError):  # not benchmark.py's layout: show it as it is

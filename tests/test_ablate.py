@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-import benchmark
+import bench_loaders
+import bench_runner
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +83,8 @@ def constant_results(tmp_path, reply: str) -> dict:
                          "112", "--object-scale", "0.143", "--distractors", "2", "4", "--tasks", *make_synthetic.TASKS,
                          "--splits", "eval"])
     per_task = defaultdict(list)
-    for item in benchmark.synthetic_items(tmp_path):
-        per_task[item.category["task"]].append(benchmark.score(item, reply, "A")["correct"])
+    for item in bench_loaders.synthetic_items(tmp_path):
+        per_task[item.category["task"]].append(bench_runner.score(item, reply, "A")["correct"])
     means = {task: (sum(v) / len(v), 0.0) for task, v in per_task.items()}
     return {"pooled_1": {"tokens_per_frame": 1, "mean_std": {t: (1.0, 0.0) for t in means}},
             "pooled_64": {"tokens_per_frame": 64, "mean_std": means}}

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 import benchmark
-from benchmark import mentioned_values, mvbench_normalize, pope_answer, scienceqa_letter, videomme_extract
+import bench_loaders
+from bench_parsers import mentioned_values, mvbench_normalize, pope_answer, scienceqa_letter, videomme_extract
 from test_media import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,7 +420,7 @@ def test_a_training_checkpoint_file_is_evaluated_with_its_own_settings(data_root
 def test_stored_frames_are_thinned_uniformly_as_training_reads_them():
     """A clip of 12 stored frames at --max-frames 5 shows frames 1, 3, 6, 8, 10 (media.sample_frame_indices,
     as data.py), not the first five."""
-    from benchmark import Clips
+    from bench_runner import Clips
     from media import encode_jpeg, sample_frame_indices
 
     stored = [encode_jpeg(torch.full((3, 28, 28), 20 * t, dtype=torch.uint8)) for t in range(12)]
@@ -441,13 +442,13 @@ def test_pope_reads_only_the_test_split_and_keeps_every_question(tmp_path):
     write_parquet(tmp_path / "pope" / "data" / "test-00000-of-00002.parquet", rows[:5])
     write_parquet(tmp_path / "pope" / "data" / "test-00001-of-00002.parquet", rows[5:])
     write_parquet(tmp_path / "pope" / "Full" / "adversarial-00000-of-00001.parquet", rows[:3])
-    items = benchmark.pope_items(tmp_path)
+    items = bench_loaders.pope_items(tmp_path)
     assert len(items) == 9 and len({it.uid for it in items}) == 9
     assert {it.uid for it in items} == {f"{c}/{i}" for c in ("adversarial", "popular", "random") for i in range(3)}
     # a second copy of the test split in another folder is refused, naming both folders
     write_parquet(tmp_path / "pope" / "copy" / "test-00000-of-00001.parquet", rows)
     with pytest.raises(ValueError, match="POPE: test split files in 2 folders"):
-        benchmark.pope_items(tmp_path)
+        bench_loaders.pope_items(tmp_path)
 
 
 def test_a_duplicated_item_is_an_error_before_the_model_is_loaded(tmp_path, monkeypatch):
@@ -462,7 +463,7 @@ def test_a_duplicated_item_is_an_error_before_the_model_is_loaded(tmp_path, monk
 def test_mvbench_never_takes_a_clip_from_another_tasks_folder(data_root):
     """missing.mp4 lies in moving_direction's folder; action_antonym asks for a clip of that name and
     must not get it."""
-    items = {it.uid: it for it in benchmark.mvbench_items(data_root)}
+    items = {it.uid: it for it in bench_loaders.mvbench_items(data_root)}
     assert items["action_antonym/0"].media[0] == "missing"
     assert "ssv2_video_mp4" in items["action_antonym/0"].media[1]
     assert items["moving_direction/1"].found_by_name and "clevrer" in items["moving_direction/1"].media[1]

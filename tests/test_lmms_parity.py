@@ -1,4 +1,4 @@
-"""benchmark.py against lmms-eval itself, the release named by benchmark.LMMS_EVAL_VERSION: for MVBench,
+"""benchmark.py against lmms-eval itself, the release named by bench_parsers.LMMS_EVAL_VERSION: for MVBench,
 Video-MME, ScienceQA-IMG and POPE, (a) our prompts equal its doc_to_text with the task yaml's default
 kwargs, character for character; (b) over a generated corpus of several hundred replies, every per-item
 verdict (right or wrong, counted or left out) equals what its process_results and aggregation functions
@@ -27,7 +27,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import benchmark
+import bench_loaders
+import bench_parsers
+import bench_report
+import bench_runner
 
 lmms_eval = pytest.importorskip(
     "lmms_eval", reason="lmms-eval is not installed: pip install --no-deps lmms-eval==0.7.3 (CI does)")
@@ -132,8 +135,8 @@ _STUBS["datasets"].Dataset = type("Dataset", (), {})
 @pytest.fixture(scope="module")
 def lmms(tmp_path_factory):
     installed = importlib.metadata.version("lmms-eval")
-    assert installed == benchmark.LMMS_EVAL_VERSION, (
-        f"lmms-eval {installed} is installed; benchmark.py follows {benchmark.LMMS_EVAL_VERSION}")
+    assert installed == bench_parsers.LMMS_EVAL_VERSION, (
+        f"lmms-eval {installed} is installed; benchmark.py follows {bench_parsers.LMMS_EVAL_VERSION}")
     from loguru import logger
 
     with pytest.MonkeyPatch.context() as mp:
@@ -245,11 +248,11 @@ def cases(tmp_path_factory):
     _parquet(root / "pope" / "data" / "test-00000-of-00001.parquet", POPE_DOCS)
 
     out = {}
-    items = {item.uid: item for item in benchmark.mvbench_items(root)}
+    items = {item.uid: item for item in bench_loaders.mvbench_items(root)}
     out["mvbench"] = [(items[f"{task}/{i}"], doc, task) for task in sorted(MVBENCH_DOCS)
                       for i, doc in enumerate(MVBENCH_DOCS[task])]
     for bench, docs in (("videomme", VIDEOMME_DOCS), ("scienceqa", SCIENCEQA_DOCS), ("pope", POPE_DOCS)):
-        items = getattr(benchmark, f"{bench}_items")(root)
+        items = getattr(bench_loaders, f"{bench}_items")(root)
         assert len(items) == len(docs)
         out[bench] = [(item, doc, None) for item, doc in zip(items, docs)]
     return out
@@ -347,12 +350,12 @@ def _aggregations(cfg, module):
 # ---- the tests ---------------------------------------------------------------------------------------------
 
 def test_the_installed_lmms_eval_is_the_release_we_follow(lmms):
-    assert importlib.metadata.version("lmms-eval") == benchmark.LMMS_EVAL_VERSION
+    assert importlib.metadata.version("lmms-eval") == bench_parsers.LMMS_EVAL_VERSION
     assert lmms.strips, "lmms-eval's ConfigurableTask.process_results no longer strips replies: recheck score()"
     for bench in ("videomme", "scienceqa", "pope"):  # (and no task sets its own reasoning tags)
-        assert tuple(map(tuple, _cli_reasoning_tags(_config(bench)))) == benchmark.LMMS_EVAL_REASONING_TAGS
+        assert tuple(map(tuple, _cli_reasoning_tags(_config(bench)))) == bench_parsers.LMMS_EVAL_REASONING_TAGS
     for task in MVBENCH_DOCS:
-        assert tuple(map(tuple, _cli_reasoning_tags(_config("mvbench", task)))) == benchmark.LMMS_EVAL_REASONING_TAGS
+        assert tuple(map(tuple, _cli_reasoning_tags(_config("mvbench", task)))) == bench_parsers.LMMS_EVAL_REASONING_TAGS
 
 
 @pytest.mark.parametrize("bench", BENCHES)
@@ -362,9 +365,9 @@ def test_prompts_and_settings_are_lmms_evals(lmms, cases, bench):
         cfg = _config(bench, task)
         theirs = _function(cfg["doc_to_text"], module)(doc, default_kwargs(cfg))
         assert item.prompt == theirs, f"{bench} {item.uid}:\nours:   {item.prompt!r}\ntheirs: {theirs!r}"
-        assert benchmark.MAX_NEW_TOKENS[bench] == cfg["generation_kwargs"]["max_new_tokens"]
+        assert bench_parsers.MAX_NEW_TOKENS[bench] == cfg["generation_kwargs"]["max_new_tokens"]
     if bench == "mvbench":
-        assert benchmark.MVBENCH_FOLDERS == module.DATA_LIST
+        assert bench_loaders.MVBENCH_FOLDERS == module.DATA_LIST
 
 
 @pytest.mark.parametrize("bench", BENCHES)
@@ -383,7 +386,7 @@ def test_every_reply_is_scored_as_lmms_eval_scores_it(lmms, cases, bench):
         for reply in replies:
             theirs = _quiet(process, doc, [lmms_reply(reply, tags)])
             counted, correct = verdict(agg, theirs[METRIC[bench]], reference[METRIC[bench]])
-            ours = benchmark.score(item, reply, picked=item.candidates[0])
+            ours = bench_runner.score(item, reply, picked=item.candidates[0])
             records[task].append(ours)
             for metric, value in theirs.items():
                 results[task][metric].append(value)
@@ -396,12 +399,12 @@ def test_every_reply_is_scored_as_lmms_eval_scores_it(lmms, cases, bench):
                 disagreements.append(f"{item.uid} gold {item.gold}: {reply!r}: ours parsed {ours['parsed']!r} "
                                      f"counted={ours['counted']} correct={ours['correct']}; lmms-eval counted={counted} "
                                      f"correct={correct} ({theirs[METRIC[bench]]})")
-    assert not disagreements, (f"{len(disagreements)} disagreements with lmms-eval {benchmark.LMMS_EVAL_VERSION}:\n"
+    assert not disagreements, (f"{len(disagreements)} disagreements with lmms-eval {bench_parsers.LMMS_EVAL_VERSION}:\n"
                                + "\n".join(disagreements[:60]))
 
     # the aggregate scores: per MVBench sub-task (each is its own lmms-eval task), else over the benchmark
     for task, recs in records.items():
-        ours = benchmark.summarise(bench, recs)
+        ours = bench_report.summarise(bench, recs)
         aggs = _aggregations(_config(bench, task), module)
         theirs = {m: aggs[m](results[task][m]) for m in aggs}
         assert SCALE[bench] * ours["accuracy"] == pytest.approx(theirs[METRIC[bench]], abs=1e-9), (bench, task)
@@ -410,7 +413,7 @@ def test_every_reply_is_scored_as_lmms_eval_scores_it(lmms, cases, bench):
                                 ("gold_yes_ratio", "pope_yes_ratio")):
                 assert ours[key] == pytest.approx(theirs[metric], abs=1e-12), key
     if bench == "mvbench":  # and through summarise's per-task breakdown of the whole benchmark
-        whole = benchmark.summarise(bench, [r for recs in records.values() for r in recs])
+        whole = bench_report.summarise(bench, [r for recs in records.values() for r in recs])
         for task in records:
             agg = _aggregations(_config(bench, task), module)[METRIC[bench]]
             assert 100 * whole["per_category"]["task"][task]["accuracy"] == pytest.approx(
@@ -421,7 +424,7 @@ def test_the_corpus_exercises_the_rules(lmms, cases):
     """The corpus is not all-right or all-wrong: each benchmark sees right, wrong and (MVBench) left-out replies."""
     for bench in BENCHES:
         item = cases[bench][0][0]
-        recs = [benchmark.score(item, r, "A") for r in corpus(bench)]
+        recs = [bench_runner.score(item, r, "A") for r in corpus(bench)]
         assert any(r["correct"] for r in recs) and not all(r["correct"] for r in recs)
         assert (bench == "mvbench") == any(not r["counted"] for r in recs)
 
@@ -434,6 +437,6 @@ def test_a_task_whose_replies_are_all_left_out_scores_as_lmms_eval_scores_it(lmm
     process, agg = _function(cfg["process_results"], module), _aggregations(cfg, module)[METRIC["mvbench"]]
     replies = ["", " ", "\n\n\n", "<think>B</think>\n"]
     theirs = agg([_quiet(process, doc, [lmms_reply(r, _cli_reasoning_tags(cfg))])[METRIC["mvbench"]] for r in replies])
-    ours = benchmark.summarise("mvbench", [benchmark.score(item, r, "A") for r in replies])
+    ours = bench_report.summarise("mvbench", [bench_runner.score(item, r, "A") for r in replies])
     assert ours["counted"] == 0 and 100 * ours["accuracy"] == theirs == 0
     assert ours["per_category"]["task"][task] == {"n": 0, "accuracy": 0.0, "likelihood_accuracy": 0.0}

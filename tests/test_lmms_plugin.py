@@ -25,7 +25,8 @@ lmms_eval = pytest.importorskip(
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models.registry_v2 import ModelManifest, ModelRegistryV2  # noqa: E402
 
-import benchmark  # noqa: E402
+import bench_loaders  # noqa: E402
+import bench_runner  # noqa: E402
 import lmms_fvlm  # noqa: E402
 from model import load_model  # noqa: E402
 from lmms_fvlm import FVLM, cut_at_stops, generation_settings, media_of  # noqa: E402
@@ -147,11 +148,11 @@ def harness_replies(checkpoint, task_dir, mode) -> list[str]:
         else:
             media = ("frames", [f.read_bytes() for f in files])
         prompt = utils.doc_to_text(doc, {"post_prompt": "Only give the best option.\n"})
-        items.append(benchmark.Item("local", str(i), prompt, doc["answer"], media,
+        items.append(bench_loaders.Item("local", str(i), prompt, doc["answer"], media,
                                     candidates=tuple("ABCD"[:len(doc["candidates"])])))
-    runner = benchmark.Runner(model, [mode], torch.device("cpu"))
+    runner = bench_runner.Runner(model, [mode], torch.device("cpu"))
     replies = {}
-    for decoded, batch in benchmark.batches_by_clip(items, MAX_FRAMES, FRAME_SIZE, 1, 0):
+    for decoded, batch in bench_runner.batches_by_clip(items, MAX_FRAMES, FRAME_SIZE, 1, 0):
         assert decoded is not None, batch
         for item, (reply, _) in zip(batch, runner.run(decoded, batch, MAX_NEW_TOKENS)[mode]):
             replies[int(item.uid)] = reply
