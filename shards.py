@@ -36,9 +36,10 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: `C:
 @dataclasses.dataclass(frozen=True)
 class RemoteOptions:
     """How shards named by URL are read. timeout: seconds any one read (and the connection) may wait
-    for data before the attempt fails; retries: re-openings of a shard after a failed attempt (each
-    skips, without keeping their data, the samples already read), with a pause of backoff x 2^k
-    seconds before the k-th; then the shard counts as unreadable."""
+    for data before the attempt fails; retries: re-openings of a shard after failed attempts that read
+    no new sample (each skips, without keeping their data, the samples already read; an attempt that
+    read some starts the count again), with a pause of backoff x 2^k seconds before the k-th; then
+    the shard counts as unreadable."""
     timeout: float = 60.0
     retries: int = 3
     backoff: float = 1.0
@@ -162,12 +163,12 @@ def read_samples(path, skip: int = 0, remote: RemoteOptions | None = None):
     A URL (is_url) is read as a stream through webdataset's gopen (open_url), with `remote` (default:
     the module's REMOTE) for its timeout and retries: a failed download (not an HTTP 4xx other than
     408/429, nor a tar that is corrupt) is re-opened, skipping the samples already read, until it reads
-    to its end or the retries are spent; then ShardError(reason 'unreadable_shard')."""
+    to its end or `retries` attempts in a row read nothing new; then ShardError(reason 'unreadable_shard')."""
     if not is_url(path):
         yield from _read_local(path, skip)
         return
     options = remote or REMOTE
-    done, failures, reached = skip, 0, -1
+    done, failures, reached, progress = skip, 0, -1, skip
     while True:
         try:
             for sample in _read_stream(path, done, options.timeout):
@@ -178,6 +179,8 @@ def read_samples(path, skip: int = 0, remote: RemoteOptions | None = None):
             # Where it broke: the samples read past the first skip count too, as on a retry the break
             # may come earlier (a resumed read that fails while skipping reports where it failed).
             reached = max(reached, e.samples, done if done > skip else -1)
+            if done > progress:  # this attempt read new samples: the limit counts retries without progress
+                failures, progress = 0, done
             cause = e.__cause__
             if not _transient(cause) or failures >= options.retries:
                 if failures and _transient(cause):

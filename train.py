@@ -599,6 +599,13 @@ def log_step(run, w: Steps):
         run.wandb.log({f"train/{k}": v for k, v in row.items() if v is not None and k != "step"}, step=step)
 
 
+def entropy_text(scores: dict) -> str:
+    """The val line's attention entropies (" | attention entropy static 2.631 dynamic 1.904"): the
+    kinds measured, none for a model without queries (the pooled baseline scores them NaN)."""
+    kinds = [k for k in ("static", "dynamic") if not math.isnan(scores.get(f"{k}_entropy", math.nan))]
+    return (" | attention entropy" + "".join(f" {k} {scores[f'{k}_entropy']:.3f}" for k in kinds)) if kinds else ""
+
+
 def validate_and_log(run, step: int) -> float | None:
     """Validate on the val sources; log the result (train.log, val.csv, wandb) and return the
     validation loss (the best checkpoint's criterion)."""
@@ -613,10 +620,7 @@ def validate_and_log(run, step: int) -> float | None:
     parts = [f"{m}: " + ", ".join(f"{k} {r['all'][k]:.4f}" for k in brief if k in r["all"])
              for m, r in res["modes"].items()]
     first = res["modes"][run.modes[0]]["all"]
-    entropy = "".join(f" {kind} {first[f'{kind}_entropy']:.3f}" for kind in ("static", "dynamic")
-                      if f"{kind}_entropy" in first)
-    log.info("val @ step %d (%d samples): %s%s", step, res["samples"], " | ".join(parts),
-             f" | attention entropy{entropy}" if entropy else "")
+    log.info("val @ step %d (%d samples): %s%s", step, res["samples"], " | ".join(parts), entropy_text(first))
     if step > 0:  # at initialisation near-uniform attention is expected
         warn_if_uniform(run, first.get("dynamic_entropy"))
     if run.val_log:

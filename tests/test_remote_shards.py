@@ -240,3 +240,32 @@ def test_every_cut_of_a_streamed_shard_yields_a_complete_prefix_or_everything(sh
         for skip in {0, len(got) // 2, len(got), len(got) + 1}:
             again, e = read_until_error(f"file:{path}", skip=skip)
             assert again == samples[skip: len(got)] and e is not None and e.samples == len(got), (cut, skip)
+
+
+def test_the_retry_limit_counts_only_retries_that_read_nothing_new(monkeypatch):
+    """A connection that drops after every sample still reads the whole shard with retries=1: each
+    attempt reads one new sample, so no two failures in a row are without progress."""
+    samples = [(f"k{i}", {"txt": str(i).encode()}) for i in range(4)]
+
+    def drops_after_each_sample(url, skip, timeout):
+        for i in range(skip, len(samples)):
+            yield samples[i]
+            if i < len(samples) - 1:
+                try:
+                    raise ConnectionResetError("dropped")
+                except OSError as e:
+                    raise ShardError(f"{url}: dropped", i + 1, "unreadable_shard") from e
+
+    monkeypatch.setattr(shards, "_read_stream", drops_after_each_sample)
+    assert list(read_samples("https://example.invalid/s.tar", remote=RemoteOptions(retries=1, backoff=0))) == samples
+
+    def never_progresses(url, skip, timeout):
+        try:
+            raise ConnectionResetError("dropped")
+        except OSError as e:
+            raise ShardError(f"{url}: dropped", skip, "unreadable_shard") from e
+        yield  # a generator, as _read_stream
+
+    monkeypatch.setattr(shards, "_read_stream", never_progresses)
+    with pytest.raises(ShardError, match="after 1 retry"):
+        list(read_samples("https://example.invalid/s.tar", remote=RemoteOptions(retries=1, backoff=0)))

@@ -689,3 +689,14 @@ def test_the_pooled_multi_token_baseline_trains_validates_and_benchmarks(synthet
     assert [scores[m]["items"] for m in MODES] == [8, 8, 8]
     answers = {m: [(r["reply"], r["likelihood"]) for r in scores[m]["raw"]] for m in MODES}
     assert answers["coarse_only"] == answers["autoregressive"]  # no queries: every mode is one pass
+
+
+def test_the_val_line_leaves_out_the_entropies_a_pooled_model_has_not():
+    """The pooled baseline has no queries: its entropies are NaN, and the val line shows none of them
+    (it printed "attention entropy static nan dynamic nan")."""
+    nan = float("nan")
+    assert train.entropy_text({"static_entropy": 2.5, "dynamic_entropy": 1.25}) == \
+        " | attention entropy static 2.500 dynamic 1.250"
+    assert train.entropy_text({"static_entropy": 2.5, "dynamic_entropy": nan}) == " | attention entropy static 2.500"
+    assert train.entropy_text({"static_entropy": nan, "dynamic_entropy": nan}) == ""
+    assert train.entropy_text({"loss": 1.0}) == ""
