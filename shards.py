@@ -237,6 +237,20 @@ def _grouped(tar, skip, state):
         state["pending"] = (key, files)
 
 
+def _last_sample(name, state, skip, missing_end):
+    """The end of a tar read by _grouped: its pending last sample, yielded only where the tar ended at
+    an end-of-archive marker (missing_end None). tarfile ends its member loop without an error where
+    the data stops at or inside a header, or where a header is garbage; then members of the pending
+    sample may be missing, so it is dropped too and ShardError says where the tar broke off."""
+    if missing_end is not None:
+        n = state["index"]
+        raise ShardError(f"{name}: truncated or corrupt tar (no end-of-archive marker at byte {missing_end}); "
+                         f"{n} complete samples before it, the one being read there is lost", n)
+    key, files = state["pending"]
+    if key is not None and state["index"] >= skip:
+        yield key, files
+
+
 def _read_stream(url, skip, timeout):
     state = {"index": 0, "pending": (None, {})}
     try:
@@ -248,13 +262,7 @@ def _read_stream(url, skip, timeout):
         reason = "unreadable_shard" if isinstance(e, OSError) else "corrupt_shard"
         n = state["index"]
         raise ShardError(f"{url}: unreadable after {n} samples ({type(e).__name__}: {e})", n, reason) from e
-    if missing_end is not None:
-        n = state["index"]
-        raise ShardError(f"{url}: truncated or corrupt tar (no end-of-archive marker at byte {missing_end}); "
-                         f"{n} complete samples before it, the one being read there is lost", n)
-    key, files = state["pending"]
-    if key is not None and state["index"] >= skip:
-        yield key, files
+    yield from _last_sample(url, state, skip, missing_end)
 
 
 def _gopen_schemes() -> dict:
@@ -411,15 +419,7 @@ def _read_local(path, skip: int = 0):
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
         n = state["index"]
         raise ShardError(f"{path}: unreadable after {n} samples ({type(e).__name__}: {e})", n) from e
-    if missing_end is not None:
-        # tarfile ends its member loop without an error where the file stops at or inside a header,
-        # or where a header is garbage. Members of the pending sample may be missing: drop it too.
-        n = state["index"]
-        raise ShardError(f"{path}: truncated or corrupt tar (no end-of-archive marker at byte {missing_end}); "
-                         f"{n} complete samples before it, the one being read there is lost", n)
-    key, files = state["pending"]
-    if key is not None and state["index"] >= skip:
-        yield key, files
+    yield from _last_sample(path, state, skip, missing_end)
 
 
 def _ends_with_marker(tar) -> bool:
