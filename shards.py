@@ -17,7 +17,6 @@ import re
 import select
 import subprocess
 import tarfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -112,7 +111,7 @@ def expand(patterns) -> list[str]:
 
 def _expand_url(pattern: str) -> list[str]:
     scheme = _SCHEME.match(pattern).group(1).lower()
-    if scheme != "file" and scheme not in _gopen_schemes():
+    if scheme != "file" and scheme not in _schemes():
         example = "pipe:aws s3 cp {url} -" if scheme == "s3" else "pipe:COMMAND-THAT-PRINTS-THE-SHARD {url}"
         raise ValueError(f"shard URL {pattern!r}: no handler for {scheme}:// — read it through a command, "
                          f"e.g. {example.format(url=pattern)!r}")
@@ -265,37 +264,31 @@ def _read_stream(url, skip, timeout):
     yield from _last_sample(url, state, skip, missing_end)
 
 
-def _gopen_schemes() -> dict:
-    """webdataset's scheme table, with our http(s) and hf openers in it (urllib, a timeout on every
-    read: webdataset's own run curl, which waits on a stalled server for ever and retries 30 times)."""
-    from webdataset.gopen import gopen_schemes as table  # (webdataset.gopen the attribute is the function)
+def _schemes() -> set:
+    """The URL schemes shards can be read from: webdataset's gopen table (pipe:, gs:// through gsutil,
+    ...) and ours (OPENERS)."""
+    from webdataset.gopen import gopen_schemes  # (webdataset.gopen the attribute is the function)
 
-    if table.get("https") is not _gopen_http:
-        table.update(http=_gopen_http, https=_gopen_http, hf=_gopen_hf)
-    return table
+    return set(gopen_schemes) | set(OPENERS)
 
 
 def open_url(url: str, timeout: float | None = None):
-    """A shard URL opened for reading with webdataset's gopen (its scheme table: pipe:, gs:// through
-    gsutil, ...; http(s):// and hf:// through our openers), as a stream whose every read fails with
-    TimeoutError after `timeout` seconds without data (default REMOTE.timeout)."""
+    """A shard URL opened for reading: http(s):// and hf:// through our openers (OPENERS), any other
+    scheme through webdataset's gopen (its table is left as it is), as a stream whose every read fails
+    with TimeoutError after `timeout` seconds without data (default REMOTE.timeout)."""
     from webdataset.gopen import Pipe, gopen
 
     timeout = timeout or REMOTE.timeout
-    _gopen_schemes()
-    _opening.timeout = timeout  # for our openers (gopen passes them no timeout of its own)
-    try:
-        stream = gopen(url, "rb")
-    finally:
-        _opening.timeout = None
+    scheme = _SCHEME.match(url)
+    opener = OPENERS.get(scheme.group(1).lower()) if scheme else None
+    stream = opener(url, "rb", timeout=timeout) if opener else gopen(url, "rb")
     return _PipeReader(stream, timeout, url) if isinstance(stream, Pipe) else stream
 
 
-_opening = threading.local()
-
-
 def _gopen_http(url, mode="rb", bufsize=8192, timeout=None):
-    timeout = timeout or getattr(_opening, "timeout", None) or REMOTE.timeout
+    """An http(s) shard through urllib, with a timeout on every read (webdataset's own opener runs
+    curl, which waits on a stalled server for ever and retries 30 times)."""
+    timeout = timeout or REMOTE.timeout
     if mode[0] != "r":
         raise ValueError(f"{url}: shards are read, not written, over http")
     request = urllib.request.Request(url, headers={"User-Agent": "fvlm-shards"})
@@ -322,6 +315,9 @@ def hf_url(url: str) -> str:
 
 def _gopen_hf(url, mode="rb", bufsize=8192, timeout=None):
     return _gopen_http(hf_url(url), mode, bufsize, timeout)
+
+
+OPENERS = {"http": _gopen_http, "https": _gopen_http, "hf": _gopen_hf}  # ours, before webdataset's table
 
 
 def _hub_token():

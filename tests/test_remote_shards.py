@@ -269,3 +269,17 @@ def test_the_retry_limit_counts_only_retries_that_read_nothing_new(monkeypatch):
     monkeypatch.setattr(shards, "_read_stream", never_progresses)
     with pytest.raises(ShardError, match="after 1 retry"):
         list(read_samples("https://example.invalid/s.tar", remote=RemoteOptions(retries=1, backoff=0)))
+
+
+def test_webdatasets_scheme_table_is_left_as_it_is(shard, tmp_path):
+    """Our http(s) and hf openers are looked up before webdataset's gopen, not patched into its
+    module-wide table (which other users of webdataset in the process share)."""
+    from webdataset.gopen import gopen_schemes
+
+    before = dict(gopen_schemes)
+    assert expand("https://host/s-{00000..00001}.tar") == ["https://host/s-00000.tar", "https://host/s-00001.tar"]
+    data, samples, _ = shard
+    path = tmp_path / "s.tar"
+    path.write_bytes(data)
+    assert len(list(read_samples(f"file:{path}"))) == len(samples)
+    assert dict(gopen_schemes) == before
