@@ -166,7 +166,7 @@ def _kind_of_path(path: str) -> str:
 
 
 def media_of(visuals) -> tuple | None:
-    """lmms-eval's doc_to_visual output -> benchmark.Item media: ("video", path), ("image", bytes),
+    """lmms-eval's doc_to_visual output -> bench_loaders.Item media: ("video", path), ("image", bytes),
     ("frames", [bytes]), ("missing", why) for what cannot be shown; None for text only."""
     if visuals is None:
         return None
