@@ -6,7 +6,10 @@ A checkpoint `RUN/checkpoints/step_00001000.pt` holds everything a resume needs:
 step, every rank's data position and RNG states, counters, and the resolved config. Files are
 written to a temporary name and renamed, so a run killed at any moment leaves either the old set
 of checkpoints or the new one, never a torn file. `best.json` names the checkpoint with the lowest
-validation loss; pruning never deletes it.
+validation loss; pruning never deletes it. A sharded run (distributed: fsdp) writes a folder
+`step_00001000/` instead: every rank's shards of the model and optimizer through
+torch.distributed.checkpoint (DCP), and `extra.pt` (the rest, plain data); `load_sharded_weights`
+reads its model on one process without torch.distributed, at any world size.
 
 Files from others (a published checkpoint.pt, someone's run directory) are untrusted: pickle files
 are read with torch's weights_only loader, so nothing in them can execute; only an explicit
@@ -22,8 +25,10 @@ with HF_HUB_OFFLINE=1 only the cache is read.
 """
 
 import dataclasses
+import functools
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)(\.pt)?$")
+SHARDED_EXTRA = "extra.pt"  # a sharded checkpoint's plain-data part (step, data positions, RNG, config, ...)
 
 
 def checkpoint_dir(run_dir) -> Path:
@@ -39,8 +45,11 @@ def checkpoint_dir(run_dir) -> Path:
 
 
 def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """[(step, path)] oldest first: step_N.pt files and, of a sharded run, step_N/ folders (those whose
+    save completed: extra.pt is written last)."""
     folder = checkpoint_dir(run_dir)
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*") if (m := _NAME.match(p.name))
+             and (p.is_file() if m.group(2) else (p / SHARDED_EXTRA).is_file())]
     return sorted(found)
 
 
@@ -66,7 +75,10 @@ def save_checkpoint(run_dir, step: int, state: dict) -> Path:
 
 
 def load_checkpoint(path) -> dict:
-    return read_torch_file(path)
+    """A checkpoint file's contents, or a sharded checkpoint's plain-data part (its model and optimizer
+    shards are read by `load_sharded` into the sharded model)."""
+    path = Path(path)
+    return read_torch_file(path / SHARDED_EXTRA if path.is_dir() else path)
 
 
 def write_json(path, data):
@@ -89,9 +101,16 @@ def prune(run_dir, keep_last: int):
     found = list_checkpoints(run_dir)
     for _, path in found[:-keep_last]:
         if path.name != keep_name:
-            path.unlink()
-    for tmp in checkpoint_dir(run_dir).glob(".step_*.tmp"):
-        tmp.unlink()
+            _remove(path)
+    for tmp in checkpoint_dir(run_dir).glob(".step_*"):
+        _remove(tmp)
+
+
+def _remove(path: Path):
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def rng_state() -> dict:
@@ -112,19 +131,153 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def export_pretrained(model, folder):
-    """model.save_pretrained into folder, replacing an earlier export only once the new one is whole."""
+def export_pretrained(model, folder, state: dict | None = None):
+    """model.save_pretrained into folder, replacing an earlier export only once the new one is whole.
+    state: the weights to write instead of the model's own (a sharded model's, gathered)."""
     folder = Path(folder)
+    tmp = _fresh(folder)
+    model.save_pretrained(tmp, state=state)
+    _swap_in(tmp, folder)
+
+
+def _fresh(folder: Path) -> Path:
+    """The temporary sibling a new version of folder is written to (stale leftovers removed)."""
     tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
     for stale in (tmp, old):
         if stale.exists():
             shutil.rmtree(stale)
-    model.save_pretrained(tmp)
+    return tmp
+
+
+def _swap_in(tmp: Path, folder: Path):
+    """Replace folder by the complete tmp: at any moment one whole version exists under one of the names."""
+    old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
     if old.exists():
         shutil.rmtree(old)
+
+
+def is_sharded(path) -> bool:
+    """A sharded checkpoint folder (DCP's .metadata inside)?"""
+    return (Path(path) / ".metadata").is_file()
+
+
+def mark_oom(run_dir, attempt: int, info: dict):
+    """Record that step attempt `attempt` ran out of memory in a sharded run (see train.sharded_oom)."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"oom_{attempt:08d}.json", info)
+
+
+def oom_attempts(run_dir) -> set[int]:
+    """The step attempts mark_oom recorded: a resumed sharded run skips them on every rank."""
+    return {int(p.stem[len("oom_"):]) for p in checkpoint_dir(run_dir).glob("oom_*.json") if p.stem[4:].isdigit()}
+
+
+def save_sharded(run_dir, step: int, tensors: dict, extra: dict, is_main: bool, barrier) -> Path:
+    """A sharded checkpoint RUN/checkpoints/step_N/: `tensors` (every rank's DTensor shards, a
+    collective save through DCP) and, from rank 0, `extra` (plain data) written last, then the folder
+    renamed into place. barrier: the ranks' barrier (rank 0 clears the temporary folder first)."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    final = checkpoint_dir(run_dir) / f"step_{step:08d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if is_main:
+        _fresh(final)
+        tmp.mkdir(parents=True)
+    barrier()
+    save(tensors, storage_writer=FileSystemWriter(tmp))  # every rank writes its shards; fsyncs its files
+    if is_main:
+        torch.save(extra, tmp / SHARDED_EXTRA)
+        with open(tmp / SHARDED_EXTRA, "rb") as f:
+            os.fsync(f.fileno())
+        _swap_in(tmp, final)
+    barrier()
+    return final
+
+
+def load_sharded(path, tensors: dict):
+    """Fill `tensors` (the sharded model's and optimizer's state dicts, DTensors) in place from a
+    sharded checkpoint; DCP reshards when the saving world size differed."""
+    from torch.distributed.checkpoint import load
+
+    reader, planner = _safe_dcp(path)
+    load(tensors, storage_reader=reader, planner=planner)
+
+
+def load_sharded_weights(path) -> dict:
+    """The model weights of a sharded checkpoint as full tensors, on this process alone (no
+    torch.distributed, any world size): for init_from and the best/ export."""
+    from torch.distributed.checkpoint import load
+
+    reader, planner = _safe_dcp(path)
+    metadata = reader.read_metadata()
+    model = {fqn[len("model."):]: torch.empty(md.size, dtype=md.properties.dtype)
+             for fqn, md in metadata.state_dict_metadata.items()
+             if fqn.startswith("model.") and hasattr(md, "size")}
+    load({"model": model}, storage_reader=reader, planner=planner, no_dist=True)
+    return model
+
+
+# What a DCP .metadata file may name: its own dataclasses, tensor properties, paths. Anything else (a
+# function to call while unpickling) makes the file unreadable instead of running it.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_DCP_GLOBALS = {(_DCP_METADATA, n) for n in ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata", "StorageMeta",
+                                              "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        found = super().find_class(module, name) if (module, name) in _DCP_GLOBALS or module == "torch" else None
+        if (module, name) in _DCP_GLOBALS or isinstance(found, torch.dtype):
+            return found
+        raise UntrustedCheckpoint(f"{self.path}: the sharded checkpoint's metadata names {module}.{name}, which a "
+                                  f"checkpoint's metadata never needs; it was not loaded")
+
+
+@functools.cache
+def _dcp_classes():
+    """(SafeReader, TensorsOnly): DCP's reader and load planner, made safe for files from others. Built
+    on first use, so that only sharded runs import torch.distributed.checkpoint."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """The metadata unpickled through an allow-list (DCP itself uses pickle.load)."""
+
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{self.path} is not a sharded checkpoint (no {os.path.basename(path)})")
+            with open(path, "rb") as f:
+                unpickler = _MetadataUnpickler(f)
+                unpickler.path = path
+                metadata = unpickler.load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class TensorsOnly(DefaultLoadPlanner):
+        """Loads tensors only: DCP would torch.load a non-tensor entry with weights_only=False."""
+
+        def load_bytes(self, read_item, value):
+            raise UntrustedCheckpoint(f"the sharded checkpoint stores {read_item.dest_index.fqn} as pickled "
+                                      f"Python data, where a tensor was expected; it was not loaded")
+
+    return SafeReader, TensorsOnly
+
+
+def _safe_dcp(path):
+    """(reader, planner) for reading the sharded checkpoint at path."""
+    reader, planner = _dcp_classes()
+    return reader(str(path)), planner()
 
 
 TRUST_FLAG = "--trust-checkpoint"

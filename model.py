@@ -762,9 +762,10 @@ class FoveatedVLM(nn.Module):
             out[head] = out[embed]
         return out
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory, state: dict | None = None):
         """directory/config.json (the ModelConfig) + model.safetensors, with the backbones' configs and
-        the tokenizer in llm/ and dino/, so that from_pretrained needs nothing else."""
+        the tokenizer in llm/ and dino/, so that from_pretrained needs nothing else. state: the weights
+        to write instead of this model's (a sharded training run's, gathered)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -774,7 +775,7 @@ class FoveatedVLM(nn.Module):
         self.dino_config.save_pretrained(directory / "dino")
         settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "pretrained"}
         (directory / "config.json").write_text(json.dumps(dict(settings, format=EXPORT_FORMAT), indent=2))
-        state = self.state_dict()
+        state = dict(self.state_dict() if state is None else state)
         if self.llm.config.tie_word_embeddings:
             state.pop("llm.lm_head.weight", None)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"))

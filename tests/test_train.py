@@ -320,7 +320,8 @@ def test_parameter_groups_freeze_and_weight_decay(synthetic, tmp_path):
     tree["data"]["val"] = []
     cfg = load_config(write_config(tmp_path / "c.yaml", tree), ["optim.freeze=[dino]"])
     model = train.build_model(cfg)
-    optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
+    train.freeze(model, cfg)
+    optimizer = train.make_optimizer(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {(g["part"], g["weight_decay"]): {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
     connector = groups[("connector", 0.01)] | groups[("connector", 0.0)]

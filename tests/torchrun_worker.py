@@ -2,7 +2,9 @@
 (FVLM_TEST_FAULT="oom:RANK:CALL,nan:RANK:CALL,term:RANK:CALL" makes that rank's CALL-th micro-batch
 raise a CUDA OOM, return a NaN loss, or send its own process SIGTERM), then write this rank's summary
 and a digest of its weights (or the step a signal stopped it at) to rank<RANK>.json next to the
-config."""
+config. Under distributed: fsdp the weights are gathered to rank 0 (the other ranks' digest is None),
+and faults fire only in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0), so that a restart
+after an injected OOM runs clean."""
 
 import hashlib
 import json
@@ -17,9 +19,9 @@ import train
 from config import load_config
 
 
-def digest(model) -> str:
+def digest(state: dict) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(state.items()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -30,7 +32,8 @@ def main():
     argv = sys.argv[1:]
     config = argv[argv.index("--config") + 1]
     faults = {}
-    for spec in filter(None, os.environ.get("FVLM_TEST_FAULT", "").split(",")):
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    for spec in filter(None, os.environ.get("FVLM_TEST_FAULT", "").split(",") if first_attempt else []):
         kind, fault_rank, call = spec.split(":")
         if int(fault_rank) == rank:
             faults[int(call)] = kind
@@ -49,11 +52,13 @@ def main():
     seen = {}
 
     def finish(run):
-        seen["digest"] = digest(run.model)  # before rank 0 swaps in the best weights for their export
+        # the weights training ended with (gathered from the shards under fsdp: a collective)
+        state = train.distributed.full_state_dict(run.root) if run.root is not None else run.model.state_dict()
+        seen["digest"] = digest(state) if state else None
         return real_finish(run)
 
     train.micro_batch_losses, train.finish = loss, finish
-    initial = digest(train.build_model(load_config(config, argv[argv.index("--config") + 2:])))
+    initial = digest(train.build_model(load_config(config, argv[argv.index("--config") + 2:])).state_dict())
     out = Path(config).parent / f"rank{rank}.json"
     try:
         summary = train.main(argv)
