@@ -500,6 +500,41 @@ def test_a_signal_saves_and_the_resumed_run_equals_an_uninterrupted_one(syntheti
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_resumed_dpo_run_keeps_init_from_as_its_reference(synthetic, tmp_path, monkeypatch):
+    """dpo.reference: model is a frozen copy of the stage's initial weights (init_from). Stopped after
+    step 2 and resumed, the run's losses and weights equal an uninterrupted run's: the resumed run
+    rebuilds its reference from init_from, not from the random weights the model is built with."""
+    tree = config_tree(synthetic, tmp_path / "init", stage="dpo")
+    start = train.build_model(load_config(write_config(tmp_path / "i.yaml", tree)))
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # weights no random initialisation gives
+    start.save_pretrained(tmp_path / "start")
+    real, calls = train.micro_batch_losses, {"n": 0, "signal_at": None}
+
+    def stopping(model, batch, *args):
+        calls["n"] += 1
+        if calls["n"] == calls["signal_at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(train, "micro_batch_losses", stopping)
+    tree.update(init_from=str(tmp_path / "start"), run_dir=str(tmp_path / "whole"))
+    tree["data"]["val"] = []
+    run(tmp_path, tree)
+    calls.update(n=0, signal_at=2)
+    tree["run_dir"] = str(tmp_path / "stopped")
+    with pytest.raises(train.Stopped):
+        run(tmp_path, tree)
+    calls.update(signal_at=None)
+    run(tmp_path, tree)
+    a, b = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "stopped" / "metrics.csv")
+    assert [r["step"] for r in b] == ["1", "2", "3", "4"]
+    assert [(r["loss"], r["rewards/margins"]) for r in a] == [(r["loss"], r["rewards/margins"]) for r in b]
+    sa, sb = final_state(tmp_path / "whole"), final_state(tmp_path / "stopped")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.slow
 def test_sigterm_exits_75_after_saving_and_a_second_signal_exits_at_once(synthetic, tmp_path):
     """The command line as a cluster sees it: SIGTERM to the whole process group (the DataLoader
