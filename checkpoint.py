@@ -32,6 +32,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -202,9 +203,16 @@ def load_sharded(path, tensors: dict):
     """Fill `tensors` (the sharded model's and optimizer's state dicts, DTensors) in place from a
     sharded checkpoint; DCP reshards when the saving world size differed."""
     from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
 
     reader, planner = _safe_dcp(path)
-    load(tensors, storage_reader=reader, planner=planner)
+    try:
+        load(tensors, storage_reader=reader, planner=planner)
+    except CheckpointException as e:  # DCP wraps each rank's error: a refused file is said plainly
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UntrustedCheckpoint)]
+        if refused:
+            raise UntrustedCheckpoint(f"{path}: {refused[0]}") from None
+        raise
 
 
 def load_sharded_weights(path) -> dict:
@@ -217,7 +225,9 @@ def load_sharded_weights(path) -> dict:
     model = {fqn[len("model."):]: torch.empty(md.size, dtype=md.properties.dtype)
              for fqn, md in metadata.state_dict_metadata.items()
              if fqn.startswith("model.") and hasattr(md, "size")}
-    load({"model": model}, storage_reader=reader, planner=planner, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that no_dist loads in one process: what we ask for
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        load({"model": model}, storage_reader=reader, planner=planner, no_dist=True)
     return model
 
 

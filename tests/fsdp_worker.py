@@ -4,13 +4,17 @@ the same samples whatever the loaders would split. Step s's global batch is micr
 2s + 1 of one exact pass over data.train (cycled): with two ranks, rank r takes micro-batch 2s + r;
 one process takes both (optim.grad_accum: 2). `--text-only S:I,...` strips the frames of micro-batch
 I of step S (a text-only micro-batch, on rank I). Writes rank<R>.json next to the config: each
-step's status, loss and gradient norm; then train.finish exports final/ into run_dir.
+step's status, loss and gradient norm; then train.finish exports final/ into run_dir. With
+FVLM_TEST_STACKS_AFTER=SECONDS, a worker still running then prints every thread's stack and exits (a
+hang shows where it waits).
 
     python tests/fsdp_worker.py --config C --steps N [--text-only 3:1,7:0]
 """
 
 import argparse
+import faulthandler
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -44,6 +48,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--text-only", default="")
     args = parser.parse_args(argv)
+    if os.environ.get("FVLM_TEST_STACKS_AFTER"):
+        faulthandler.dump_traceback_later(float(os.environ["FVLM_TEST_STACKS_AFTER"]), exit=True)
     stripped = {tuple(int(x) for x in spec.split(":")) for spec in filter(None, args.text_only.split(","))}
     cfg = load_config(args.config)
     dist = distributed.setup("cpu")

@@ -2,10 +2,11 @@
 (FVLM_TEST_FAULT="oom:RANK:CALL,nan:RANK:CALL,term:RANK:CALL" makes that rank's CALL-th micro-batch
 raise a CUDA OOM, return a NaN loss, or send its own process SIGTERM), then write this rank's summary
 and a digest of its weights (or the step a signal stopped it at) to rank<RANK>.json next to the
-config. Under distributed: fsdp the weights are gathered to rank 0 (the other ranks' digest is None),
-and faults fire only in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0), so that a restart
-after an injected OOM runs clean."""
+config. Under distributed: fsdp the weights are gathered to rank 0 (the other ranks' digest is None).
+With FVLM_TEST_STACKS_AFTER=SECONDS, a worker still running then
+prints every thread's stack and exits (a hang shows where it waits)."""
 
+import faulthandler
 import hashlib
 import json
 import os
@@ -28,12 +29,13 @@ def digest(state: dict) -> str:
 
 
 def main():
+    if os.environ.get("FVLM_TEST_STACKS_AFTER"):
+        faulthandler.dump_traceback_later(float(os.environ["FVLM_TEST_STACKS_AFTER"]), exit=True)
     rank = int(os.environ["RANK"])
     argv = sys.argv[1:]
     config = argv[argv.index("--config") + 1]
     faults = {}
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    for spec in filter(None, os.environ.get("FVLM_TEST_FAULT", "").split(",") if first_attempt else []):
+    for spec in filter(None, os.environ.get("FVLM_TEST_FAULT", "").split(",")):
         kind, fault_rank, call = spec.split(":")
         if int(fault_rank) == rank:
             faults[int(call)] = kind
