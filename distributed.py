@@ -162,10 +162,10 @@ def check_fsdp(cfg, d: Dist):
     if cfg.distributed != "fsdp":
         return
     if not d.active:
-        raise ConfigError("distributed: fsdp shards the model across torchrun processes, but this run is one "
-                          "process (no torchrun, or a world size of 1), where sharding saves nothing: use "
-                          "distributed: ddp (the default), or launch 2 or more processes with torchrun "
-                          "(docs/scale.md)")
+        how = "torchrun with a world size of 1" if "TORCHELASTIC_RUN_ID" in os.environ else "no torchrun"
+        raise ConfigError(f"distributed: fsdp shards the model across torchrun processes, but this run is one "
+                          f"process ({how}), where sharding saves nothing: use distributed: ddp (the default), "
+                          f"or launch 2 or more processes with torchrun (docs/scale.md)")
     if cfg.mode == "autoregressive":
         raise ConfigError("mode: autoregressive runs the LLM once per frame, so ranks whose batches hold different "
                           "numbers of frames would call the sharded layers a different number of times (FSDP's "

@@ -88,6 +88,9 @@ def test_fsdp_trains_like_data_parallel_and_like_one_process(synthetic, tmp_path
         assert (losses["fsdp"] - losses[other]).abs().max() < 2e-5, (losses["fsdp"] - losses[other]).tolist()
         assert ((norms["fsdp"] - norms[other]).abs() / norms[other]).max() < 1e-4
     assert (losses["ddp"] - losses["one"]).abs().max() < 2e-5
+    print(f"{stage}: max |loss difference| fsdp-ddp {(losses['fsdp'] - losses['ddp']).abs().max():.2e}, "
+          f"fsdp-one {(losses['fsdp'] - losses['one']).abs().max():.2e}, "
+          f"ddp-one {(losses['ddp'] - losses['one']).abs().max():.2e}")
     cfg = load_config(tmp_path / "one" / "cfg.yaml")
     run_ = train.setup(cfg, distributed.setup("cpu"))
     host = next(iter(run_.loader))
@@ -98,14 +101,18 @@ def test_fsdp_trains_like_data_parallel_and_like_one_process(synthetic, tmp_path
     torch.testing.assert_close(sharded, one, rtol=1e-4, atol=1e-4)
 
 
-def test_fsdp_refuses_one_process_and_autoregressive_training(synthetic, tmp_path):  # noqa: F811
-    """distributed: fsdp without torchrun (one process) or with mode: autoregressive: one ConfigError
-    naming the key and the alternative, before the run directory is touched."""
+def test_fsdp_refuses_one_process_and_autoregressive_training(synthetic, tmp_path, monkeypatch):  # noqa: F811
+    """distributed: fsdp without torchrun, under torchrun with one process, or with mode: autoregressive:
+    one ConfigError naming the key and the alternative, before the run directory is touched."""
     tree = config_tree(synthetic, tmp_path / "run")
     config = write_config(tmp_path / "c.yaml", tree)
-    with pytest.raises(ConfigError, match=r"distributed: fsdp .* one process .* use distributed: ddp .* torchrun"):
+    with pytest.raises(ConfigError, match=r"distributed: fsdp .* one process \(no torchrun\).* use distributed: ddp "
+                                          r".* torchrun"):
         train.main(["--config", config, "distributed=fsdp"])
     assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "fvlm")  # torchrun --nproc-per-node 1
+    with pytest.raises(ConfigError, match=r"one process \(torchrun with a world size of 1\).* distributed: ddp"):
+        distributed.check_fsdp(load_config(config, ["distributed=fsdp"]), distributed.Dist(0, 1, torch.device("cpu")))
     cfg = load_config(config, ["distributed=fsdp", "mode=autoregressive"])
     two = distributed.Dist(0, 2, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"mode: autoregressive .* coarse_fine .* distributed: ddp"):
