@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor
 
 import checkpoint as ckpt
 import distributed
+import memory
 import objectives as objective_units
 from config import ConfigError, config_from_dict, defaults_text, expand_path, load_config
 from data import Loader, SampleSpec, ShardStream, Source
@@ -293,10 +294,15 @@ def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
         (pre.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     random.seed(cfg.seed + dist.rank)  # Python's random (a resume restores its state below)
     model = prepare_model(cfg, dist, pre.init_state)
+    amp = device.type == "cuda" and cfg.precision == "bf16"
+    if device.type == "cuda" and dist.is_main:
+        warning = memory_warning(cfg, model, dist.world_size, amp, torch.cuda.get_device_properties(device).total_memory)
+        if warning:
+            log.warning(warning)
     fsdp = cfg.distributed == "fsdp"
     counters = {"step": 0, "samples": 0, "tokens": 0, "skipped_nonfinite": 0, "skipped_oom": 0,
                 "train_seconds": 0.0, "best": None}
-    run = Run(cfg=cfg, dist=dist, run_dir=pre.run_dir, amp=device.type == "cuda" and cfg.precision == "bf16",
+    run = Run(cfg=cfg, dist=dist, run_dir=pre.run_dir, amp=amp,
               model=model, objectives=pre.objectives,
               loader=make_loader(cfg, model, dist, pre.train_sources, cfg.data.resampled, cfg.data.batch_size,
                                  pin=device.type == "cuda"),
@@ -334,6 +340,18 @@ def prepare_model(cfg, dist, init_state) -> FoveatedVLM:
     freeze(model, cfg)
     model.train()
     return model
+
+
+def memory_warning(cfg, model, world_size: int, amp: bool, gpu_bytes: int) -> str | None:
+    """What to tell a user whose run, by memory.py's estimate, will not fit the GPU (None when it fits)."""
+    s = memory.shapes(model, cfg, torch.bfloat16 if amp else torch.float32)
+    plan = memory.estimate(s, cfg, cfg.distributed, world_size, cfg.data.batch_size, cfg.optim.grad_accum,
+                           cfg.gradient_checkpointing, amp=amp)
+    if memory.fits(plan, gpu_bytes):
+        return None
+    return (f"this run will probably run out of GPU memory: {memory.fits_message(plan, gpu_bytes)} (an estimate at "
+            f"data.max_text_tokens / data.max_frames). Settings that fit: python scripts/plan_memory.py --config "
+            f"CONFIG --gpu-mem {gpu_bytes / memory.GiB:.0f} --gpus {world_size}")
 
 
 def restore(run, latest: Path, resume: dict):
