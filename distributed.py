@@ -7,8 +7,8 @@ rank has reported how its micro-batches went (`agree`). So a step skipped on one
 data left) is skipped on all of them without a hang; text-only batches, which leave the encoder
 without gradients, need no find_unused_parameters; and DPO's policy/reference step is synchronised
 like every other stage. The price is that the all-reduce does not overlap the backward pass: one
-bucketed all-reduce of the gradients per optimizer step, not per micro-batch (docs/scale.md measures
-what overlap would gain).
+bucketed all-reduce of the gradients per optimizer step, not per micro-batch (docs/scale.md: why,
+and scripts/bench_dist.py measures what overlap would gain).
 
 fsdp: PyTorch's FSDP2 (`fully_shard`) shards parameters, gradients and optimizer states. Each LLM
 decoder layer is a unit; the root (`Sharded`, one forward per micro-batch) holds everything else:
