@@ -219,12 +219,6 @@ def options(s: Shapes, cfg, gpu_bytes: float, ranks: list[int], effective: int) 
     return sorted(out, key=lambda p: (p.ranks, p.checkpointing, -p.batch_size, p.strategy))
 
 
-def floor(s: Shapes, cfg) -> Plan:
-    """The least any rank can need: fsdp over unboundedly many ranks (the shards vanish), one sample per
-    micro-batch, gradient checkpointing."""
-    return estimate(s, cfg, "fsdp", 10**9, 1, 2, True)
-
-
 def gib(x: float) -> str:
     return f"{x / GiB:.2f} GiB"
 

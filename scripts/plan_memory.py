@@ -69,12 +69,12 @@ def plan(cfg, gpu_gib: float, gpus: int) -> str:
         for p in ok:
             lines.append(f"  {p.strategy:>4} on {p.ranks:>2} GPU(s): data.batch_size {p.batch_size}, optim.grad_accum "
                          f"{p.grad_accum}, gradient_checkpointing {str(p.checkpointing).lower()}: {memory.gib(p.total)}")
-    else:
-        least = memory.floor(s, cfg)
-        lines.append(f"no GPU count fits {gpu_gib:g} GiB cards: even fsdp over unboundedly many GPUs, one sample per "
-                     f"micro-batch and gradient checkpointing need {memory.gib(least.total + memory.RESERVE)} per rank, "
-                     f"{memory.gib(least.total + memory.RESERVE - gpu)} more than the card has (lower "
-                     f"data.max_frames / data.max_text_tokens, or larger cards)")
+    else:  # the least a rank can need here: the most ranks, one sample per micro-batch, checkpointing
+        least = memory.estimate(s, cfg, "fsdp", ranks[-1], 1, 2, True).total + memory.RESERVE
+        lines.append(f"no GPU count fits {gpu_gib:g} GiB cards: even fsdp on {ranks[-1]} GPUs, one sample per "
+                     f"micro-batch and gradient checkpointing need {memory.gib(least)} per rank, "
+                     f"{memory.gib(least - gpu)} more than the card has (lower data.max_frames / "
+                     f"data.max_text_tokens, or larger cards)")
     return "\n".join(lines)
 
 
