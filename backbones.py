@@ -29,6 +29,9 @@ LLM_PRESETS = {
     # SmolLM2-135M-Instruct's architecture
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5),
+    # SmolLM2-1.7B-Instruct's architecture
+    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                         num_key_value_heads=32, max_position_embeddings=8192, rms_norm_eps=1e-5),
 }
 DINO_PRESETS = {  # name -> (transformers config class, its settings)
     "tiny": (Dinov2Config, dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2,

@@ -29,6 +29,9 @@ SCHEDULES = ("constant", "cosine", "converging")
 RESIZE_MODES = ("squash", "crop", "pad")  # to the square frames the model reads (media.resize)
 PRECISIONS = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+# ddp: every rank a full replica, gradients summed once per step (distributed.py); fsdp: FSDP2 shards
+# parameters, gradients and optimizer states across the torchrun ranks (docs/scale.md)
+DISTRIBUTED = ("ddp", "fsdp")
 REFERENCES = ("model", "precomputed")
 TARGETS = ("pixels", "vae", "taesd")  # what the next-frame head predicts (latents.py)
 
@@ -152,6 +155,7 @@ class Config:
     precision: str = "bf16"  # bf16: autocast on CUDA over fp32 master weights (CPU always computes in fp32)
     gradient_checkpointing: bool = False
     compile: bool = False
+    distributed: str = "ddp"  # how torchrun ranks share the model: ddp (replicas) or fsdp (sharded)
     # weight of the coarse pass's (static query's) loss beside the fine pass's, for the text CE and
     # next_frame: > 0 trains the coarse-only path, a fair static baseline (0: the published recipe)
     coarse_weight: float = 0.0
@@ -383,6 +387,7 @@ def validate(cfg: Config, where: str):
     choice(cfg.mode, "mode", MODES)
     choice(cfg.device, "device", DEVICES)
     choice(cfg.precision, "precision", PRECISIONS)
+    choice(cfg.distributed, "distributed", DISTRIBUTED)
     choice(cfg.data.resize, "data.resize", RESIZE_MODES)
     choice(cfg.optim.schedule, "optim.schedule", SCHEDULES)
     choice(cfg.dpo.reference, "dpo.reference", REFERENCES)

@@ -6,7 +6,8 @@ never imports the model.
 
 Files from others (a published checkpoint.pt, someone's run directory) are untrusted: pickle files
 are read with torch's weights_only loader, so nothing in them can execute; only an explicit
-trust=True (`--trust-checkpoint` on the command lines) unpickles arbitrary objects.
+trust=True (`--trust-checkpoint` on the command lines) unpickles arbitrary objects. A sharded
+checkpoint (DCP folder) is read through `safe_dcp`: its metadata through an allow-list, tensors only.
 
 Wherever a model or weights are read (load_weights, read_model, so FoveatedVLM.from_pretrained,
 model.load_model, train.py's init_from, benchmark.py --checkpoint), a Hugging Face Hub id works too
@@ -18,8 +19,10 @@ to the Hub cache (HF_HUB_CACHE / HF_HOME); with HF_HUB_OFFLINE=1 only the cache 
 """
 
 import dataclasses
+import functools
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -81,6 +84,66 @@ def read_torch_file(path, trust: bool = False):
             f"from the file. If you trust the file, pass {TRUST_FLAG} (trust=True in Python)") from None
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
     raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {first_line})") from None
+
+
+# What a DCP .metadata file may name: its own dataclasses, tensor properties, paths. Anything else (a
+# function to call while unpickling) makes the file unreadable instead of running it.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_DCP_GLOBALS = {(_DCP_METADATA, n) for n in ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata", "StorageMeta",
+                                              "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        found = super().find_class(module, name) if (module, name) in _DCP_GLOBALS or module == "torch" else None
+        if (module, name) in _DCP_GLOBALS or isinstance(found, torch.dtype):
+            return found
+        raise UntrustedCheckpoint(f"{self.path}: the sharded checkpoint's metadata names {module}.{name}, which a "
+                                  f"checkpoint's metadata never needs; it was not loaded")
+
+
+@functools.cache
+def _dcp_classes():
+    """(SafeReader, TensorsOnly): DCP's reader and load planner, made safe for files from others. Built
+    on first use, so that only sharded runs import torch.distributed.checkpoint."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """The metadata unpickled through an allow-list (DCP itself uses pickle.load)."""
+
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{self.path} is not a sharded checkpoint (no {os.path.basename(path)})")
+            with open(path, "rb") as f:
+                unpickler = _MetadataUnpickler(f)
+                unpickler.path = path
+                metadata = unpickler.load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class TensorsOnly(DefaultLoadPlanner):
+        """Loads tensors only: DCP would torch.load a non-tensor entry with weights_only=False."""
+
+        def load_bytes(self, read_item, value):
+            raise UntrustedCheckpoint(f"the sharded checkpoint stores {read_item.dest_index.fqn} as pickled "
+                                      f"Python data, where a tensor was expected; it was not loaded")
+
+    return SafeReader, TensorsOnly
+
+
+def safe_dcp(path):
+    """(reader, planner): torch.distributed.checkpoint's, for reading the sharded checkpoint (a DCP folder)
+    at path, someone else's included: its metadata through an allow-list, tensors only."""
+    reader, planner = _dcp_classes()
+    return reader(str(path)), planner()
 
 
 # ---- the Hub ------------------------------------------------------------------------------------------
@@ -264,9 +327,10 @@ def normalize_state(state: dict, dino_state_from_hf, tied: bool) -> dict:
     return out
 
 
-def save_pretrained(model, directory):
+def save_pretrained(model, directory, state: dict | None = None):
     """directory/config.json (the model's ModelConfig) + model.safetensors, with the backbones' configs
-    and the tokenizer in llm/ and dino/, so that read_model needs nothing else."""
+    and the tokenizer in llm/ and dino/, so that read_model needs nothing else. state: the weights to
+    write instead of the model's own (a sharded training run's, gathered)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -276,7 +340,7 @@ def save_pretrained(model, directory):
     model.dino_config.save_pretrained(directory / "dino")
     settings = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "pretrained"}
     (directory / "config.json").write_text(json.dumps(dict(settings, format=EXPORT_FORMAT), indent=2))
-    state = model.state_dict()
+    state = dict(model.state_dict() if state is None else state)
     if model.llm.config.tie_word_embeddings:
         state.pop("llm.lm_head.weight", None)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"))

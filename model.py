@@ -499,10 +499,11 @@ class FoveatedVLM(nn.Module):
             loading.normalize_state(state_dict, type(self.encoder.dino).state_from_hf,
                                     self.llm.config.tie_word_embeddings), strict=strict, assign=assign)
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory, state: dict | None = None):
         """directory/config.json (the ModelConfig) + model.safetensors, with the backbones' configs and
-        the tokenizer in llm/ and dino/, so that from_pretrained needs nothing else (loading.save_pretrained)."""
-        loading.save_pretrained(self, directory)
+        the tokenizer in llm/ and dino/, so that from_pretrained needs nothing else (loading.save_pretrained).
+        state: the weights to write instead of this model's (a sharded training run's, gathered)."""
+        loading.save_pretrained(self, directory, state)
 
     @classmethod
     def from_pretrained(cls, directory, **overrides):

@@ -25,6 +25,7 @@ finishes, the ranks agree to stop after it, a checkpoint is written and the proc
 """
 
 import argparse
+import contextlib
 import csv
 import logging
 import math
@@ -39,10 +40,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.distributed.tensor import DTensor
 
 import checkpoint as ckpt
 import distributed
 import loading
+import memory
 import objectives as objective_units
 from config import ConfigError, config_from_dict, defaults_text, expand_path, load_config
 from data import Loader, SampleSpec, ShardStream, Source
@@ -174,17 +177,19 @@ class Run:
     run_dir: Path
     amp: bool  # bf16 autocast (CUDA)
     model: FoveatedVLM
-    optimizer: torch.optim.Optimizer
-    params: list
     objectives: list  # [(Objective, weight)]
     loader: Loader
     val_sources: list
     modes: list  # validation modes; the text loss of the first one picks the best checkpoint
     counters: dict
     resumed: bool
-    loss_fn: object  # objectives.micro_batch_losses, compiled with compile: true
+    loss_fn: object  # objectives.micro_batch_losses, compiled with compile: true (ddp)
     flop_count: FlopCount
     peak_flops: float | None
+    optimizer: "torch.optim.Optimizer | None" = None
+    params: list = field(default_factory=list)
+    root: "distributed.Sharded | None" = None  # distributed: fsdp: the FSDP root around model
+    oom_attempts: set = field(default_factory=set)  # fsdp: steps (attempt numbers) to skip, see sharded_oom
     metrics_log: "CsvLog | None" = None
     val_log: "CsvLog | None" = None
     wandb: object = None
@@ -201,8 +206,24 @@ class Run:
     def step(self) -> int:
         return self.counters["step"]
 
+    @property
+    def attempt(self) -> int:
+        """Optimizer steps tried so far: done and skipped (numbers each draw of micro-batches)."""
+        return self.counters["step"] + self.counters["skipped_nonfinite"] + self.counters["skipped_oom"]
+
     def autocast(self):
         return autocast(self.device, self.amp)
+
+    def losses(self, batch: dict, units: tuple, uneven: bool = False):
+        """The objectives' [(summed loss, metrics)] on a device batch (through the FSDP root when sharded;
+        uneven: see distributed.Sharded)."""
+        if self.root is not None:
+            return self.root(batch, units, self.cfg.mode, uneven)
+        return self.loss_fn(self.model, batch, units, self.cfg.mode)
+
+    def gathered(self):
+        """Forwards may differ between ranks inside (validation): the sharded weights gathered."""
+        return distributed.gathered(self.root) if self.root is not None else contextlib.nullcontext()
 
     def to_device(self, host: dict) -> dict:
         """A host batch, prepared by the objectives (e.g. reference log-probs), with what they read
@@ -226,66 +247,126 @@ class Run:
         distributed.barrier(self.dist)
 
 
-def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
-    """The checks, then logging, the run directory, the model (resumed, or from init_from),
-    optimizer, objectives, data and logs. Bad settings fail first, before the run directory is
-    touched and before anything heavy loads."""
+@dataclass
+class Preflight:
+    """What setup reads and checks before it touches the run directory or loads anything heavy."""
+    run_dir: Path
+    latest: Path | None  # the checkpoint to resume from
+    resume: dict | None  # its contents (of a sharded one, the plain-data part)
+    init_state: tuple | None  # (state dict, what was read): init_from, or the initial weights DPO's reference needs
+    objectives: list
+    train_sources: list
+    val_sources: list
+
+
+def preflight(cfg, dist, trust_checkpoint: bool = False) -> Preflight:
+    """The checks and the small reads: bad settings fail here, before the run directory is touched
+    and before anything heavy loads."""
     run_dir = Path(expand_path(cfg.run_dir, "run_dir"))
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
+    distributed.check_fsdp(cfg, dist)
     latest = ckpt.latest_checkpoint(run_dir)
     resume = ckpt.load_checkpoint(latest) if latest else None
     if resume:
         check_resume_config(cfg, resume["config"], latest)
+        if len(resume["data"]) != dist.world_size:
+            raise ConfigError(f"run_dir {run_dir}: {latest.name} was written by {len(resume['data'])} rank(s) and this "
+                              f"run has {dist.world_size}: an exact resume needs the same number (each rank's data "
+                              f"position and RNG state are its own). To go on with {dist.world_size} from its weights, "
+                              f"start a new run_dir with init_from: {latest}")
     objectives = objective_units.build(cfg)
     train_sources, val_sources = sources(cfg.data.train, "data.train"), sources(cfg.data.val, "data.val")
     expand_path(cfg.model.llm, "model.llm"), expand_path(cfg.model.dino, "model.dino")
-    init_state = None if resume else initial_weights(cfg, trust_checkpoint)
+    # a resume reads the weights from the checkpoint; DPO's frozen reference still starts from init_from's
+    reference = any(getattr(o, "reference", None) == "model" for o, _ in objectives)
+    init_state = initial_weights(cfg, trust_checkpoint) if not resume or reference else None
+    return Preflight(run_dir, latest, resume, init_state, objectives, train_sources, val_sources)
 
-    setup_logging(run_dir, dist)
+
+def setup(cfg, dist, trust_checkpoint: bool = False) -> Run:
+    """The checks (preflight), then logging, the run directory, the model (resumed, or from
+    init_from), objectives, the sharding (distributed: fsdp), optimizer, data and logs."""
+    pre = preflight(cfg, dist, trust_checkpoint)
+    setup_logging(pre.run_dir, dist)
     device = dist.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if dist.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (pre.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     random.seed(cfg.seed + dist.rank)  # Python's random (a resume restores its state below)
-    model = build_model(cfg, init_state).to(device)
+    model = prepare_model(cfg, dist, pre.init_state)
+    amp = device.type == "cuda" and cfg.precision == "bf16"
+    if device.type == "cuda" and dist.is_main:
+        warning = memory_warning(cfg, model, dist.world_size, amp, torch.cuda.get_device_properties(device).total_memory)
+        if warning:
+            log.warning(warning)
+    fsdp = cfg.distributed == "fsdp"
+    counters = {"step": 0, "samples": 0, "tokens": 0, "skipped_nonfinite": 0, "skipped_oom": 0,
+                "train_seconds": 0.0, "best": None}
+    run = Run(cfg=cfg, dist=dist, run_dir=pre.run_dir, amp=amp,
+              model=model, objectives=pre.objectives,
+              loader=make_loader(cfg, model, dist, pre.train_sources, cfg.data.resampled, cfg.data.batch_size,
+                                 pin=device.type == "cuda"),
+              val_sources=pre.val_sources, modes=cfg.eval.modes or [cfg.mode], counters=counters,
+              resumed=pre.resume is not None,
+              # fsdp compiles each LLM layer instead (distributed.shard): FSDP's hooks break a whole-step graph
+              loss_fn=torch.compile(micro_batch_losses) if cfg.compile and not fsdp else micro_batch_losses,
+              flop_count=FlopCount(model, cfg.data.frame_size), peak_flops=peak_flops(device))
+    for objective, _ in pre.objectives:  # on the whole model, before a resume overwrites the weights
+        objective.setup(model, run)
+    if fsdp:
+        run.root = distributed.shard(model, micro_batch_losses, dist, bf16=run.amp, compile=cfg.compile)
+        run.oom_attempts = ckpt.oom_attempts(pre.run_dir)
+    run.optimizer = make_optimizer(model, cfg)
+    run.params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    if pre.resume:
+        _restore(run, pre.resume, pre.latest)
+    else:
+        torch.manual_seed(cfg.seed + dist.rank)  # runtime randomness (dropout) differs per rank
+    run.data = micro_batch_stream(run)
+    if dist.is_main:
+        _open_logs(run, counters["step"] if pre.resume else None)
+    _log_setup(run)
+    return run
+
+
+def prepare_model(cfg, dist, init_state) -> FoveatedVLM:
+    """The model on this rank's device, identical on every rank, with checkpointing and freezing set."""
+    model = build_model(cfg, init_state).to(dist.device)
     check_frame_size(cfg.data.frame_size, model.encoder.dino.patch_size, f"data.frame_size {cfg.data.frame_size}",
                      ConfigError)
     distributed.broadcast_model(dist, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    freeze(model, cfg)
     model.train()
-    optimizer = make_optimizer(model, cfg, device)
-    counters = {"step": 0, "samples": 0, "tokens": 0, "skipped_nonfinite": 0, "skipped_oom": 0,
-                "train_seconds": 0.0, "best": None}
-    amp = device.type == "cuda" and cfg.precision == "bf16"
-    run = Run(cfg=cfg, dist=dist, run_dir=run_dir, amp=amp, model=model, optimizer=optimizer,
-              params=[p for g in optimizer.param_groups for p in g["params"]], objectives=objectives,
-              loader=make_loader(cfg, model, dist, train_sources, cfg.data.resampled, cfg.data.batch_size,
-                                 pin=device.type == "cuda"),
-              val_sources=val_sources, modes=cfg.eval.modes or [cfg.mode], counters=counters,
-              resumed=resume is not None,
-              loss_fn=torch.compile(micro_batch_losses) if cfg.compile else micro_batch_losses,
-              flop_count=FlopCount(model, cfg.data.frame_size), peak_flops=peak_flops(device))
-    for objective, _ in objectives:  # before a resume overwrites the weights: e.g. DPO's reference
-        objective.setup(model, run)
-    if resume:
-        _restore(run, resume, latest)
-    else:
-        torch.manual_seed(cfg.seed + dist.rank)  # runtime randomness (dropout) differs per rank
-    run.data = micro_batch_stream(run)
-    if dist.is_main:
-        _open_logs(run, counters["step"] if resume else None)
-    _log_setup(run)
-    return run
+    return model
+
+
+def memory_warning(cfg, model, world_size: int, amp: bool, gpu_bytes: int) -> str | None:
+    """What to tell a user whose run, by memory.py's estimate, will not fit the GPU (None when it fits)."""
+    s = memory.shapes(model, cfg, torch.bfloat16 if amp else torch.float32)
+    plan = memory.estimate(s, cfg, cfg.distributed, world_size, cfg.data.batch_size, cfg.optim.grad_accum,
+                           cfg.gradient_checkpointing, amp=amp)
+    if memory.fits(plan, gpu_bytes):
+        return None
+    return (f"this run will probably run out of GPU memory: {memory.fits_message(plan, gpu_bytes)} (an estimate at "
+            f"data.max_text_tokens / data.max_frames). Settings that fit: python scripts/plan_memory.py --config "
+            f"CONFIG --gpu-mem {gpu_bytes / memory.GiB:.0f} --gpus {world_size}")
 
 
 def _restore(run, resume: dict, latest: Path):
-    """A run's weights, optimizer, data position, RNG states and counters from its latest checkpoint."""
-    run.model.load_state_dict(resume["model"])
-    run.optimizer.load_state_dict(resume["optimizer"])
+    """A run's weights, optimizer, data position, RNG states and counters from its latest checkpoint
+    (sharded: every rank's shards, through DCP)."""
+    if run.root is not None:
+        tensors, _ = distributed.sharded_state(run.root, run.optimizer)
+        ckpt.load_sharded(latest, tensors)
+        distributed.load_sharded_state(run.root, run.optimizer, tensors, resume["param_groups"])
+    else:
+        run.model.load_state_dict(resume["model"])
+        run.optimizer.load_state_dict(resume["optimizer"])
     run.loader.load_state_dict(resume["data"][run.dist.rank])
     ckpt.set_rng_state(resume["rng"][run.dist.rank])
     run.counters.update(resume["counters"])
@@ -304,21 +385,25 @@ def _open_logs(run, resume_step: int | None):
 def _log_setup(run):
     cfg, model = run.cfg, run.model
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s stage (%s), %s | %.1fM parameters (%.1fM trained) | %d rank(s) on %s | %d steps x %d "
+    log.info("%s stage (%s), %s | %.1fM parameters (%.1fM trained) | %d rank(s) on %s%s | %d steps x %d "
              "micro-batches of <= %d samples", cfg.stage, ", ".join(o.name for o, _ in run.objectives),
              model.visual.mode_text(cfg.mode),
              n_params / 1e6, sum(p.numel() for p in run.params) / 1e6, run.dist.world_size, run.dist.device,
-             cfg.optim.steps, cfg.optim.grad_accum, cfg.data.batch_size)
+             ", sharded (fsdp)" if run.root is not None else "", cfg.optim.steps, cfg.optim.grad_accum,
+             cfg.data.batch_size)
 
 
 def initial_weights(cfg, trust: bool = False) -> tuple[dict, str] | None:
     """(state dict, what was read) of cfg.init_from, or None. Read before the model is built: a path
     that is not a checkpoint fails before anything heavy loads. init_from may be a Hugging Face Hub id
-    (owner/name[@revision]; a path that exists wins): loading.load_weights downloads it."""
+    (owner/name[@revision]; a path that exists wins): loading.load_weights downloads it. A sharded
+    checkpoint folder (distributed: fsdp) is read on this process alone."""
     if not cfg.init_from:
         return None
     path = expand_path(cfg.init_from, "init_from")
     try:
+        if ckpt.is_sharded(path):  # a sharded run's checkpoint, whatever its world size
+            return ckpt.load_sharded_weights(path), f"{path} (sharded checkpoint)"
         state, _, what = loading.load_weights(path, trust)
     except loading.UntrustedCheckpoint as e:
         raise ConfigError(f"init_from: {e}") from None
@@ -348,15 +433,19 @@ def build_model(cfg, init_state: tuple[dict, str] | None = None) -> FoveatedVLM:
     return model
 
 
-def make_optimizer(model: FoveatedVLM, cfg, device) -> torch.optim.AdamW:
-    """AdamW over connector / dino / llm groups, each with its own LR and an optional freeze; no weight
-    decay on norms, biases (1-D parameters) and the learned queries."""
+def freeze(model: FoveatedVLM, cfg):
+    """optim.freeze: those parameter groups get no gradient (set before sharding: FSDP reads it)."""
+    for part, named in model.parameter_groups().items():
+        for _, p in named:
+            p.requires_grad_(part not in cfg.optim.freeze)
+
+
+def make_optimizer(model: FoveatedVLM, cfg) -> torch.optim.AdamW:
+    """AdamW over connector / dino / llm groups (frozen ones left out), each with its own LR; no
+    weight decay on norms, biases (1-D parameters) and the learned queries."""
     groups = []
     for part, named in model.parameter_groups().items():
-        frozen = part in cfg.optim.freeze
-        for _, p in named:
-            p.requires_grad_(not frozen)
-        if frozen:
+        if part in cfg.optim.freeze:
             continue
         decays = [p.dim() >= 2 and n not in ("q_static", "q_init") for n, p in named]
         decay = [p for (_, p), d in zip(named, decays) if d]
@@ -476,76 +565,115 @@ def train_step(run, micro_batches: list[dict]) -> Steps:
     cfg, dist = run.cfg, run.dist
     start = time.perf_counter()
     units = tuple(objective for objective, _ in run.objectives)
-    # Every rank had its data, and the effective batch's normaliser of each objective: host numbers,
-    # one small collective, before any forward.
+    # Every rank had its data, and the effective batch's normaliser of each objective (and, sharded,
+    # which micro-batches have frames on some ranks only): host numbers, one small collective.
     have = float(len(micro_batches) == cfg.optim.grad_accum)
     local = [sum(u.normaliser(h) for h in micro_batches) for u in units]
-    have_all, *normalisers = distributed.agree(dist, [have, *local], ["min"] + ["sum"] * len(units))
+    videos = [float(h["frames"] is not None) for h in micro_batches] if run.root is not None else []
+    if run.root is not None:  # one entry per micro-batch a step has, however many this rank drew
+        videos += [0.0] * (cfg.optim.grad_accum - len(micro_batches))
+    have_all, *rest = distributed.agree(dist, [have, *local, *videos], ["min"] + ["sum"] * (len(units) + len(videos)))
     if have_all < 1:
         return Steps("out_of_data")
+    normalisers = rest[:len(units)]
+    uneven = [0 < v < dist.world_size for v in rest[len(units):]] or [False] * len(micro_batches)
     lrs = set_lrs(run.optimizer, cfg, run.step)
     # The backward runs on sum_k w_k * loss_k * N_0 / N_k and the summed gradients are divided by N_0
     # once at the end (N_k: objective k's normaliser over the effective batch): the weighted mean of
     # every term; with one objective, the plain summed loss scaled once, as a token-weighted mean.
     base = max(normalisers[0], 1.0)
     scales = [w * base / max(n, 1.0) for (_, w), n in zip(run.objectives, normalisers)]
-    loss_sums, metric_sums, (samples, tokens, flops), oom = _backward(run, micro_batches, units, scales)
+    if run.attempt in run.oom_attempts:  # the step that ran out of memory before a sharded run restarted
+        log.warning("step %d ran out of memory before the restart: skipped on every rank", run.step)
+        sums, done = None, dict(samples=0, tokens=0, flops=0, oom=1)
+    else:
+        sums, done = _backward(run, micro_batches, units, scales, uneven)
     # An OOM anywhere skips the step everywhere; a stop signal anywhere stops every rank after it
     # (agreed here, before the next step draws data, so the checkpoint's data position is exact).
-    oom, stop = distributed.agree(dist, [oom, run.signals is not None and run.signals.received is not None],
+    oom, stop = distributed.agree(dist, [done["oom"], run.signals is not None and run.signals.received is not None],
                                   ["max", "max"])
     stop = bool(stop)
     if oom:
         run.optimizer.zero_grad(set_to_none=True)
         return Steps("oom", stop=stop)
-    distributed.all_reduce_grads(dist, run.params)
-    grads = [p.grad for p in run.params if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, 1.0 / base)
-    sums = torch.cat([loss_sums, torch.stack(list(metric_sums.values()))]) if metric_sums else loss_sums
-    distributed.all_reduce_sum_(dist, [sums])
-    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or float("inf"))
-    values = torch.cat([norm.reshape(1).float(), sums]).tolist()  # the step's one host sync
-    if not math.isfinite(values[0]):
-        run.optimizer.zero_grad(set_to_none=True)
-        return Steps("nonfinite", stop=stop)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    totals = distributed.agree(dist, [samples, tokens, flops], ["sum"] * 3)
-    return Steps("ok", steps=1, loss_sums=values[1:1 + len(units)], normalisers=normalisers,
-                      metrics=dict(zip(metric_sums, values[1 + len(units):])), grad_norm=values[0],
-                      samples=int(totals[0]), tokens=int(totals[1]), flops=totals[2],
-                      seconds=time.perf_counter() - start, lrs=lrs, stop=stop)
+    return optimizer_step(run, sums, base, Steps(normalisers=normalisers, lrs=lrs, stop=stop, **{
+        k: v for k, v in done.items() if k != "oom"}), start)
 
 
-def _backward(run, micro_batches: list[dict], units: tuple, scales: list[float]):
-    """Forward and backward over the micro-batches, gradients accumulated -> (the summed loss of each
-    objective [units], its metrics' sums, (samples, tokens, FLOPs), 1 if CUDA ran out of memory
-    (the gradients then dropped) else 0)."""
+def _backward(run, micro_batches, units, scales, uneven) -> tuple[dict, dict]:
+    """Forward and backward of each micro-batch (the gradients accumulate) -> ({"losses": per objective,
+    metric: value} summed on the device, {samples, tokens, flops, oom} host counts). A CUDA OOM stops
+    the loop (oom 1); under fsdp it ends the run instead (sharded_oom)."""
     cfg, device = run.cfg, run.device
-    loss_sums = torch.zeros(len(units), device=device)
-    metric_sums = {name: torch.zeros((), device=device) for u in units for name in u.metrics}
-    samples = tokens = flops = oom = 0
-    for host in micro_batches:
+    sums = {"losses": torch.zeros(len(units), device=device)}
+    sums.update({name: torch.zeros((), device=device) for u in units for name in u.metrics})
+    done = dict(samples=0, tokens=0, flops=0, oom=0)
+    for host, odd in zip(micro_batches, uneven):
         try:
             with run.autocast():
-                terms = run.loss_fn(run.model, run.to_device(host), units, cfg.mode)
+                terms = run.losses(run.to_device(host), units, odd)
             sum(scale * loss for scale, (loss, _) in zip(scales, terms)).backward()
         except torch.OutOfMemoryError:
-            oom, terms = 1, None  # drop the failed graph before returning its memory
+            terms = None  # drop the failed graph before returning its memory
+            if run.root is not None:
+                raise sharded_oom(run, host) from None
             run.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             log.warning("CUDA out of memory at step %d (%d samples, %d frames)", run.step, len(host["keys"]),
                         0 if host["frames"] is None else host["frames"].shape[0])
+            done["oom"] = 1
             break
-        loss_sums += torch.stack([loss.detach().float() for loss, _ in terms])
+        sums["losses"] += torch.stack([loss.detach().float() for loss, _ in terms])
         for _, metrics in terms:
             for name, value in metrics.items():
-                metric_sums[name] += value
-        samples += len(host["keys"])
-        tokens += batch_tokens(host)
-        flops += sum(u.flops(run.flop_count, host, cfg.mode) for u in units)
-    return loss_sums, metric_sums, (samples, tokens, flops), oom
+                sums[name] += value
+        done["samples"] += len(host["keys"])
+        done["tokens"] += batch_tokens(host)
+        done["flops"] += sum(u.flops(run.flop_count, host, cfg.mode) for u in units)
+    return sums, done
+
+
+def sharded_oom(run, host) -> RuntimeError:
+    """A CUDA OOM inside a sharded forward or backward cannot be skipped in place: the other ranks
+    wait in FSDP's collectives for this one. The step is recorded (checkpoint.mark_oom), the run ends,
+    and the rerun (or torchrun --max-restarts) resumes from the last checkpoint and skips this step on
+    every rank, as ddp would have."""
+    ckpt.mark_oom(run.run_dir, run.attempt, {"step": run.step, "rank": run.dist.rank, "samples": len(host["keys"])})
+    return fail(run, f"CUDA out of memory at step {run.step} on rank {run.dist.rank} ({len(host['keys'])} samples, "
+                     f"{0 if host['frames'] is None else host['frames'].shape[0]} frames) under distributed: fsdp, "
+                     f"where a step cannot be skipped in place; rerun the same command (or use torchrun "
+                     f"--max-restarts) to resume from the last checkpoint with this step skipped. To avoid it: "
+                     f"smaller data.batch_size / data.max_batch_frames, gradient_checkpointing: true, more ranks "
+                     f"(scripts/plan_memory.py)")
+
+
+def optimizer_step(run, sums: dict, base: float, result: Steps, start: float) -> Steps:
+    """Sum the gradients over the ranks (ddp; fsdp reduced them in the backward pass), scale them by
+    1 / base, clip, and step unless the norm is not finite."""
+    cfg, dist = run.cfg, run.dist
+    if run.root is None:
+        distributed.all_reduce_grads(dist, run.params)
+    grads = [p.grad for p in run.params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / base)
+    names = [k for k in sums if k != "losses"]
+    flat = torch.cat([sums["losses"], torch.stack([sums[k] for k in names])]) if names else sums["losses"]
+    distributed.all_reduce_sum_(dist, [flat])
+    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or float("inf"))
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()  # the norm over every rank's shards: the same on every rank
+    values = torch.cat([norm.reshape(1).float(), flat]).tolist()  # the step's one host sync
+    if not math.isfinite(values[0]):
+        run.optimizer.zero_grad(set_to_none=True)
+        return Steps("nonfinite", stop=result.stop)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    samples, tokens, flops = distributed.agree(dist, [result.samples, result.tokens, result.flops], ["sum"] * 3)
+    n = len(result.normalisers)
+    return Steps("ok", steps=1, loss_sums=values[1:1 + n], normalisers=result.normalisers,
+                 metrics=dict(zip(names, values[1 + n:])), grad_norm=values[0], samples=int(samples),
+                 tokens=int(tokens), flops=flops, seconds=time.perf_counter() - start, lrs=result.lrs,
+                 stop=result.stop)
 
 
 def batch_tokens(host: dict) -> int:
@@ -614,8 +742,9 @@ def validate_and_log(run, step: int) -> float | None:
     cfg = run.cfg
     loader = make_loader(cfg, run.model, run.dist, run.val_sources, resampled=False, batch_size=cfg.eval.batch_size,
                          pin=run.device.type == "cuda", budgets=False)
-    res = validate(run.model, loader, objectives=run.objectives, modes=run.modes, to_device=run.to_device,
-                   autocast=run.autocast(), max_samples=cfg.eval.max_samples, dist=run.dist)
+    with run.gathered():
+        res = validate(run.model, loader, objectives=run.objectives, modes=run.modes, to_device=run.to_device,
+                       autocast=run.autocast(), max_samples=cfg.eval.max_samples, dist=run.dist)
     brief = dict.fromkeys(k for o, _ in run.objectives for k in o.val_brief)
     parts = [f"{m}: " + ", ".join(f"{k} {r['all'][k]:.4f}" for k in brief if k in r["all"])
              for m, r in res["modes"].items()]
@@ -732,17 +861,24 @@ def _flat(tree, prefix=""):
 
 
 def save(run, metric=None):
-    """A checkpoint of the whole run (every rank's data position and RNG state); the best one by
-    validation loss is kept apart from pruning."""
+    """A checkpoint of the whole run (every rank's data position and RNG state; sharded, every rank's
+    shards through DCP); the best one by validation loss is kept apart from pruning."""
     counters, step = run.counters, run.step
     states = run.all_gather((run.loader.state_dict(), ckpt.rng_state()))
+    extra = {"step": step, "data": [s for s, _ in states], "rng": [r for _, r in states], "config": run.cfg.to_dict(),
+             "versions": {"torch": str(torch.__version__)}}
+    best = metric is not None and (counters["best"] is None or metric < counters["best"]["metric"])
+    if best:
+        name = f"step_{step:08d}" + ("" if run.root is not None else ".pt")
+        counters["best"] = {"step": step, "metric": metric, "file": name}
+    if run.root is not None:
+        tensors, groups = distributed.sharded_state(run.root, run.optimizer)
+        path = ckpt.save_sharded(run.run_dir, step, tensors, dict(extra, counters=dict(counters), param_groups=groups),
+                                 run.dist.is_main, run.barrier)
+    elif run.dist.is_main:
+        path = ckpt.save_checkpoint(run.run_dir, step, dict(extra, counters=dict(counters), model=run.model.state_dict(),
+                                                            optimizer=run.optimizer.state_dict()))
     if run.dist.is_main:
-        if metric is not None and (counters["best"] is None or metric < counters["best"]["metric"]):
-            counters["best"] = {"step": step, "metric": metric, "file": f"step_{step:08d}.pt"}
-        path = ckpt.save_checkpoint(run.run_dir, step, {
-            "step": step, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "data": [s for s, _ in states], "rng": [r for _, r in states], "counters": dict(counters),
-            "config": run.cfg.to_dict(), "versions": {"torch": str(torch.__version__)}})
         if counters["best"] is not None:
             ckpt.write_json(ckpt.checkpoint_dir(run.run_dir) / "best.json", counters["best"])
         ckpt.prune(run.run_dir, run.cfg.checkpoint.keep_last)
@@ -771,12 +907,14 @@ def finish(run) -> dict:
                "samples_per_s": counters["samples"] / max(counters["train_seconds"], 1e-9),
                "skipped_nonfinite": counters["skipped_nonfinite"], "skipped_oom": counters["skipped_oom"],
                "data_skipped": skipped, "best": counters["best"], "final": str(run_dir / "final")}
+    full = distributed.full_state_dict(run.root) if run.root is not None else None  # a collective
     if run.dist.is_main:
-        ckpt.export_pretrained(run.model, run_dir / "final")
+        ckpt.export_pretrained(run.model, run_dir / "final", state=full)
         best = counters["best"]
-        if best:  # training is over: the model can take the best weights for their export
-            run.model.load_state_dict(ckpt.load_checkpoint(ckpt.checkpoint_dir(run_dir) / best["file"])["model"])
-            ckpt.export_pretrained(run.model, run_dir / "best")
+        if best:
+            path = ckpt.checkpoint_dir(run_dir) / best["file"]
+            state = ckpt.load_sharded_weights(path) if path.is_dir() else ckpt.load_checkpoint(path)["model"]
+            ckpt.export_pretrained(run.model, run_dir / "best", state=state)
             summary["best_export"] = str(run_dir / "best")
         ckpt.write_json(run_dir / "summary.json", summary)
         log.info("done: %d steps, %d samples in %s (%.2f samples/s) | skipped steps: %d non-finite, %d OOM | "

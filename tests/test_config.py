@@ -49,6 +49,25 @@ def test_published_recipe_values():
         ("dpo", 0.1, 5e-7, 2593, True)
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_24gb_recipe_keeps_the_published_effective_batch_on_4_ranks(stage):
+    """configs/stage*_1.7B_24gb.yaml: the published recipe sharded over 4 ranks, the same samples (and
+    budget-batched frames) per optimizer step through grad_accum, the rest unchanged."""
+    one = load_config(ROOT / "configs" / f"stage{stage}_1.7B.yaml")
+    four = load_config(ROOT / "configs" / f"stage{stage}_1.7B_24gb.yaml")
+    assert four.distributed == "fsdp"
+    assert one.data.batch_size * one.optim.grad_accum == 4 * four.data.batch_size * four.optim.grad_accum
+    if one.data.max_batch_frames:
+        assert one.data.max_batch_frames * one.optim.grad_accum == \
+            4 * four.data.max_batch_frames * four.optim.grad_accum
+    same = ("stage", "mode", "model", "optim.lr", "optim.steps", "optim.schedule", "data.train", "data.max_frames")
+    for key in same:
+        a, b = one.to_dict(), four.to_dict()
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        assert a == b, key
+
+
 @pytest.mark.parametrize("change, message", [
     ({"optim": {"lrr": 1}}, r"unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
     ({"optim": {"steps": "ten"}}, r"key 'optim.steps' must be an integer"),

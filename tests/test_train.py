@@ -320,7 +320,8 @@ def test_parameter_groups_freeze_and_weight_decay(synthetic, tmp_path):
     tree["data"]["val"] = []
     cfg = load_config(write_config(tmp_path / "c.yaml", tree), ["optim.freeze=[dino]"])
     model = train.build_model(cfg)
-    optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
+    train.freeze(model, cfg)
+    optimizer = train.make_optimizer(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {(g["part"], g["weight_decay"]): {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
     connector = groups[("connector", 0.01)] | groups[("connector", 0.0)]
@@ -496,6 +497,41 @@ def test_a_signal_saves_and_the_resumed_run_equals_an_uninterrupted_one(syntheti
     va, vb = read_csv(tmp_path / "whole" / "val.csv"), read_csv(tmp_path / "moved" / "val.csv")
     assert [(r["step"], r["loss"]) for r in va] == [(r["step"], r["loss"]) for r in vb]
     sa, sb = final_state(tmp_path / "whole"), final_state(tmp_path / "moved")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_resumed_dpo_run_keeps_init_from_as_its_reference(synthetic, tmp_path, monkeypatch):
+    """dpo.reference: model is a frozen copy of the stage's initial weights (init_from). Stopped after
+    step 2 and resumed, the run's losses and weights equal an uninterrupted run's: the resumed run
+    rebuilds its reference from init_from, not from the random weights the model is built with."""
+    tree = config_tree(synthetic, tmp_path / "init", stage="dpo")
+    start = train.build_model(load_config(write_config(tmp_path / "i.yaml", tree)))
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # weights no random initialisation gives
+    start.save_pretrained(tmp_path / "start")
+    real, calls = train.micro_batch_losses, {"n": 0, "signal_at": None}
+
+    def stopping(model, batch, *args):
+        calls["n"] += 1
+        if calls["n"] == calls["signal_at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(train, "micro_batch_losses", stopping)
+    tree.update(init_from=str(tmp_path / "start"), run_dir=str(tmp_path / "whole"))
+    tree["data"]["val"] = []
+    run(tmp_path, tree)
+    calls.update(n=0, signal_at=2)
+    tree["run_dir"] = str(tmp_path / "stopped")
+    with pytest.raises(train.Stopped):
+        run(tmp_path, tree)
+    calls.update(signal_at=None)
+    run(tmp_path, tree)
+    a, b = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "stopped" / "metrics.csv")
+    assert [r["step"] for r in b] == ["1", "2", "3", "4"]
+    assert [(r["loss"], r["rewards/margins"]) for r in a] == [(r["loss"], r["rewards/margins"]) for r in b]
+    sa, sb = final_state(tmp_path / "whole"), final_state(tmp_path / "stopped")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

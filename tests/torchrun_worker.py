@@ -2,8 +2,11 @@
 (FVLM_TEST_FAULT="oom:RANK:CALL,nan:RANK:CALL,term:RANK:CALL" makes that rank's CALL-th micro-batch
 raise a CUDA OOM, return a NaN loss, or send its own process SIGTERM), then write this rank's summary
 and a digest of its weights (or the step a signal stopped it at) to rank<RANK>.json next to the
-config."""
+config. Under distributed: fsdp the weights are gathered to rank 0 (the other ranks' digest is None).
+With FVLM_TEST_STACKS_AFTER=SECONDS, a worker still running then
+prints every thread's stack and exits (a hang shows where it waits)."""
 
+import faulthandler
 import hashlib
 import json
 import os
@@ -17,15 +20,17 @@ import train
 from config import load_config
 
 
-def digest(model) -> str:
+def digest(state: dict) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(state.items()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
 def main():
+    if os.environ.get("FVLM_TEST_STACKS_AFTER"):
+        faulthandler.dump_traceback_later(float(os.environ["FVLM_TEST_STACKS_AFTER"]), exit=True)
     rank = int(os.environ["RANK"])
     argv = sys.argv[1:]
     config = argv[argv.index("--config") + 1]
@@ -49,11 +54,13 @@ def main():
     seen = {}
 
     def finish(run):
-        seen["digest"] = digest(run.model)  # before rank 0 swaps in the best weights for their export
+        # the weights training ended with (gathered from the shards under fsdp: a collective)
+        state = train.distributed.full_state_dict(run.root) if run.root is not None else run.model.state_dict()
+        seen["digest"] = digest(state) if state else None
         return real_finish(run)
 
     train.micro_batch_losses, train.finish = loss, finish
-    initial = digest(train.build_model(load_config(config, argv[argv.index("--config") + 2:])))
+    initial = digest(train.build_model(load_config(config, argv[argv.index("--config") + 2:])).state_dict())
     out = Path(config).parent / f"rank{rank}.json"
     try:
         summary = train.main(argv)
