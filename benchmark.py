@@ -26,6 +26,7 @@ benchmark), bench_runner.py (decoding, running and scoring; validation loss) and
 import argparse
 import json
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -194,3 +195,12 @@ def run_bench(model, bench: str, items: list, args, modes: list, device, done: d
     return {"wall_s": wall, "questions_scored": scored, **dict(runner.timings),
             "questions_per_s": scored / wall if wall else None,
             "question_modes_per_s": scored * len(modes) / wall if wall else None}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # bad input exits 2, as argparse's errors do (sys.exit(message) would exit 1); one line, no traceback
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)
