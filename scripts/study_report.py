@@ -38,8 +38,8 @@ DRAWN_TASKS = ("qcolour", "qshape", "mcolour")
 # the probe check: what the full-grid baseline must reach on held-out clips (mean over seeds) before a
 # comparison on that task means anything; a task below its bar is reported but gets no verdict
 PROBE_BAR = {"colour": 0.9, "shape": 0.9, "motion": 0.8, "qcolour": 0.8, "qshape": 0.8, "mcolour": 0.8}
-COMPARED_QUERIES = {"static": "static glance (static)", "coarse_fine": "dynamic query, video first (coarse_fine)",
-                    "prompt_first": "question-conditioned query (prompt_first)"}
+COMPARED_QUERIES = {"static": "static glance\n(static)", "coarse_fine": "dynamic query,\nvideo first\n(coarse_fine)",
+                    "prompt_first": "question-\nconditioned\n(prompt_first)"}  # row labels: short lines
 
 
 def probe_check(results: dict) -> dict:
