@@ -119,9 +119,9 @@ def analyse(matrices: dict, meta: dict, uids: list[str], verified) -> dict:
     overall: what the verdict reads."""
     index = groups(meta, uids)
     cis = {name: {g: intervals.interval(m[:, idx]) for g, idx in index.items()} for name, m in matrices.items()}
-    kept = [i for i, u in enumerate(uids) if meta[u]["task"] in set(verified)]
-    checked_index = {g: np.array(kept)[idx] for g, idx in groups(meta, [uids[i] for i in kept]).items()
-                     if g == "all" or g in FAMILY_NAMES} if kept else {}
+    kept = np.array([meta[u]["task"] in set(verified) for u in uids])
+    checked_index = {g: idx[kept[idx]] for g, idx in index.items()
+                     if (g == "all" or g in FAMILY_NAMES) and kept[idx].any()}
     checked = {name: {g: intervals.interval(m[:, idx]) for g, idx in checked_index.items()}
                for name, m in matrices.items()}
     comparisons = []
