@@ -58,7 +58,7 @@ def train_seed(args, poc: PocConfig, data: Path, seed: int) -> Path:
     with open(run_dir.parent / f"seed{seed}.log", "a") as log:
         subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", poc.base,
                         *[f"{k}={v}" for k, v in keys.items()]], check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env=dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1)))
+                       env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     return run_dir
 
 
@@ -100,7 +100,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--backbones", type=Path, default=Path("runs/backbones"))
     parser.add_argument("--steps", type=int, help="instead of the config's")
     parser.add_argument("--seeds", type=int, nargs="+", help="instead of the config's")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="the training runs' threads (fewer when something else shares the cores)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("need --threads >= 1")
     try:
         poc = ablate.load_study(args.config, PocConfig)
         args.base = load_config(poc.base)

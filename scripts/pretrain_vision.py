@@ -246,7 +246,7 @@ def train(s: Settings, threads: int, log) -> tuple[Dinov2Model, dict]:
     schedule = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, s.steps)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     curve, window, start = [], [], time.perf_counter()
-    # one worker draws the frames while this process trains (none for a gate-only run)
+    # workers draw the frames while this process trains (none for a gate-only run)
     loader = DataLoader(Frames(s), batch_size=None, num_workers=workers if s.steps else 0,
                         prefetch_factor=4 if s.steps else None, pin_memory=device.type == "cuda")
     model.train()
@@ -326,7 +326,7 @@ def gate(model: Dinov2Model, s: Settings) -> dict:
     with torch.enable_grad():
         for name, classes in (("colour", len(COLOURS) + 1), ("shape", len(world.SHAPES) + 1)):
             y_fit, y_test = fit[name].flatten(), test[name].flatten()
-            keep_fit, keep_test = y_fit > 0, y_test > 0  # shape: the patches objects are centred on
+            keep_fit, keep_test = y_fit > 0, y_test > 0  # the patches that carry the label (shape_on)
             result[f"{name}_accuracy"] = linear_probe(z_fit[keep_fit], y_fit[keep_fit], z_test[keep_test],
                                                       y_test[keep_test], classes)
     error = least_squares(z_fit[on_fit], fit["centre"].flatten(0, 1)[on_fit], z_test[on_test],

@@ -38,8 +38,8 @@ DRAWN_TASKS = ("qcolour", "qshape", "mcolour")
 # the probe check: what the full-grid baseline must reach on held-out clips (mean over seeds) before a
 # comparison on that task means anything; a task below its bar is reported but gets no verdict
 PROBE_BAR = {"colour": 0.9, "shape": 0.9, "motion": 0.8, "qcolour": 0.8, "qshape": 0.8, "mcolour": 0.8}
-COMPARED_QUERIES = {"static": "static glance (static)", "coarse_fine": "dynamic query, video first (coarse_fine)",
-                    "prompt_first": "question-conditioned query (prompt_first)"}
+COMPARED_QUERIES = {"static": "static glance\n(static)", "coarse_fine": "dynamic query,\nvideo first\n(coarse_fine)",
+                    "prompt_first": "question-\nconditioned\n(prompt_first)"}  # row labels: short lines
 
 
 def probe_check(results: dict) -> dict:
@@ -119,9 +119,9 @@ def analyse(matrices: dict, meta: dict, uids: list[str], verified) -> dict:
     overall: what the verdict reads."""
     index = groups(meta, uids)
     cis = {name: {g: intervals.interval(m[:, idx]) for g, idx in index.items()} for name, m in matrices.items()}
-    kept = [i for i, u in enumerate(uids) if meta[u]["task"] in set(verified)]
-    checked_index = {g: np.array(kept)[idx] for g, idx in groups(meta, [uids[i] for i in kept]).items()
-                     if g == "all" or g in FAMILY_NAMES} if kept else {}
+    kept = np.array([meta[u]["task"] in set(verified) for u in uids])
+    checked_index = {g: idx[kept[idx]] for g, idx in index.items()
+                     if (g == "all" or g in FAMILY_NAMES) and kept[idx].any()}
     checked = {name: {g: intervals.interval(m[:, idx]) for g, idx in checked_index.items()}
                for name, m in matrices.items()}
     comparisons = []

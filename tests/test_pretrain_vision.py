@@ -84,9 +84,9 @@ def test_the_folder_loads_like_dinov2_and_the_run_is_cached(tmp_path):
 def test_the_batches_do_not_depend_on_the_number_of_workers():
     s = pretrain.Settings(**{**TINY, "steps": 5, "batch": 2})
     one = list(pretrain.DataLoader(pretrain.Frames(s), batch_size=None, num_workers=0))
-    three = list(pretrain.DataLoader(pretrain.Frames(s), batch_size=None, num_workers=3))
-    assert len(one) == len(three) == 5
-    for a, b in zip(one, three):  # the same steps in the same order
+    two = list(pretrain.DataLoader(pretrain.Frames(s), batch_size=None, num_workers=2))
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):  # the same steps in the same order
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(one[0]["frames"], one[1]["frames"])
 
