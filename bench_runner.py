@@ -16,7 +16,8 @@ from bench_parsers import (lmms_eval_reply, mentioned_values, mvbench_normalize,
 from collate import pack_frames
 from data import Loader, SampleSpec, ShardStream, Source
 from decoding import prompt_ids
-from media import MediaError, decode_image, decode_video, sample_frame_indices
+from frames import from_images, read_media
+from media import MediaError, decode_image
 from precision import autocast
 
 
@@ -33,12 +34,11 @@ class Clips(Dataset):
             if kind == "missing":
                 return i, f"missing_media: {ref}"
             if kind == "video":
-                return i, decode_video(Path(ref).read_bytes(), self.max_frames, self.frame_size)
+                return i, read_media(ref, self.max_frames, self.frame_size, "video")
             if kind == "image":
                 return i, decode_image(ref, self.frame_size)
             # frames stored as images: thinned uniformly, as training reads them (not the first max_frames)
-            keep = sample_frame_indices(len(ref), self.max_frames)
-            return i, torch.stack([decode_image(ref[j], self.frame_size) for j in keep])
+            return i, from_images(ref, self.max_frames, self.frame_size)[0]
         except (MediaError, OSError) as e:
             return i, f"undecodable_media: {type(e).__name__}: {e}"
 

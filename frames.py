@@ -1,5 +1,5 @@
 """Frames as the model and the figures see them: the frame-size check (`check_frame_size`), a media file
--> frames (`read_media`), a query's attention as a map over the patches (`attention_grid`) and the one
+-> frames (`read_media`), a clip stored as images -> frames (`from_images`), a query's attention as a map over the patches (`attention_grid`) and the one
 way such a map is drawn over its frame (`CMAP`, `OVERLAY_ALPHA`, `overlay`). The app, generate.py,
 session.py, train.py, benchmark.py, lmms_fvlm.py, looked.py and scripts/report.py use these."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_image, decode_video
+from media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, decode_image, decode_video, sample_frame_indices
 
 CMAP = "inferno"  # every attention overlay: report.py's figures, looked.py's, the app's, generate.py's GIF
 OVERLAY_ALPHA = 0.6
@@ -25,19 +25,39 @@ def check_frame_size(size: int, patch: int, label: str | None = None, error=Valu
         raise error(f"{label or f'frame size {size}'} is not a multiple of the vision backbone's {patch}-px patches")
 
 
-def read_media(path, max_frames: int, frame_size: int) -> torch.Tensor:
-    """An image file -> uint8 [3, S, S]; a video file -> [T, 3, S, S], T <= max_frames evenly spread. A
-    file with another suffix is read as a video, else as an image."""
+def read_media(path, max_frames: int, frame_size: int, kind: str | None = None) -> torch.Tensor:
+    """An image file -> uint8 [3, S, S]; a video file -> [T, 3, S, S], T <= max_frames evenly spread.
+    kind "image" or "video" says which it is; None goes by the suffix, and a file with neither an image
+    nor a video suffix is read as an image, else as a video (FFmpeg would also read a still image as a
+    one-frame video). MediaError when it cannot be decoded."""
     path = Path(path)
     data = path.read_bytes()
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    suffix = path.suffix.lower()
+    if kind is None and suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        try:
+            return decode_image(data, frame_size)
+        except MediaError:
+            kind = "video"
+    if kind == "image" or (kind is None and suffix in IMAGE_SUFFIXES):
         return decode_image(data, frame_size)
-    try:
-        return decode_video(data, max_frames, frame_size)
-    except MediaError:
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            raise
-        return decode_image(data, frame_size)  # an image with an unusual name
+    return decode_video(data, max_frames, frame_size)
+
+
+def from_images(images, max_frames: int, frame_size: int, mode: str = "squash", fill=None):
+    """A clip stored as one image per frame (bytes, or paths read here), in frame order -> (uint8
+    [T, 3, S, S], the kept indices): T <= max_frames frames spread evenly over the clip, as training
+    thins them (media.sample_frame_indices), and only those decoded. MediaError naming the frame's
+    index (and its path) when one cannot be decoded."""
+    keep = sample_frame_indices(len(images), max_frames)
+    frames = []
+    for i in keep:
+        image = images[i]
+        try:
+            frames.append(decode_image(image.read_bytes() if isinstance(image, Path) else image, frame_size,
+                                       mode, fill))
+        except MediaError as e:
+            raise MediaError(f"frame {i}{f' ({image})' if isinstance(image, Path) else ''}: {e}") from None
+    return torch.stack(frames), keep
 
 
 def attention_grid(attn: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:

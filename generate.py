@@ -41,8 +41,8 @@ from cli import HelpFormatter, int_at_least
 from loading import TRUST_FLAG
 from config import MODES
 from looked import attention_maps
-from frames import check_frame_size, overlay
-from media import IMAGE_EXTENSIONS, MediaError, decode_image, decode_video, sample_frame_indices
+from frames import check_frame_size, from_images, overlay, read_media as read_file
+from media import IMAGE_EXTENSIONS, MediaError
 from model import load_model
 from session import STREAM_MODES, StreamSession
 
@@ -155,10 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- media ----------------------------------------------------------------------------------------------
 
-def _read(flag: str, path: Path) -> bytes:
+def _check_file(flag: str, path: Path):
     if not path.is_file():
         raise UsageError(f"{flag} {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
-    return path.read_bytes()
 
 
 def natural_key(name: str):
@@ -179,24 +178,18 @@ def frame_files(folder: Path) -> list[Path]:
 def read_media(args) -> torch.Tensor | None:
     """The frames the model is shown: uint8 [T, 3, S, S] (video, frames folder), [3, S, S] (image) or
     None (text only, camera)."""
-    size = args.frame_size
-    try:
-        if args.video is not None:
-            return decode_video(_read("--video", args.video), args.max_frames, size)
-        if args.image is not None:
-            return decode_image(_read("--image", args.image), size)
-    except MediaError as e:
-        flag, path = ("--video", args.video) if args.video is not None else ("--image", args.image)
-        raise UsageError(f"{flag} {path}: {e}") from None
-    if args.frames is not None:
-        files = frame_files(args.frames)
-        frames = []
-        for i in sample_frame_indices(len(files), args.max_frames):
+    for flag, path, kind in (("--video", args.video, "video"), ("--image", args.image, "image")):
+        if path is not None:
+            _check_file(flag, path)
             try:
-                frames.append(decode_image(files[i].read_bytes(), size))
+                return read_file(path, args.max_frames, args.frame_size, kind)
             except MediaError as e:
-                raise UsageError(f"--frames {files[i]}: {e}") from None
-        return torch.stack(frames)
+                raise UsageError(f"{flag} {path}: {e}") from None
+    if args.frames is not None:
+        try:
+            return from_images(frame_files(args.frames), args.max_frames, args.frame_size)[0]
+        except MediaError as e:
+            raise UsageError(f"--frames {args.frames}: {e}") from None
     return None
 
 

@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from data import media_members  # noqa: E402
-from frames import CMAP, attention_grid, overlay  # noqa: E402
-from media import decode_image, frame_extension_index, sample_frame_indices  # noqa: E402
+from frames import CMAP, attention_grid, from_images, overlay  # noqa: E402
+from media import frame_extension_index  # noqa: E402
 from shards import expand, read_samples  # noqa: E402
 
 KINDS = ("static", "dynamic")
@@ -144,7 +144,7 @@ def read_probe(shards, frame_size: int, max_frames: int, limit: int | None = Non
     -> [(sample, meta)]. sample: {"key", "frames": uint8 [T, 3, frame_size, frame_size], "question":
     the first user message}; meta: the shard's meta with "boxes" (original pixels) cut to the T kept
     frames and "frame_numbers" (which of the clip's frames they are). Frames are thinned to max_frames
-    as data.decode_sample does (media.sample_frame_indices) and resized with the default squash."""
+    as data.decode_sample does (frames.from_images) and resized with the default squash."""
     probe = []
     for path in expand(shards):
         for key, files in read_samples(path):
@@ -153,10 +153,9 @@ def read_probe(shards, frame_size: int, max_frames: int, limit: int | None = Non
             kind, members = media_members(files)
             if kind != "frames" or "boxes" not in meta:  # text-only samples have nothing to look at
                 continue
-            keep = sample_frame_indices(len(members), max_frames)
+            frames, keep = from_images([files[m] for m in members], max_frames, frame_size)
             # member i of the frame-ordered list is frame number frame_extension_index (e.g. 007.jpg -> 7)
             numbers = [frame_extension_index(members[i]) for i in keep]
-            frames = torch.stack([decode_image(files[members[i]], frame_size) for i in keep])
             meta = {**meta, "boxes": [meta["boxes"][n] for n in numbers], "frame_numbers": numbers}
             probe.append(({"key": key, "frames": frames, "question": doc["messages"][0]["content"]}, meta))
             if limit is not None and len(probe) >= limit:

@@ -161,7 +161,7 @@ def decode_video(data: bytes, max_frames: int, size: int | None = None, mode: st
     long high-resolution clip never sits in memory at full size. Raises MediaError for undecodable
     videos, EmptyVideo for videos without frames."""
     fit = (lambda x: resize(x, size, mode, fill)) if size is not None else (lambda x: x)  # noqa: E731
-    if decord is not None:
+    if decord is not None and _opens(data):
         try:
             return _decord_frames(data, max_frames, target_fps, fit)
         except MediaError:
@@ -169,6 +169,17 @@ def decode_video(data: bytes, max_frames: int, size: int | None = None, mode: st
         except Exception:  # decord failing on a container PyAV may still read
             pass
     return _pyav_frames(data, max_frames, target_fps, fit)
+
+
+def _opens(data) -> bool:
+    """Whether FFmpeg (through PyAV) reads the container's header. decord is given only bytes that
+    pass: on bytes it cannot open, its C++ logger writes the whole input to stderr as the file's name
+    (megabytes of binary for a large corrupt file), before the error PyAV reports in one line."""
+    try:
+        with av.open(io.BytesIO(data)):
+            return True
+    except Exception:  # noqa: BLE001  PyAV / FFmpeg raise many types for unreadable input
+        return False
 
 
 def _decord_frames(data, max_frames, target_fps, fit):

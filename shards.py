@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 log = logging.getLogger("fvlm.shards")
 
@@ -64,10 +64,25 @@ def configure_remote(**changes) -> RemoteOptions:
 
 
 def is_url(shard) -> bool:
-    """Whether a shard is named by URL (SCHEME://..., pipe:CMD, file:PATH) rather than a path (a path
-    like `C:\\x.tar` or `v2:x.tar` stays one)."""
-    return isinstance(shard, str) and bool(_SCHEME.match(shard)) and (
-        "://" in shard[:shard.index(":") + 3] or shard.lower().startswith(("pipe:", "file:")))
+    """Whether a shard is named by URL (SCHEME://..., pipe:CMD) rather than a path (a path like
+    `C:\\x.tar` or `v2:x.tar` stays one, and so does a file: URL: see local_path)."""
+    return isinstance(shard, str) and bool(_SCHEME.match(shard)) and not _is_file_url(shard) and (
+        "://" in shard[:shard.index(":") + 3] or shard.lower().startswith("pipe:"))
+
+
+def _is_file_url(shard) -> bool:
+    return isinstance(shard, str) and shard.lower().startswith("file:")
+
+
+def local_path(shard):
+    """A file: URL (file:PATH, file:///abs/path, file://localhost/abs/path) -> its path, read as a
+    local file (checked when expanded, no download and no retries); anything else as it is."""
+    if not _is_file_url(shard):
+        return shard
+    url = urlparse(shard)
+    if url.netloc not in ("", "localhost"):
+        raise ValueError(f"shard URL {shard!r}: a file: URL on another host ({url.netloc}) cannot be read")
+    return unquote(url.path)
 
 
 class ShardError(Exception):
@@ -83,13 +98,14 @@ class ShardError(Exception):
 
 def expand(patterns) -> list[str]:
     """Shard paths from one pattern or a list: globs, `{000..099}` ranges, directories (every *.tar in
-    them). Each pattern must match something; the result is sorted and free of repeats. A URL
+    them); a file: URL is its path (local_path). Each pattern must match something; the result is
+    sorted and free of repeats. A URL
     (`https://host/train-{00000..00099}.tar`, `pipe:CMD`, ...) expands by its brace ranges only and is
     never checked against the disk or listed; a glob in one is an error."""
     if isinstance(patterns, (str, Path)):
         patterns = [patterns]
     found = []
-    for pattern in patterns:
+    for pattern in map(local_path, patterns):
         if is_url(pattern):
             found += _expand_url(pattern)
             continue
@@ -111,7 +127,7 @@ def expand(patterns) -> list[str]:
 
 def _expand_url(pattern: str) -> list[str]:
     scheme = _SCHEME.match(pattern).group(1).lower()
-    if scheme != "file" and scheme not in _schemes():
+    if scheme not in _schemes():
         example = "pipe:aws s3 cp {url} -" if scheme == "s3" else "pipe:COMMAND-THAT-PRINTS-THE-SHARD {url}"
         raise ValueError(f"shard URL {pattern!r}: no handler for {scheme}:// — read it through a command, "
                          f"e.g. {example.format(url=pattern)!r}")
@@ -164,7 +180,7 @@ def read_samples(path, skip: int = 0, remote: RemoteOptions | None = None):
     408/429, nor a tar that is corrupt) is re-opened, skipping the samples already read, until it reads
     to its end or `retries` attempts in a row read nothing new; then ShardError(reason 'unreadable_shard')."""
     if not is_url(path):
-        yield from _read_local(path, skip)
+        yield from _read_local(local_path(path), skip)
         return
     options = remote or REMOTE
     done, failures, reached, progress = skip, 0, -1, skip

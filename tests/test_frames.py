@@ -31,7 +31,7 @@ def test_heatmaps_sit_on_their_patch():
 
 
 def test_the_remainder_past_the_last_patch_is_left_as_it_is():
-    frame = np.full((60, 60, 3), 128, np.uint8)  # 14-px patches: 4 x 4 of them cover 56 px
+    frame = np.full((59, 59, 3), 128, np.uint8)  # 59 // 4 = 14-px patches: 4 x 4 of them cover 56 px
     image = overlay(frame, np.ones((4, 4)), vmax=1.0)
     assert (image[56:] == 128).all() and (image[:, 56:] == 128).all() and (image[:56, :56] != 128).any()
 

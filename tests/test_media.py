@@ -203,3 +203,13 @@ def test_8_bit_pngs_are_unchanged():
         Image.fromarray(pixels).save(buf, format="PNG")
         expected = torch.from_numpy(pixels if pixels.ndim == 3 else np.stack([pixels] * 3, -1)).permute(2, 0, 1)
         assert torch.equal(decode_image(buf.getvalue()), expected)
+
+
+@pytest.mark.parametrize("decoder", DECODERS, indirect=True)
+def test_undecodable_bytes_give_one_error_line_and_nothing_on_stderr(decoder, capfd):
+    """decord's logger would print the input itself as the file's name; it never sees bytes FFmpeg
+    cannot open, so the one MediaError is all the user gets."""
+    junk = b"MARKER-not-a-video " * 200
+    with pytest.raises(MediaError, match="undecodable video"):
+        decode_video(junk, 4, 28)
+    assert b"MARKER" not in capfd.readouterr().err.encode()

@@ -8,6 +8,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from urllib.parse import quote
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -226,19 +227,19 @@ def test_stats_cli_reads_urls(server, smollm2_tokenizer, tmp_path, capsys):
 
 
 def test_every_cut_of_a_streamed_shard_yields_a_complete_prefix_or_everything(shard, tmp_path):
-    """tests/test_shards.py's check of every cut, on the stream reader (file: URLs open through gopen)."""
+    """tests/test_shards.py's check of every cut, on the stream reader (pipe:cat streams the file through gopen)."""
     data, samples, marker_end = shard
     path = tmp_path / "cut.tar"
     for cut in cut_points(data):
         path.write_bytes(data[:cut])
-        got, error = read_until_error(f"file:{path}")
+        got, error = read_until_error(f"pipe:cat {path}")
         if cut >= marker_end:
             assert error is None and got == samples, cut
             continue
         assert error is not None and got == samples[: len(got)] and error.samples == len(got), cut
         assert error.reason == "corrupt_shard", cut  # a bad tar is not retried
         for skip in {0, len(got) // 2, len(got), len(got) + 1}:
-            again, e = read_until_error(f"file:{path}", skip=skip)
+            again, e = read_until_error(f"pipe:cat {path}", skip=skip)
             assert again == samples[skip: len(got)] and e is not None and e.samples == len(got), (cut, skip)
 
 
@@ -281,5 +282,21 @@ def test_webdatasets_scheme_table_is_left_as_it_is(shard, tmp_path):
     data, samples, _ = shard
     path = tmp_path / "s.tar"
     path.write_bytes(data)
-    assert len(list(read_samples(f"file:{path}"))) == len(samples)
+    assert len(list(read_samples(f"pipe:cat {path}"))) == len(samples)
     assert dict(gopen_schemes) == before
+
+
+def test_a_file_url_is_read_as_the_local_file_it_names(shard, tmp_path):
+    """file: URLs are paths: expanded and checked like one (a missing file is an error at once, not a
+    download retried), read by the local reader."""
+    data, samples, _ = shard
+    path = tmp_path / "s 1.tar"
+    path.write_bytes(data)
+    for url in (f"file:{path}", f"file://{quote(str(path))}", f"file://localhost{quote(str(path))}"):
+        assert expand(url) == [str(path)] and list(read_samples(url)) == samples, url
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="missing.tar"):
+        expand(f"file:{tmp_path}/missing.tar")
+    assert time.monotonic() - start < 1
+    with pytest.raises(ValueError, match="another host"):
+        expand("file://example.com/s.tar")
