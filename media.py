@@ -87,7 +87,7 @@ def resize(frames: torch.Tensor, size: int, mode: str = "squash", fill=None) -> 
     return x.reshape(*frames.shape[:-2], *x.shape[-2:])
 
 
-def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """uint8 [3, H, W] (a view of an [H, W, 3] buffer: whoever stacks the frames makes the one copy)."""
     if img.getexif().get(0x0112, 1) != 1:  # phone photos store their rotation in EXIF
         img = ImageOps.exif_transpose(img)
@@ -135,7 +135,7 @@ def decode_image(data: bytes, size: int | None = None, mode: str = "squash", fil
             pil = Image.open(io.BytesIO(data))
             if pil.format == "JPEG" and size is not None:
                 pil.draft("RGB", (size, size))  # much larger than needed: decode at a reduced DCT scale
-            img = _pil_to_tensor(pil)
+            img = pil_to_tensor(pil)
     except Exception as e:  # decoders raise many types on corrupt data
         raise MediaError(f"undecodable image ({type(e).__name__}: {e})") from e
     if img.shape[-1] == 0 or img.shape[-2] == 0:

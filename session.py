@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from media import _pil_to_tensor, resize
+from media import pil_to_tensor, resize
 from decoding import decode, stream_text
 from frames import check_frame_size
 from precision import autocast
@@ -101,7 +101,7 @@ class StreamSession:
         square as benchmark.py and training read frames). frame: uint8 [3, H, W] tensor, PIL image or
         [H, W, 3] uint8 array."""
         if isinstance(frame, Image.Image):
-            frame = _pil_to_tensor(frame)
+            frame = pil_to_tensor(frame)
         elif isinstance(frame, np.ndarray):
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
                 raise ValueError(f"an array frame must be uint8 [H, W, 3], got {frame.dtype} {frame.shape}")

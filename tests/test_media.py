@@ -191,7 +191,7 @@ def test_16_bit_pngs_scale_to_8_bits(color_type, channels):
         assert Image.open(buf).mode.startswith("I;16")
         assert (decode_image(buf.getvalue()).long() - expected).abs().max() <= 1
         for wide in (pixels[..., 0].astype(np.int32), pixels[..., 0].astype(">u2")):  # modes I and I;16B
-            assert (media._pil_to_tensor(Image.fromarray(wide)).long() - expected).abs().max() <= 1
+            assert (media.pil_to_tensor(Image.fromarray(wide)).long() - expected).abs().max() <= 1
 
 
 def test_8_bit_pngs_are_unchanged():
