@@ -147,7 +147,7 @@ def test_bad_settings_are_refused(model, pooled, tiny_backbones):
         StreamSession(pooled)
     with pytest.raises(ValueError, match="video_first layout"):
         StreamSession(make_model(tiny_backbones, layout="prompt_first"))
-    with pytest.raises(ValueError, match="frame_size 30 must be a positive multiple"):
+    with pytest.raises(ValueError, match="frame_size 30 is not a multiple of the vision backbone.s 14-px patches"):
         StreamSession(model, frame_size=30)
     with pytest.raises(ValueError, match="window must be >= 1"):
         StreamSession(model, window=0)
