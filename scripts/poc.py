@@ -37,7 +37,7 @@ METRICS = ("loss_fine", "loss_coarse", "improvement", "copy_loss", "mean_loss", 
 @dataclass
 class PocConfig:
     base: str  # the next_frame train config, relative to this config's folder
-    steps: int = 1500
+    steps: int = 1000
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     probe: ablate.ProbeConfig = field(default_factory=lambda: ablate.ProbeConfig(
         size=20000, held_out=200, frames=8, tasks=["mcolour"], splits=["alignment", "val_alignment"]))
