@@ -24,7 +24,8 @@ import loading
 import train
 from config import ConfigError, load_config
 from model import FoveatedVLM
-from test_train import config_tree, final_state, read_csv, synthetic, write_config  # noqa: F401  (fixture)
+from test_train import (assert_resumed_like_uninterrupted, config_tree, final_state, read_csv,  # noqa: F401
+                        synthetic, write_config)  # (synthetic: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -195,15 +196,7 @@ def test_a_killed_fsdp_run_resumes_like_an_uninterrupted_one(synthetic, tmp_path
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     torchrun(*train_cmd(killed))
-    a, b = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "killed" / "metrics.csv")
-    assert [r["step"] for r in b] == [str(s) for s in range(1, 9)]
-    for ra, rb in zip(a, b):
-        for column in ("samples", "tokens", "loss", "lr_llm", "grad_norm"):
-            assert float(ra[column]) == pytest.approx(float(rb[column]), rel=1e-6, abs=1e-9), (ra["step"], column)
-    va, vb = read_csv(tmp_path / "whole" / "val.csv"), read_csv(tmp_path / "killed" / "val.csv")
-    assert [(r["step"], r["source"], r["loss"]) for r in va] == [(r["step"], r["source"], r["loss"]) for r in vb]
-    sa, sb = final_state(tmp_path / "whole"), final_state(tmp_path / "killed")
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_resumed_like_uninterrupted(tmp_path / "whole", tmp_path / "killed", steps=8)
     best = json.loads((tmp_path / "killed" / "checkpoints" / "best.json").read_text())
     assert (tmp_path / "killed" / "checkpoints" / best["file"]).is_dir()  # kept apart from pruning
     assert (tmp_path / "killed" / "best" / "model.safetensors").is_file()

@@ -75,6 +75,20 @@ def final_state(run_dir):
     return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
 
 
+def assert_resumed_like_uninterrupted(whole, killed, steps: int):
+    """A killed and resumed run's logged metrics (every step 1..steps), validations and final weights
+    equal the uninterrupted run's."""
+    a, b = read_csv(whole / "metrics.csv"), read_csv(killed / "metrics.csv")
+    assert [r["step"] for r in b] == [str(s) for s in range(1, steps + 1)]
+    for ra, rb in zip(a, b):
+        for column in ("samples", "tokens", "loss", "lr_llm", "grad_norm"):
+            assert float(ra[column]) == pytest.approx(float(rb[column]), rel=1e-6, abs=1e-9), (ra["step"], column)
+    va, vb = read_csv(whole / "val.csv"), read_csv(killed / "val.csv")
+    assert [(r["step"], r["source"], r["loss"]) for r in va] == [(r["step"], r["source"], r["loss"]) for r in vb]
+    sa, sb = final_state(whole), final_state(killed)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_sft_run_writes_metrics_checkpoints_and_a_loadable_export(synthetic, tmp_path):
     run_dir = tmp_path / "run"
     summary = run(tmp_path, config_tree(synthetic, run_dir), "eval.at_start=true", "eval.every_steps=2")
@@ -443,15 +457,7 @@ def test_metrics_resume_after_a_kill_continue_like_an_uninterrupted_run(syntheti
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     subprocess.run(cmd(killed), check=True, env=env, capture_output=True)
-    a, b = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "killed" / "metrics.csv")
-    assert [r["step"] for r in b] == [str(s) for s in range(1, 9)]
-    for ra, rb in zip(a, b):
-        for column in ("samples", "tokens", "loss", "lr_llm", "grad_norm"):
-            assert float(ra[column]) == pytest.approx(float(rb[column]), rel=1e-6, abs=1e-9), (ra["step"], column)
-    va, vb = read_csv(tmp_path / "whole" / "val.csv"), read_csv(tmp_path / "killed" / "val.csv")
-    assert [(r["step"], r["source"], r["loss"]) for r in va] == [(r["step"], r["source"], r["loss"]) for r in vb]
-    sa, sb = final_state(tmp_path / "whole"), final_state(tmp_path / "killed")
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_resumed_like_uninterrupted(tmp_path / "whole", tmp_path / "killed", steps=8)
 
 
 def test_a_signal_saves_and_the_resumed_run_equals_an_uninterrupted_one(synthetic, tmp_path, monkeypatch):
