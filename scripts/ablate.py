@@ -12,7 +12,8 @@ The study config (StudyConfig; every key checked): `base` (the train config ever
 to the study file), `steps`, `seeds`, `variants`, `quick` (the variants of --quick), `probe`
 (make_synthetic's arguments: clips, tasks, object size, distractors), `vision` (pretrain_vision's
 settings, or a folder holding a vision backbone), `llm` (a model.llm for every run, or null for the
-base config's) and `captions` (the probe's captions mixed into every run's training with this weight).
+base config's), `captions` (the probe's captions mixed into every run's training with this weight) and
+`train` (train config keys every run gets, e.g. {optim.freeze: "[]"}: configs/study_cpu_dino.yaml).
 
 Variants (variants()): static (the static query only, trained in coarse_only), coarse_fine (as
 published), coarse_fine+coarse_loss (coarse_weight 1: the static path trained too), autoregressive
@@ -109,6 +110,9 @@ class StudyConfig:
     # > 0: the probe's captions (its alignment split: every object named, what moves) are mixed into the
     # training data with this weight against the questions' 1 (the same mix for every variant)
     captions: float = 0.0
+    # train config keys every run gets on top of the base config (dotted key -> YAML value, e.g.
+    # {optim.freeze: "[]"}): a study's setting without a second base config; checked with the base
+    train: dict[str, str] = field(default_factory=dict)
 
 
 def variants(grid: int) -> dict:
@@ -199,7 +203,8 @@ def overrides(args, study, data: Path, run_dir: Path, seed: int, keys: dict, mod
         base["model.dino"] = f"'{args.dino}'"
     if study.llm:
         base["model.llm"] = f"'{study.llm}'"
-    return [f"{k}={v}" for k, v in {**base, **keys}.items()]
+    # the study's train keys over the base ones, the variant's own keys (what it compares) over both
+    return [f"{k}={v}" for k, v in {**base, **study.train, **keys}.items()]
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -316,7 +321,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     try:
         study = load_study(args.config)
-        args.base = load_config(study.base)  # the settings every run shares
+        # the settings every run shares (a bad key in the study's `train` is an error here, before any work)
+        args.base = load_config(study.base, [f"{k}={v}" for k, v in study.train.items()])
     except ConfigError as e:
         parser.error(str(e))
     grid = variants(args.base.data.frame_size // vision_config(args.base.model.dino).patch_size)

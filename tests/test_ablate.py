@@ -3,6 +3,7 @@ refuses a model that answers a constant, and (slow) a tiny study runs end to end
 the vision backbone pretrained, the grid trained and scored, its table, JSON and figures written, and
 a rerun resumes without training anything again."""
 
+import argparse
 import json
 import re
 from collections import defaultdict
@@ -58,11 +59,19 @@ def test_the_base_config_sets_the_grid(tmp_path, capsys):
     ({"stepz": 3}, r"unknown key 'stepz'"),
     ({"captions": 1.0}, r"'captions' mixes in the probe's alignment split"),
     ({"probe": {"splits": ["sft", "test"]}}, r"probe\.splits.*test"),
+    ({"train": {"optim.frieze": "[]"}}, r"unknown key 'optim\.frieze'"),
 ])
 def test_a_bad_study_config_is_named(tmp_path, capsys, keys, message):
     with pytest.raises(SystemExit):
         ablate.main(["--config", str(study_file(tmp_path, **keys)), "--out", str(tmp_path / "out")])
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_studys_train_keys_reach_every_run_and_a_variants_own_keys_win():
+    study = ablate.StudyConfig(base="base.yaml", train={"optim.freeze": "[]", "mode": "coarse_fine"})
+    args = argparse.Namespace(steps=10, dino=None)
+    keys = ablate.overrides(args, study, Path("data"), Path("run"), 0, {"mode": "coarse_only"}, "coarse_only")
+    assert "optim.freeze=[]" in keys and "mode=coarse_only" in keys and "mode=coarse_fine" not in keys
 
 
 def test_a_bad_vision_folder_fails_before_anything_is_made(tmp_path, tiny_backbones):
