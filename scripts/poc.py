@@ -85,7 +85,7 @@ def table(runs: dict, summary: dict, args) -> str:
             lines.append(f"| {mode} | {seed} | " + " | ".join(f"{v[m]:.5g}" if m in v else "–" for m in METRICS) + " |")
         lines.append(f"| {mode} | mean ± std | " + " | ".join(
             f"{per_seed[m][0]:.5g} ± {per_seed[m][1]:.2g}" if m in per_seed else "–" for m in METRICS) + " |")
-    verdicts = [f"{mode}: improvement {100 * s['improvement'][0]:+.2f} % ± {100 * s['improvement'][1]:.2f} % "
+    verdicts = [f"{mode}: improvement {100 * s['improvement'][0]:+.3g} % ± {100 * s['improvement'][1]:.2g} % "
                 f"(seeds {', '.join(map(str, args.seeds))}): {bar(s['improvement'][0])}; loss_fine "
                 f"{s['loss_fine'][0]:.5g} against copying frame t {s['copy_loss'][0]:.5g} and the batch mean "
                 f"{s['mean_loss'][0]:.5g}" for mode, s in summary.items() if "improvement" in s]
