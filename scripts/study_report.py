@@ -145,6 +145,9 @@ def diff_text(c: dict) -> str:
 def verdict(check: dict, analysis: dict) -> list[str]:
     """The answer, family by family on the verified tasks: the best variant and the paired comparisons.
     Refused (one line saying why) when the probe check verified no task."""
+    if check["status"] == "not run":
+        return [f"No verdict about looking: the probe check was not run ({check['why']}: add the full-grid "
+                "baseline), so no difference between variants can be read."]
     if check["status"] not in ("passed", "partial"):
         return ["No verdict about looking: the probe check did not pass (the full-grid baseline did not learn "
                 "the probe), so no difference between variants can be read."]

@@ -108,7 +108,10 @@ def test_the_probe_check_fails_a_constant_answer(tmp_path):
     assert "no verdict about looking" in report.check_line(check)
     passing = {"pooled_64": {"tokens_per_frame": 64, "mean_std": {t: (0.95, 0.01) for t in report.PROBE_BAR}}}
     assert report.probe_check(passing)["status"] == "passed"
-    assert report.probe_check({"static": {"tokens_per_frame": 1}})["status"] == "not run"
+    not_run = report.probe_check({"static": {"tokens_per_frame": 1}})
+    assert not_run["status"] == "not run"
+    assert report.verdict(check, {})[0].startswith("No verdict about looking: the probe check did not pass")
+    assert "was not run (no pooled_N variant in this grid" in report.verdict(not_run, {})[0]
 
 
 def test_a_partial_probe_check_gives_verdicts_on_its_verified_tasks_only():
