@@ -2,7 +2,7 @@
 1 (alignment) -> 2 (SFT) -> 3 (DPO) with train.py and configs/tiny_stage{1,2,3}.yaml, and print the
 validation curves, score each stage's final model on the held-out SFT questions in all three forward
 modes (loss, and answer accuracy against chance), and run the synthetic benchmark (benchmark.py) on
-the final model. About 8 minutes on 2 CPU cores.
+the final model. About 13 minutes on 2 CPU cores.
 
     python scripts/quickstart.py [--fresh] [--dino tiny-dinov3]
 
