@@ -1,6 +1,7 @@
 """Frames as the model and the figures see them: the frame-size check (`check_frame_size`), a media file
--> frames (`read_media`), a clip stored as images -> frames (`from_images`), a query's attention as a map over the patches (`attention_grid`) and the one
-way such a map is drawn over its frame (`CMAP`, `OVERLAY_ALPHA`, `overlay`). The app, generate.py,
+-> frames (`read_media`), a clip stored as images -> frames (`from_images`), a query's attention as a
+map over the patches (`attention_grid`) and the one way such a map is drawn over its frame (`CMAP`,
+`OVERLAY_ALPHA`, `overlay`). The app, generate.py,
 session.py, train.py, benchmark.py, lmms_fvlm.py, looked.py and scripts/report.py use these."""
 
 from pathlib import Path
@@ -32,18 +33,20 @@ def read_media(path, max_frames: int, frame_size: int, kind: str | None = None) 
     one-frame video). MediaError when it cannot be decoded."""
     path = Path(path)
     data = path.read_bytes()
-    suffix = path.suffix.lower()
-    if kind is None and suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
-        try:
-            return decode_image(data, frame_size)
-        except MediaError:
-            kind = "video"
-    if kind == "image" or (kind is None and suffix in IMAGE_SUFFIXES):
+    if kind is None:
+        suffix = path.suffix.lower()
+        kind = "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
+    if kind == "image":
         return decode_image(data, frame_size)
-    return decode_video(data, max_frames, frame_size)
+    if kind == "video":
+        return decode_video(data, max_frames, frame_size)
+    try:  # an unknown suffix: an image with an unusual name, else a video
+        return decode_image(data, frame_size)
+    except MediaError:
+        return decode_video(data, max_frames, frame_size)
 
 
-def from_images(images, max_frames: int, frame_size: int, mode: str = "squash", fill=None):
+def from_images(images, max_frames: int, frame_size: int):
     """A clip stored as one image per frame (bytes, or paths read here), in frame order -> (uint8
     [T, 3, S, S], the kept indices): T <= max_frames frames spread evenly over the clip, as training
     thins them (media.sample_frame_indices), and only those decoded. MediaError naming the frame's
@@ -53,8 +56,7 @@ def from_images(images, max_frames: int, frame_size: int, mode: str = "squash", 
     for i in keep:
         image = images[i]
         try:
-            frames.append(decode_image(image.read_bytes() if isinstance(image, Path) else image, frame_size,
-                                       mode, fill))
+            frames.append(decode_image(image.read_bytes() if isinstance(image, Path) else image, frame_size))
         except MediaError as e:
             raise MediaError(f"frame {i}{f' ({image})' if isinstance(image, Path) else ''}: {e}") from None
     return torch.stack(frames), keep
