@@ -241,7 +241,7 @@ def plot_tokens(results: dict, analysis: dict, path: Path):
         ax.set_title(FAMILY_NAMES[family])
         ax.set_xlabel("visual tokens per frame")
     axes[0][0].set_ylabel("probe answer accuracy (%), 95 % interval")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="best")  # where it covers the fewest points
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
