@@ -32,8 +32,10 @@ Writes, under --out: data/probe/ (the probe), runs/VARIANT/seedS/ (each run: tra
 plus probe.json, benchmark.py's synthetic scores, and looked.json), then scripts/study_report.py's
 results.json (every figure, intervals and paired comparisons), table.md, accuracy_vs_tokens.png,
 accuracy_vs_difficulty.png and attention_TASK.png (where the static, dynamic and question-conditioned
-queries looked on a question-dependent clip, the target outlined). Pretrained backbones go to
---backbones (shared by studies).
+queries looked on a question-dependent clip, the target outlined). The report covers every run in --out
+trained to --steps and scored, whichever call made it: a grid built up over several calls (more seeds
+for some variants) reports all of it, the seeds of each variant in its own column, and pairs two
+variants on the seeds both ran. Pretrained backbones go to --backbones (shared by studies).
 """
 
 import argparse
@@ -212,6 +214,24 @@ def finished(run_dir: Path, steps: int) -> bool:
     return (run_dir / "final" / "config.json").is_file() and any(int(r["step"]) == steps for r in rows)
 
 
+def scored_seeds(args, grid: dict) -> dict:
+    """{variant: the seeds with a run in the study folder trained to --steps and scored}: what the report
+    covers, whichever call trained them, so a grid built up over several calls (or stopped early) reports
+    every finished cell and the table says which seeds each variant has."""
+    out = {}
+    for name, (keys, _) in grid.items():
+        seeds = []
+        for run_dir in (args.out / "runs" / name).glob("seed*"):
+            number = run_dir.name.removeprefix("seed")
+            done = finished(run_dir, args.steps) and (run_dir / "probe.json").is_file()
+            looks = "model.tokens_per_frame" in keys or (run_dir / "looked.json").is_file()  # pooled: no queries
+            if number.isdigit() and done and looks:
+                seeds.append(int(number))
+        if seeds:
+            out[name] = sorted(seeds)
+    return out
+
+
 def read_csv(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -289,18 +309,18 @@ def run_figures(args, run_dir: Path, mode: str, tasks) -> dict:
     return run
 
 
-def collect(args, study, grid: dict) -> dict:
-    """Every run's figures, and per variant their mean and std over the seeds."""
+def collect(args, study, grid: dict, seeds: dict) -> dict:
+    """Every run's figures, and per variant their mean and std over its seeds."""
     cfg = args.base
     results = {}
     for name, (keys, mode) in grid.items():
         runs = [{"seed": seed, **run_figures(args, args.out / "runs" / name / f"seed{seed}", mode, study.probe.tasks)}
-                for seed in args.seeds]
+                for seed in seeds[name]]
         tokens = keys.get("model.tokens_per_frame", 1)
         agg = {k: spread([r[k] for r in runs]) for k in runs[0] if k != "seed" and not k.startswith("looked")}
         for key in (k for k in runs[0] if k.startswith("looked")):  # where it looked: overall and per task
             agg[key] = {kind: spread([r[key][kind] for r in runs]) for kind in runs[0][key]}
-        results[name] = {"overrides": keys, "mode": mode, "tokens_per_frame": tokens,
+        results[name] = {"overrides": keys, "mode": mode, "seeds": seeds[name], "tokens_per_frame": tokens,
                          "tokens_per_clip": tokens * cfg.data.max_frames, "runs": runs, "mean_std": agg}
     return results
 
@@ -326,8 +346,8 @@ def parse_args(argv):
     except ConfigError as e:
         parser.error(str(e))
     grid = variants(args.base.data.frame_size // vision_config(args.base.model.dino).patch_size)
-    chosen = args.variants or (study.quick if args.quick else study.variants) or list(grid)
-    unknown = sorted(set(chosen) - set(grid))
+    args.variants = args.variants or (study.quick if args.quick else study.variants) or list(grid)
+    unknown = sorted(set(args.variants) - set(grid))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {list(grid)}")
     args.seeds = args.seeds or (study.seeds[:1] if args.quick else study.seeds)
@@ -335,7 +355,7 @@ def parse_args(argv):
     if args.steps < 1 or args.jobs < 1:
         parser.error("need --steps >= 1 and --jobs >= 1")
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    return args, study, {k: v for k, v in grid.items() if k in chosen}
+    return args, study, grid
 
 
 def main(argv=None) -> dict:
@@ -353,14 +373,16 @@ def main(argv=None) -> dict:
         (bench_root / "synthetic").symlink_to(data.resolve())
     start = time.perf_counter()
     # seed-major: a grid stopped early has every variant at the first seeds
-    jobs = [(name, keys, mode, seed) for seed in args.seeds for name, (keys, mode) in grid.items()]
+    jobs = [(name, *grid[name], seed) for seed in args.seeds for name in args.variants]
     with ThreadPoolExecutor(args.jobs) as pool:
         for f in [pool.submit(run_one, args, study, data, bench_root, *job) for job in jobs]:
             f.result()
-    results = collect(args, study, grid)
+    seeds = scored_seeds(args, grid)  # every finished run in the folder, not only this call's
+    shown = {name: grid[name] for name in seeds}
+    results = collect(args, study, shown, seeds)
     check = study_report.probe_check(results)
-    analysis = study_report.write(args, data, grid, results, check, study.probe.tasks)
-    report = {"steps": args.steps, "seeds": args.seeds, "study_config": str(args.config),
+    analysis = study_report.write(args, data, shown, results, check, study.probe.tasks)
+    report = {"steps": args.steps, "seeds": seeds, "study_config": str(args.config),
               "study": dataclasses.asdict(study), "probe": json.loads((data / "README.json").read_text())["arguments"],
               "vision": args.dino, "wall_seconds_this_call": time.perf_counter() - start, "probe_check": check,
               "analysis": analysis, "variants": results}

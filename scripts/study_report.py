@@ -5,7 +5,7 @@ verified: those the full-grid baseline learned), the table and the figures.
 Every run is scored on the same held-out probe questions, so a variant's verdicts form a [seeds,
 questions] matrix (intervals.py). Questions are grouped by task family (content-findable, question-
 dependent, history-dependent: make_synthetic.FAMILIES), by task, and by difficulty: "few" (at most
-FEW other objects in the clip) or "many". Paired comparisons (the same seeds and questions): the
+FEW other objects in the clip) or "many". Paired comparisons (the seeds both ran, the same questions): the
 question-conditioned query against the static glance (prompt_first vs static), and every foveated
 variant against the 1-token and the 16-token pooled baselines.
 
@@ -86,10 +86,10 @@ def verdicts(run_dir: Path, mode: str) -> dict:
     return {r["uid"]: r["correct"] for r in records}
 
 
-def matrices(args, grid: dict) -> tuple[dict, list[str]]:
-    """({variant: [seeds, questions] bool}, the question uids): the questions every run was scored on
+def matrices(args, grid: dict, seeds: dict) -> tuple[dict, list[str]]:
+    """({variant: [its seeds, questions] bool}, the question uids): the questions every run was scored on
     (all of them, unless --limit scored a prefix)."""
-    scored = {name: [verdicts(args.out / "runs" / name / f"seed{s}", mode) for s in args.seeds]
+    scored = {name: [verdicts(args.out / "runs" / name / f"seed{s}", mode) for s in seeds[name]]
               for name, (_, mode) in grid.items()}
     uids = sorted(set.intersection(*(set(v) for runs in scored.values() for v in runs)))
     return {name: np.array([[v[u] for u in uids] for v in runs], dtype=bool) for name, runs in scored.items()}, uids
@@ -113,10 +113,12 @@ def pairs(names) -> list[tuple[str, str]]:
     return out + [(f, p) for p in ("pooled_1", "pooled_16") if p in names for f in foveated]
 
 
-def analyse(matrices: dict, meta: dict, uids: list[str], verified) -> dict:
+def analyse(matrices: dict, meta: dict, uids: list[str], verified, seeds: dict | None = None) -> dict:
     """Intervals per variant and group (every question), and, on the questions of the verified tasks
     only (the probe check's), intervals per family ("checked") and the paired comparisons per family and
-    overall: what the verdict reads."""
+    overall: what the verdict reads. seeds: {variant: the seed of each matrix row} (default 0, 1, ...);
+    a comparison pairs the rows of the seeds both variants have, and is left out when they share none."""
+    seeds = seeds or {name: list(range(len(m))) for name, m in matrices.items()}
     index = groups(meta, uids)
     cis = {name: {g: intervals.interval(m[:, idx]) for g, idx in index.items()} for name, m in matrices.items()}
     kept = np.array([meta[u]["task"] in set(verified) for u in uids])
@@ -126,10 +128,11 @@ def analyse(matrices: dict, meta: dict, uids: list[str], verified) -> dict:
                for name, m in matrices.items()}
     comparisons = []
     for a, b in pairs(list(matrices)):
-        seeds = min(len(matrices[a]), len(matrices[b]))  # paired by seed: the seeds both have
-        for g, idx in checked_index.items():
-            comparisons.append({"a": a, "b": b, "group": g, **intervals.paired(matrices[a][:seeds, idx],
-                                                                                matrices[b][:seeds, idx])})
+        common = sorted(set(seeds[a]) & set(seeds[b]))  # paired by seed: the seeds both have
+        rows_a, rows_b = ([seeds[n].index(s) for s in common] for n in (a, b))
+        for g, idx in checked_index.items() if common else ():
+            comparisons.append({"a": a, "b": b, "group": g, "seeds": common,
+                                **intervals.paired(matrices[a][np.ix_(rows_a, idx)], matrices[b][np.ix_(rows_b, idx)])})
     return {"intervals": cis, "checked": checked, "verified": list(verified), "comparisons": comparisons}
 
 
@@ -165,32 +168,38 @@ def verdict(check: dict, analysis: dict) -> list[str]:
     return lines
 
 
+def seed_text(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds))
+
+
 def table(results: dict, analysis: dict, args, tasks) -> str:
     cis = analysis["intervals"]
     families = [f for f in FAMILY_NAMES if any(f in c for c in cis.values())]
-    head = ("| variant | tokens / clip | " + " | ".join(FAMILY_NAMES[f] for f in families) + " | overall | "
+    head = ("| variant | seeds | tokens / clip | " + " | ".join(FAMILY_NAMES[f] for f in families) + " | overall | "
             + " | ".join(tasks) + " | train GFLOP / sample | train min | looked: static | looked: dynamic | chance |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
         a, look = r["mean_std"], r["mean_std"].get("looked", {})
         cell = lambda k: f"{100 * look[k][0]:.1f}" if k in look else "–"  # noqa: E731
-        lines.append(f"| {name} | {r['tokens_per_clip']} | " + " | ".join(ci_text(cis[name][f]) for f in families)
-                     + f" | **{ci_text(cis[name]['all'])}** | "
+        lines.append(f"| {name} | {seed_text(r['seeds'])} | {r['tokens_per_clip']} | "
+                     + " | ".join(ci_text(cis[name][f]) for f in families) + f" | **{ci_text(cis[name]['all'])}** | "
                      + " | ".join(f"{100 * a[t][0]:.1f} ± {100 * a[t][1]:.1f}" if t in a else "–" for t in tasks)
                      + f" | {a['train_flops_per_sample'][0] / 1e9:.2f} | {a['train_seconds'][0] / 60:.1f} | "
                      f"{cell('static')} | {cell('dynamic')} | {cell('chance')} |")
-    seeds = ", ".join(map(str, args.seeds))
     chance = ", ".join(f"{t} {100 / len(make_synthetic.vocabulary(t)):.1f}" for t in tasks)
     notes = (f"\nAnswer accuracy (%) of the generated reply on the held-out probe questions. Families: mean and "
-             f"95 % interval (bootstrap over questions and seeds {seeds}); tasks: mean ± std over the seeds. Chance: "
-             f"{chance}. {args.steps} steps each. looked: the share (%) of the query's last-block attention on the "
-             f"target's patches (mean over heads and clips), and the share its area gets by chance.\n")
-    head = "| comparison (paired: same seeds, same questions of the verified tasks) | " + " | ".join(
+             f"95 % interval (bootstrap over questions and the variant's seeds); tasks: mean ± std over its "
+             f"seeds. Chance: {chance}. {args.steps} steps each. looked: the share (%) of the query's last-block "
+             f"attention on the target's patches (mean over heads and clips), and the share its area gets by chance.\n")
+    head = "| comparison (paired: the seeds both ran, same questions of the verified tasks) | seeds | " + " | ".join(
         ["overall"] + [FAMILY_NAMES[f] for f in families]) + " |"
-    comparisons = ["", head, "|---|" + "---|" * (len(families) + 1)] if pairs(list(results)) else []
-    for a, b in pairs(list(results)):
-        cells = {c["group"]: diff_text(c) for c in analysis["comparisons"] if (c["a"], c["b"]) == (a, b)}
-        comparisons.append(f"| {a} − {b} | " + " | ".join(cells.get(g, "–") for g in ["all", *families]) + " |")
+    by_pair = {}  # (a, b) -> {group: comparison}, in pairs() order; a pair sharing no seed has none
+    for c in analysis["comparisons"]:
+        by_pair.setdefault((c["a"], c["b"]), {})[c["group"]] = c
+    comparisons = ["", head, "|---|" + "---|" * (len(families) + 2)] if by_pair else []
+    for (a, b), cells in by_pair.items():
+        row = [diff_text(cells[g]) if g in cells else "–" for g in ["all", *families]]
+        comparisons.append(f"| {a} − {b} | {seed_text(cells['all']['seeds'])} | " + " | ".join(row) + " |")
     levels = ["", "| variant | " + " | ".join(f"{FAMILY_NAMES[f]}: {lv}" for f in families for lv in ("few", "many"))
               + " |", "|---|" + "---|" * (2 * len(families))]
     for name in results:
@@ -269,15 +278,20 @@ def plot_difficulty(matrices: dict, meta: dict, uids: list[str], path: Path):
     plt.close(fig)
 
 
-def draw_attention(args, data: Path, grid: dict) -> list[Path]:
+def draw_attention(args, data: Path, seeds: dict) -> list[Path]:
     """attention_TASK.png: the first clip of each DRAWN_TASKS task, with where the static glance, the
-    video-first dynamic query and the question-conditioned query looked (first seed's runs)."""
-    cfg, seed = args.base, args.seeds[0]
+    video-first dynamic query and the question-conditioned query looked (the first seed they all ran;
+    each one's first seed when they share none)."""
+    cfg = args.base
+    drawn_runs = [name for name in COMPARED_QUERIES if name in seeds]
+    shared = set.intersection(*(set(seeds[n]) for n in drawn_runs)) if drawn_runs else set()
+    chosen = {name: min(shared) if shared else seeds[name][0] for name in drawn_runs}
     maps = {}
-    for name in COMPARED_QUERIES:
+    for name, seed in chosen.items():
         path = args.out / "runs" / name / f"seed{seed}" / "looked.json"
-        if name in grid and path.is_file():
+        if path.is_file():
             maps[name] = {d["key"]: d["maps"] for d in json.loads(path.read_text())["drawn"]}
+    which = f"seed {min(shared)}" if shared else ", ".join(f"{n} seed {s}" for n, s in chosen.items())
     probe = looked.read_probe(data / "val_sft", cfg.data.frame_size, cfg.data.max_frames, len(make_synthetic.TASKS))
     written = []
     for sample, meta in probe:
@@ -290,21 +304,23 @@ def draw_attention(args, data: Path, grid: dict) -> list[Path]:
             rows[label] = torch.tensor(drawn[kind]) if kind in drawn else None
         boxes = [looked.scale_box(b, meta["frame_size"], cfg.data.frame_size) for b in meta["boxes"]]
         path = args.out / f"attention_{meta['task']}.png"
-        looked.draw_looked(path, sample["frames"], rows, boxes, f"seed {seed}: {sample['question']} "
+        looked.draw_looked(path, sample["frames"], rows, boxes, f"{which}: {sample['question']} "
                            f"({meta['answer']}; the target outlined)")
         written.append(path)
     return written
 
 
 def write(args, data: Path, grid: dict, results: dict, check: dict, tasks) -> dict:
-    """Analyse a finished grid and write the table and figures; returns the analysis (results.json)."""
+    """Analyse the grid's finished runs (results[name]["seeds"] each) and write the table and figures;
+    returns the analysis (results.json)."""
     meta = eval_meta(data)
-    scored, uids = matrices(args, grid)
-    analysis = analyse(scored, meta, uids, check.get("verified", []))
+    seeds = {name: results[name]["seeds"] for name in grid}
+    scored, uids = matrices(args, grid, seeds)
+    analysis = analyse(scored, meta, uids, check.get("verified", []), seeds)
     analysis["verdict"] = verdict(check, analysis)
     text = table(results, analysis, args, tasks) + looked_table(results, tasks)
     (args.out / "table.md").write_text(text + "\n" + check_line(check) + "\n\n" + "\n".join(analysis["verdict"]) + "\n")
     plot_tokens(results, analysis, args.out / "accuracy_vs_tokens.png")
     plot_difficulty(scored, meta, uids, args.out / "accuracy_vs_difficulty.png")
-    analysis["figures"] = [str(p) for p in draw_attention(args, data, grid)]
+    analysis["figures"] = [str(p) for p in draw_attention(args, data, seeds)]
     return analysis

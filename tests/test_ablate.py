@@ -140,6 +140,45 @@ def test_a_partial_probe_check_gives_verdicts_on_its_verified_tasks_only():
     assert len(refused) == 1 and refused[0].startswith("No verdict about looking")
 
 
+def test_a_comparison_pairs_runs_by_seed_and_skips_variants_that_share_none():
+    """static ran seeds 0-2, prompt_first seeds 1 and 2: they pair on 1 and 2 by seed, not by row."""
+    meta = {f"c{i}": {"task": "colour", "family": "content", "others": 2} for i in range(50)}
+    uids = sorted(meta)
+    rng = np.random.default_rng(1)
+    shared = rng.random((2, 50)) < 0.6  # seeds 1 and 2: the two variants answer alike
+    matrices = {"static": np.concatenate([np.zeros((1, 50), bool), shared]), "prompt_first": shared,
+                "pooled_1": np.ones((1, 50), bool)}
+    seeds = {"static": [0, 1, 2], "prompt_first": [1, 2], "pooled_1": [7]}
+    analysis = report.analyse(matrices, meta, uids, ["colour"], seeds)
+    pair = [c for c in analysis["comparisons"] if (c["a"], c["b"]) == ("prompt_first", "static")]
+    assert {c["seeds"] == [1, 2] and c["difference"] == 0 for c in pair} == {True}
+    assert not [c for c in analysis["comparisons"] if c["b"] == "pooled_1"]  # no seed in common: not compared
+    by_row = report.analyse(matrices, meta, uids, ["colour"])  # rows taken as seeds 0, 1, ...: a different pairing
+    assert next(c for c in by_row["comparisons"] if c["b"] == "static")["difference"] != 0
+
+
+def fake_run(run_dir: Path, steps: int, probe=True, looked=True):
+    """The files a finished run leaves (train.py's final model and val.csv, the scores)."""
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "config.json").write_text("{}")
+    (run_dir / "val.csv").write_text(f"step,source,loss\n{steps},all,0.5\n")
+    for name, present in (("probe.json", probe), ("looked.json", looked)):
+        if present:
+            (run_dir / name).write_text("{}")
+
+
+def test_the_report_covers_every_scored_run_in_the_folder(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "static" / "seed0", 30)
+    fake_run(runs / "static" / "seed4", 30)
+    fake_run(runs / "static" / "seed1", 30, probe=False)  # trained, not scored yet
+    fake_run(runs / "static" / "seed2", 20)  # trained to other steps
+    fake_run(runs / "prompt_first" / "seed0", 30, looked=False)  # where it looked not scored yet
+    fake_run(runs / "pooled_4" / "seed3", 30, looked=False)  # no queries: nothing to look at
+    args = argparse.Namespace(out=tmp_path, steps=30)
+    assert ablate.scored_seeds(args, ablate.variants(8)) == {"static": [0, 4], "pooled_4": [3]}
+
+
 @pytest.mark.slow
 def test_a_tiny_study_runs_scores_and_resumes(tmp_path):
     config = study_file(tmp_path, steps=2, seeds=[0, 1], variants=["coarse_fine", "pooled_4"], captions=0.5,
@@ -163,10 +202,13 @@ def test_a_tiny_study_runs_scores_and_resumes(tmp_path):
     trained = yaml.safe_load((study / "runs" / "pooled_4" / "seed1" / "config.yaml").read_text())["data"]["train"]
     assert [(t["name"], t["weight"]) for t in trained] == [("probe", 1.0), ("captions", 0.5)]  # the captions mixed in
     table = (study / "table.md").read_text()
-    assert "| coarse_fine | 4 |" in table and "| pooled_4 | 16 |" in table and "probe check: failed" in table
+    assert "| coarse_fine | 0, 1 | 4 |" in table and "| pooled_4 | 0, 1 | 16 |" in table
+    assert "probe check: failed" in table
     assert (study / "accuracy_vs_tokens.png").stat().st_size > 0 and sorted(study.glob("attention_*.png"))
     assert json.loads((study / "results.json").read_text())["steps"] == 2
     final = study / "runs" / "coarse_fine" / "seed0" / "final" / "model.safetensors"
     before = final.stat().st_mtime_ns
     again = ablate.main(args)  # everything is there: nothing is trained or scored again
     assert final.stat().st_mtime_ns == before and again["variants"]["coarse_fine"]["runs"] == fine["runs"]
+    one = ablate.main(args + ["--variants", "pooled_4", "--seeds", "0"])  # a call for one cell reports them all
+    assert one["seeds"] == {"coarse_fine": [0, 1], "pooled_4": [0, 1]} and one["variants"] == again["variants"]
