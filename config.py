@@ -362,8 +362,6 @@ def validate_model(m: ModelConfig, where: str, prefix: str = "model."):
     if n is not None and (n < 1 or math.isqrt(n) ** 2 != n):
         raise ConfigError(f"{where}: key '{prefix}tokens_per_frame' must be a square (1, 4, 16, 64, ...: an s x s "
                           f"grid of pooled patch tokens) or null (the foveated token), got {n}")
-    if n is not None and m.next_frame is not None:
-        raise ConfigError(f"{where}: key '{prefix}next_frame' needs the foveated model (tokens_per_frame: null)")
     if m.next_frame is not None and (len(m.next_frame) != 3 or min(m.next_frame) < 1):
         raise ConfigError(f"{where}: key '{prefix}next_frame' must be [channels, height, width] (>= 1), "
                           f"got {m.next_frame}")
@@ -409,6 +407,8 @@ def validate(cfg: Config, where: str):
     choice(n.target, "next_frame.target", TARGETS)
     check(n.pixels_size >= 1 and n.entropy_weight >= 0, "next_frame", "pixels_size must be >= 1, entropy_weight >= 0")
     if cfg.stage == "next_frame":
+        check(cfg.model.tokens_per_frame is None or cfg.mode == "coarse_only", "mode",
+              f"must be coarse_only for the pooled baseline (model.tokens_per_frame): it has one pass, got {cfg.mode}")
         shape = cfg.model.next_frame
         want = "[3, next_frame.pixels_size, next_frame.pixels_size]" if n.target == "pixels" else "[4, H, W]"
         check(shape is not None, "model.next_frame", f"is required by stage next_frame: the head's output, {want}")

@@ -327,26 +327,30 @@ class FoveatedVLM(nn.Module):
     def frame_states(self, frames, frame_index=None, frame_mask=None, mode: str = "coarse_fine",
                      return_attention: bool = False, kv=None) -> dict:
         """A video without text through the LLM (the next-frame objective): the hidden state at each
-        visual token. Returns valid [B, T]; coarse [B, T, D]: the pass over the static-query tokens;
-        fine [B, T, D] (not in coarse_only): coarse_fine's pass over the tokens looked at with the
-        queries formed from the coarse pass, or the autoregressive pass, whose query for frame t + 1
-        comes from its own state after frame t (true inference); with return_attention, attention
-        {"static", "dynamic"} [B, T, blocks, heads, keys]. State t has seen frames 0..t only, in both
-        passes (the fine query of frame t comes from the coarse state of frame t - 1).
+        frame. Returns valid [B, T]; coarse [B, T, D]: the pass over the static-query tokens (the pooled
+        baseline: over its per_frame tokens a frame, the state after each frame's last one); fine
+        [B, T, D] (not in coarse_only, nor for the pooled baseline, which has one pass): coarse_fine's
+        pass over the tokens looked at with the queries formed from the coarse pass, or the
+        autoregressive pass, whose query for frame t + 1 comes from its own state after frame t (true
+        inference); with return_attention, attention {"static", "dynamic"} [B, T, blocks, heads, keys]
+        (None for the pooled baseline). State t has seen frames 0..t only, in both passes (the fine
+        query of frame t comes from the coarse state of frame t - 1).
         frames / frame_mask / frame_index / kv as in forward."""
         _check_mode(mode)
-        self.visual.require_queries("frame_states")
+        mode = self.visual.run_mode(mode)
         batch = frame_index.shape[0] if frame_index is not None else (frames.shape[0] if frames is not None else 0)
         vis = self._visual(frames, frame_mask, frame_index, batch)
         if vis is None:
             raise ValueError("frame_states needs frames")
         kv = self._kv(vis, kv)
-        # video only: token t at position t (real frames first, padding after them: causal attention
-        # keeps padding out of every real token's state)
-        pos = torch.arange(vis.valid.shape[1], device=vis.valid.device).expand(batch, -1)
+        # video only: token i at position i (real frames first, padding after them: causal attention
+        # keeps padding out of every real token's state); frame t is tokens t * n .. t * n + n - 1
+        n = self.visual.per_frame
+        pos = torch.arange(vis.valid.shape[1] * n, device=vis.valid.device).expand(batch, -1)
         z, static = self._static_tokens(vis, kv, return_attention)
-        out = {"valid": vis.valid, "coarse": self._llm(self._project(z), pos), "fine": None,
-               "attention": {"static": static, "dynamic": None}}
+        coarse = self._llm(self._project(z), pos)[:, n - 1::n]  # the state after each frame's last token
+        out = {"valid": vis.valid, "coarse": coarse, "fine": None, "attention": {"static": static, "dynamic": None}}
+        pos = pos[:, :vis.valid.shape[1]]  # the fine passes: one token a frame
         if mode == "coarse_fine":
             z, out["attention"]["dynamic"] = self._query_tokens(self._fine_queries(out["coarse"]), vis, kv,
                                                                  return_attention)

@@ -242,6 +242,11 @@ class NextFrame(Objective):
         if model.next_frame is None:
             raise ValueError("stage next_frame needs the model's prediction head (model.next_frame)")
         self.shape = tuple(model.next_frame.shape)
+        if not model.visual.queries:  # the pooled baseline (the positive control): one pass, no attention
+            if self.fine:
+                raise ValueError("stage next_frame with the pooled baseline (model.tokens_per_frame) trains in "
+                                 "mode coarse_only: it has one pass and no queries")
+            self.metrics = tuple(m for m in self.metrics if not m.endswith("_entropy"))
 
     def prepare(self, host):
         """Before the first forward: precomputed latents must fit the head."""
@@ -308,7 +313,7 @@ class NextFrame(Objective):
         from flops import Row
 
         visual = (host["frame_index"] >= 0).sum(1).tolist()
-        rows, frames = [Row(0, v) for v in visual], _frames(host)
+        rows, frames = [Row(0, v * count.per_frame) for v in visual], _frames(host)
         total = count.forward(rows, frames, 0, mode)
         if mode == "autoregressive":  # the coarse pass beside it, for loss_coarse
             total += frames * count.query + sum(visual) * count.project + count.llm(sum(visual),
@@ -328,7 +333,9 @@ class NextFrame(Objective):
         pairs = sums["pairs"]
         mean = lambda k: sums[k] / pairs if pairs else float("nan")  # noqa: E731
         out = {"samples": samples, "pairs": int(pairs), "loss": mean("loss"), "loss_coarse": mean("coarse"),
-               "copy_loss": mean("copy"), "mean_loss": mean("mean"), "static_entropy": mean("static_entropy")}
+               "copy_loss": mean("copy"), "mean_loss": mean("mean")}
+        if "static_entropy" in sums:  # the pooled baseline has no queries
+            out["static_entropy"] = mean("static_entropy")
         if "fine" in sums:
             out.update(loss_fine=mean("fine"), dynamic_entropy=mean("dynamic_entropy"))
             out.update(coarse_fine_gain(out))

@@ -410,9 +410,10 @@ def predictions(run) -> Section:
     decode = pixels_to_image if target == "pixels" else latent_decoder(run.args.autoencoder, target)
     figures = [draw_predictions(model, unit, s, decode, i, run.out_dir / f"fig4_predictions_clip{i}.png")
                for i, s in enumerate(samples)]
-    text = (f"Model {what}: for each frame t, the prediction of frame t + 1 from the fine pass (coarse_fine: "
-            f"queries chosen by the LLM) and from the coarse pass (the static query), and the actual frame t + 1; "
-            f"{len(samples)} clip(s) from `{key}`, target `{target}`.")
+    passes = ("the fine pass (coarse_fine: queries chosen by the LLM) and from the coarse pass (the static query)"
+              if model.visual.queries else f"its one pass ({model.visual.mode_text('coarse_only')})")
+    text = (f"Model {what}: for each frame t, the prediction of frame t + 1 from {passes}, and the actual frame "
+            f"t + 1; {len(samples)} clip(s) from `{key}`, target `{target}`.")
     return Section(f"{head}\n\n{text}\n\n" + "\n".join(image_link(run, f, f"predictions {i}")
                                                         for i, f in enumerate(figures)), figures)
 
@@ -446,11 +447,16 @@ def draw_predictions(model, unit, sample, decode, index: int, path: Path) -> Pat
     predict = lambda kind, t: unit.predict(model, states[kind][0, t], current[t])  # noqa: E731
     size = frames.shape[-1]
     rows = sample_frame_indices(len(frames) - 1, MAX_ROWS)
-    titles = ("frame t", "fine prediction of t + 1", "coarse prediction of t + 1", "actual t + 1")
-    fig, axes = plt.subplots(len(rows), 4, figsize=(8.6, 2.1 * len(rows) + 0.8), squeeze=False, layout="constrained")
+    # the pooled baseline has one pass (no fine one): its column is the prediction
+    kinds = {"fine": "fine prediction of t + 1", "coarse": "coarse prediction of t + 1"}
+    if states["fine"] is None:
+        kinds = {"coarse": "prediction of t + 1"}
+    titles = ("frame t", *kinds.values(), "actual t + 1")
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.15 * len(titles), 2.1 * len(rows) + 0.8),
+                             squeeze=False, layout="constrained")
     for r, t in enumerate(rows):
-        images = (frames[t].permute(1, 2, 0).numpy(), decode(predict("fine", t), size),
-                  decode(predict("coarse", t), size), frames[t + 1].permute(1, 2, 0).numpy())
+        images = (frames[t].permute(1, 2, 0).numpy(), *(decode(predict(k, t), size) for k in kinds),
+                  frames[t + 1].permute(1, 2, 0).numpy())
         for c, image in enumerate(images):
             axes[r, c].imshow(image, interpolation="nearest")
             axes[r, c].set_xticks([])

@@ -91,6 +91,18 @@ def test_next_frame_flops_equal_the_counted_ones(tiny_backbones, mode):
     assert unit.flops(FlopCount(model, 28), host, mode) == 3 * real
 
 
+def test_next_frame_flops_of_the_pooled_baseline_count_its_tokens(tiny_backbones):
+    from objectives import NextFrame
+
+    model = make_model(tiny_backbones, tokens_per_frame=4, next_frame=[3, 8, 8], next_frame_width=8)
+    host = sft_batch(model, [frames(4)])
+    batch = {k: v for k, v in host.items() if k not in ("keys", "sources")}
+    unit = NextFrame("pixels", 8, 0.0, 0.0, "coarse_only")
+    unit.setup(model, None)
+    real = counted(lambda: unit.loss(model, batch, "coarse_only"))
+    assert unit.flops(FlopCount(model, 28), host, "coarse_only") == 3 * real
+
+
 @pytest.mark.parametrize("mode", ["coarse_fine", "autoregressive"])
 def test_text_flops_with_the_coarse_pass_weighted_in(tiny_backbones, mode):
     model = make_model(tiny_backbones)

@@ -24,16 +24,24 @@ def model(tiny_backbones):
     return make_model(tiny_backbones, next_frame=[3, 4, 4], next_frame_width=16)
 
 
+@pytest.fixture
+def pooled(tiny_backbones):
+    """The positive control's model: 4 pooled patch tokens a frame (the 2 x 2 grid at 28 px), no queries."""
+    return make_model(tiny_backbones, tokens_per_frame=4, next_frame=[3, 4, 4], next_frame_width=16)
+
+
 def packed(clips):
     frames, index = pack_frames(clips)
     return {"frames": frames, "frame_index": index}
 
 
+@pytest.mark.parametrize("which", ["model", "pooled"])
 @pytest.mark.parametrize("mode", MODES)
 @torch.no_grad()
-def test_a_state_sees_only_its_frame_and_the_ones_before(model, mode):
-    """Changing frame 3 changes no state before it (coarse, fine and autoregressive): a prediction of
-    frame t + 1 never sees frame t + 1."""
+def test_a_state_sees_only_its_frame_and_the_ones_before(request, which, mode):
+    """Changing frame 3 changes no state before it (coarse, fine and autoregressive; the pooled
+    baseline's state after each frame's last token): a prediction of frame t + 1 never sees frame t + 1."""
+    model = request.getfixturevalue(which)
     a = clip(6, 1)
     b = a.clone()
     b[3] = clip(1, 2)[0]
@@ -45,9 +53,11 @@ def test_a_state_sees_only_its_frame_and_the_ones_before(model, mode):
         assert (sa[kind][:, 3] - sb[kind][:, 3]).abs().max() > 1e-3, kind
 
 
+@pytest.mark.parametrize("which", ["model", "pooled"])
 @pytest.mark.parametrize("mode", MODES)
 @torch.no_grad()
-def test_frame_states_of_a_clip_alone_equal_its_place_in_a_padded_batch(model, mode):
+def test_frame_states_of_a_clip_alone_equal_its_place_in_a_padded_batch(request, which, mode):
+    model = request.getfixturevalue(which)
     clips = [clip(3, 1), clip(5, 2), clip(2, 3)]
     batch = model.frame_states(**packed(clips), mode=mode)
     for i, c in enumerate(clips):
@@ -55,6 +65,41 @@ def test_frame_states_of_a_clip_alone_equal_its_place_in_a_padded_batch(model, m
         for kind in ("coarse", "fine"):
             if alone[kind] is not None:
                 torch.testing.assert_close(batch[kind][i, :len(c)], alone[kind][0], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_the_pooled_state_of_frame_t_is_the_last_state_after_reading_frames_0_to_t(pooled):
+    """Frame t's state is the LLM's state after its last pooled token: the clip cut after frame t, read
+    token by token by hand, ends in it; the pooled baseline has one pass and no attention."""
+    c = clip(4, 5)
+    states = pooled.frame_states(c[None], mode="coarse_fine")
+    assert states["fine"] is None and states["attention"] == {"static": None, "dynamic": None}
+    for t in range(4):
+        tokens, _ = pooled.look(pooled.encode_frames(c[:t + 1]))  # [t + 1, 4, D]
+        seq = tokens.flatten(0, 1)[None]
+        hidden = pooled.llm.model(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None]).last_hidden_state
+        torch.testing.assert_close(states["coarse"][0, t], hidden[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_pooled_baseline_trains_next_frame_in_coarse_only(pooled, tmp_path):
+    import yaml
+
+    from config import ConfigError, load_config
+
+    unit = NextFrame("pixels", 4, 0.0, 0.0, "coarse_only", residual=True)
+    unit.setup(pooled, None)
+    loss, metrics = unit.loss(pooled, packed([clip(4, 1), clip(3, 2)]), "coarse_only")
+    assert set(metrics) == {"loss_coarse", "copy_loss", "mean_loss"}  # no queries: no entropies
+    loss.backward()
+    assert pooled.next_frame.out.weight.grad.abs().sum() > 0 and pooled.dino_to_llm.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pooled baseline .* trains in mode coarse_only"):
+        NextFrame("pixels", 4, 0.0, 0.0, "coarse_fine").setup(pooled, None)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"stage": "next_frame", "run_dir": "r", "model": {"tokens_per_frame": 4,
+                                    "next_frame": [3, 16, 16]}, "data": {"train": [{"name": "a", "shards": "a"}]}}))
+    with pytest.raises(ConfigError, match="key 'mode' must be coarse_only for the pooled baseline"):
+        load_config(path)
+    assert load_config(path, ["mode=coarse_only"]).model.tokens_per_frame == 4
 
 
 def test_head_shape_and_size():

@@ -28,6 +28,26 @@ def test_only_next_frame_configs(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("train, message", [
+    ({"model.tokens_per_frame": "16", "coarse_weight": "0.0"}, "key 'mode' must be coarse_only for the pooled baseline"),
+    ({"optim.stepz": "3"}, "unknown key 'optim.stepz'"),
+])
+def test_the_configs_train_keys_are_checked_before_anything_is_made(tmp_path, train, message):
+    config = poc_file(tmp_path, (ROOT / "configs" / "poc_testbed_train.yaml").read_text(), train=train)
+    with pytest.raises(SystemExit, match=message):
+        poc.main(["--config", str(config), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_over_copy_is_the_predictions_gain_over_copying(tmp_path):
+    (tmp_path / "val.csv").write_text("step,source,mode,loss_fine,loss_coarse,copy_loss,mean_loss\n"
+                                      "5,all,coarse_fine,0.8,0.9,1.0,2.0\n5,all,coarse_only,,0.75,1.0,2.0\n"
+                                      "4,all,coarse_only,,0.5,1.0,2.0\n")
+    final = poc.final_validation(tmp_path, 5)
+    assert final["coarse_fine"]["over_copy"] == pytest.approx(0.2)  # the fine pass's prediction
+    assert final["coarse_only"]["over_copy"] == pytest.approx(0.25) and "loss_fine" not in final["coarse_only"]
+
+
 @pytest.mark.slow
 def test_a_tiny_poc_runs_and_reports(tmp_path):
     base = (ROOT / "configs" / "poc_testbed_train.yaml").read_text().replace("random:small", "random:tiny")
@@ -49,3 +69,15 @@ def test_a_tiny_poc_runs_and_reports(tmp_path):
     assert "coarse_fine: improvement" in table and ("guide" in table or "no improvement" in table)
     assert (out / "runs" / f"seed{report['best_seed']}" / "report.md").is_file()
     assert json.loads((out / "results.json").read_text())["steps"] == 2
+    # the positive control: the pooled baseline through the config's train keys, one pass, no queries
+    control = poc_file(tmp_path, base, steps=2, seeds=[0], probe=yaml.safe_load(config.read_text())["probe"],
+                       vision=yaml.safe_load(config.read_text())["vision"],
+                       train={"model.tokens_per_frame": "4", "mode": "coarse_only", "coarse_weight": "0.0",
+                              "eval.modes": "[coarse_only]"})
+    pooled = poc.main(["--config", str(control), "--out", str(tmp_path / "pooled"),
+                       "--backbones", str(tmp_path / "backbones")])
+    one = pooled["summary"]["coarse_only"]
+    assert "improvement" not in one and "loss_fine" not in one
+    run = pooled["runs"][0]["coarse_only"]
+    assert one["over_copy"][0] == pytest.approx((run["copy_loss"] - run["loss_coarse"]) / run["copy_loss"])
+    assert "coarse_only: one pass (seeds 0): loss" in (tmp_path / "pooled" / "table.md").read_text()

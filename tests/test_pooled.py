@@ -157,8 +157,6 @@ def test_training_backward_reaches_the_projection_and_backbone(tiny_backbones):
 def test_bad_settings(tiny_backbones, tmp_path):
     with pytest.raises(ConfigError, match="tokens_per_frame' must be a square"):
         model_config({"tokens_per_frame": 8}, "here")
-    with pytest.raises(ConfigError, match="next_frame' needs the foveated model"):
-        model_config({"tokens_per_frame": 4, "next_frame": [3, 8, 8]}, "here")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"stage": "sft", "run_dir": "r", "coarse_weight": 1.0,
                                     "model": {"tokens_per_frame": 4}, "data": {"train": [{"name": "a", "shards": "a"}]}}))
@@ -170,5 +168,3 @@ def test_bad_settings(tiny_backbones, tmp_path):
     with pytest.raises(ValueError, match="queries= needs the foveated model"):
         b = make_batch(model, [(None, "Hi", "Yo")])
         model(**b, queries=torch.zeros(1, 0, 24))
-    with pytest.raises(ValueError, match="frame_states needs the foveated model"):
-        model.frame_states(big(2, 0)[None])

@@ -184,11 +184,17 @@ def test_bad_run_directories_are_clear_errors(synthetic, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_next_frame_run_gets_its_prediction_figure(synthetic, tmp_path):
-    """A real (2-step) next_frame run: Fig. 4 shows frame t, both predictions of t + 1 and the actual one."""
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_next_frame_run_gets_its_prediction_figure(synthetic, tmp_path, pooled):
+    """A real (2-step) next_frame run: Fig. 4 shows frame t, both predictions of t + 1 and the actual one;
+    for the pooled baseline (the positive control) its one prediction, and no attention maps."""
     tree = test_train.config_tree(synthetic, tmp_path / "run", stage="alignment")
-    tree.update(stage="next_frame", coarse_weight=1.0, next_frame={"target": "pixels", "pixels_size": 8})
+    tree.update(stage="next_frame", coarse_weight=0.0 if pooled else 1.0,
+                next_frame={"target": "pixels", "pixels_size": 8})
     tree["model"].update(next_frame=[3, 8, 8], next_frame_width=16)
+    if pooled:
+        tree.update(mode="coarse_only")
+        tree["model"]["tokens_per_frame"] = 4
     tree["optim"]["steps"] = 2
     test_train.train.main(["--config", test_train.write_config(tmp_path / "cfg.yaml", tree)])
     out = report.main([str(tmp_path / "run"), "--clips", "2"])
@@ -196,6 +202,8 @@ def test_a_next_frame_run_gets_its_prediction_figure(synthetic, tmp_path):
     predictions = [p for p in out["figures"] if p.name.startswith("fig4_predictions")]
     assert len(predictions) == 2 and "## Fig. 4: next-frame predictions" in text
     assert sorted(tmp_path / "run" / p for p in images_in(text)) == sorted(out["figures"])
+    assert ("its one pass (4 pooled tokens per frame" in text) == pooled
+    assert ("## Fig. 3: attention maps\n\nNot drawn" in text) == pooled
     for path in predictions:
         assert_real_image(path)
 

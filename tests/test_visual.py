@@ -51,8 +51,7 @@ def test_the_pooled_baseline_has_no_queries(pooled):
     assert tokens.shape == (2, 4, pooled.llm.config.hidden_size) and attn is None
     assert pooled.first_query(1) is None and not pooled.visual.queries and pooled.visual.per_frame == 4
     assert {pooled.visual.run_mode(m) for m in ("coarse_only", "coarse_fine", "autoregressive")} == {"coarse_only"}
-    for call in (lambda: pooled.look(kv, torch.zeros(2, 24)), lambda: pooled.frame_states(frames[None]),
-                 lambda: pooled.visual.require_queries("--attention")):
+    for call in (lambda: pooled.look(kv, torch.zeros(2, 24)), lambda: pooled.visual.require_queries("--attention")):
         with pytest.raises(ValueError, match="needs the foveated model's queries; this is the pooled baseline"):
             call()
 
