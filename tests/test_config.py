@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # configs that describe a study over train configs (their `base`), not a train run: script and dataclass
 STUDY_CONFIGS = {"study_cpu.yaml": ("ablate", "StudyConfig"), "study_gpu.yaml": ("ablate", "StudyConfig"),
                  "study_cpu_dino.yaml": ("ablate", "StudyConfig"),
-                 "poc_testbed.yaml": ("poc", "PocConfig")}
+                 "poc_testbed.yaml": ("poc", "PocConfig"), "poc_testbed_pooled.yaml": ("poc", "PocConfig")}
 MINIMAL = {"stage": "sft", "run_dir": "runs/x", "data": {"train": [{"name": "a", "shards": "a/*.tar"}]}}
 
 
@@ -33,7 +33,7 @@ def test_shipped_configs_load(path):
     if path.name in STUDY_CONFIGS:
         script, cls = STUDY_CONFIGS[path.name]
         study = load_script("ablate").load_study(path, getattr(load_script(script), cls))
-        # the train config every run of the study shares, with the study's own keys (a PoC has none)
+        # the train config every run of the study shares, with the study's own keys
         cfg = load_config(Path(study.base), [f"{k}={v}" for k, v in getattr(study, "train", {}).items()])
     else:
         assert "base" not in yaml.safe_load(path.read_text()), f"{path.name}: a study config not in STUDY_CONFIGS"
