@@ -409,6 +409,8 @@ def validate(cfg: Config, where: str):
     if cfg.stage == "next_frame":
         check(cfg.model.tokens_per_frame is None or cfg.mode == "coarse_only", "mode",
               f"must be coarse_only for the pooled baseline (model.tokens_per_frame): it has one pass, got {cfg.mode}")
+        check(cfg.model.tokens_per_frame is None or n.entropy_weight == 0, "next_frame.entropy_weight",
+              "sharpens the queries' attention: the pooled baseline (model.tokens_per_frame) has none")
         shape = cfg.model.next_frame
         want = "[3, next_frame.pixels_size, next_frame.pixels_size]" if n.target == "pixels" else "[4, H, W]"
         check(shape is not None, "model.next_frame", f"is required by stage next_frame: the head's output, {want}")

@@ -210,22 +210,48 @@ def overrides(args, study, data: Path, run_dir: Path, seed: int, keys: dict, mod
 
 
 def finished(run_dir: Path, steps: int) -> bool:
-    rows = read_csv(run_dir / "val.csv")
-    return (run_dir / "final" / "config.json").is_file() and any(int(r["step"]) == steps for r in rows)
+    """Trained to `steps` (its config says so: a longer run's validation at `steps` does not count) and
+    validated there, its final model written."""
+    if not (run_dir / "final" / "config.json").is_file():
+        return False
+    trained = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("optim", {}).get("steps")
+    return trained == steps and any(int(r["step"]) == steps for r in read_csv(run_dir / "val.csv"))
 
 
-def scored_seeds(args, grid: dict) -> dict:
+def check_run(run_dir: Path, keys: dict, config: Path):
+    """A run already in the folder must have been trained with `keys` (dotted train config keys -> values
+    or YAML text: the study's train keys and the variant's): one trained under another config is an
+    error, never resumed, reused or reported."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    tree = yaml.safe_load(saved.read_text()) or {}
+    for key, want in keys.items():
+        got = tree
+        for part in key.split("."):
+            got = got.get(part) if isinstance(got, dict) else None
+        want = yaml.safe_load(want) if isinstance(want, str) else want
+        if got != want:
+            raise ConfigError(f"{run_dir} was trained with {key}: {got!r}, not {want!r} as {config} sets it; "
+                              f"use another --out")
+
+
+def scored_seeds(args, study, grid: dict) -> dict:
     """{variant: the seeds with a run in the study folder trained to --steps and scored}: what the report
     covers, whichever call trained them, so a grid built up over several calls (or stopped early) reports
-    every finished cell and the table says which seeds each variant has."""
+    every finished cell and the table says which seeds each variant has. Every run found must have been
+    trained with this study's settings (check_run)."""
     out = {}
     for name, (keys, _) in grid.items():
         seeds = []
         for run_dir in (args.out / "runs" / name).glob("seed*"):
             number = run_dir.name.removeprefix("seed")
+            if not (number.isdigit() and run_dir.name == f"seed{int(number)}"):
+                continue  # not a run directory of ours
+            check_run(run_dir, {**study.train, **keys}, args.config)
             done = finished(run_dir, args.steps) and (run_dir / "probe.json").is_file()
             looks = "model.tokens_per_frame" in keys or (run_dir / "looked.json").is_file()  # pooled: no queries
-            if number.isdigit() and done and looks:
+            if done and looks:
                 seeds.append(int(number))
         if seeds:
             out[name] = sorted(seeds)
@@ -332,7 +358,9 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="the study's folder")
     parser.add_argument("--backbones", type=Path, default=Path("runs/backbones"),
                         help="the cache of pretrained vision backbones (scripts/pretrain_vision.py)")
-    parser.add_argument("--quick", action="store_true", help="the first seed and the config's quick variants only")
+    parser.add_argument("--quick", action="store_true",
+                        help="train the first seed and the config's quick variants only (the report covers every "
+                             "finished run in --out)")
     parser.add_argument("--seeds", type=int, nargs="+", help="instead of the config's seeds")
     parser.add_argument("--steps", type=int, help="instead of the config's training steps")
     parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: the config's)")
@@ -346,14 +374,15 @@ def parse_args(argv):
     except ConfigError as e:
         parser.error(str(e))
     grid = variants(args.base.data.frame_size // vision_config(args.base.model.dino).patch_size)
-    args.variants = args.variants or (study.quick if args.quick else study.variants) or list(grid)
+    # each once (a cell named twice would be trained twice at once)
+    args.variants = list(dict.fromkeys(args.variants or (study.quick if args.quick else study.variants) or grid))
     unknown = sorted(set(args.variants) - set(grid))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {list(grid)}")
-    args.seeds = args.seeds or (study.seeds[:1] if args.quick else study.seeds)
+    args.seeds = list(dict.fromkeys(args.seeds or (study.seeds[:1] if args.quick else study.seeds)))
     args.steps = args.steps or study.steps
-    if args.steps < 1 or args.jobs < 1:
-        parser.error("need --steps >= 1 and --jobs >= 1")
+    if args.steps < 1 or args.jobs < 1 or min(args.seeds) < 0:
+        parser.error("need --steps >= 1, --jobs >= 1 and seeds >= 0")
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     return args, study, grid
 
@@ -365,6 +394,7 @@ def main(argv=None) -> dict:
         check_object_size(study, args.base, args.dino or args.base.model.dino)
         args.out.mkdir(parents=True, exist_ok=True)
         data = ensure_data(args, study)
+        scored_seeds(args, study, grid)  # a run of another config in the folder: an error before any training
     except ConfigError as e:
         raise SystemExit(f"ablate.py: error: {e}") from None
     bench_root = args.out / "bench"  # benchmark.py reads DATA_ROOT/synthetic
@@ -377,7 +407,7 @@ def main(argv=None) -> dict:
     with ThreadPoolExecutor(args.jobs) as pool:
         for f in [pool.submit(run_one, args, study, data, bench_root, *job) for job in jobs]:
             f.result()
-    seeds = scored_seeds(args, grid)  # every finished run in the folder, not only this call's
+    seeds = scored_seeds(args, study, grid)  # every finished run in the folder, not only this call's
     shown = {name: grid[name] for name in seeds}
     results = collect(args, study, shown, seeds)
     check = study_report.probe_check(results)

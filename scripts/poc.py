@@ -3,11 +3,11 @@ clips (scripts/make_synthetic.py), pretrains the vision backbone (scripts/pretra
 the study does), trains stage next_frame once per seed from the config's base, and reports the final
 validation of every mode: loss_fine (the LLM-chosen queries), loss_coarse (the static query), the
 improvement (coarse - fine) / coarse against the guide's bar (5-15 % solid, > 15 % strong), the copy and
-batch-mean references, and the static and dynamic attention entropy; then scripts/report.py on the
-best seed's run (its figures: learning curves, where the queries looked, predictions).
+batch-mean references, and (a model with queries) the static and dynamic attention entropy; then
+scripts/report.py on the best seed's run (its figures: learning curves, where the queries looked,
+predictions).
 
     python scripts/poc.py --config configs/poc_testbed.yaml --out runs/poc
-
     python scripts/poc.py --config configs/poc_testbed_pooled.yaml --out runs/poc_pooled   # the positive control
 
 The config (PocConfig): `base` (a next_frame train config, relative to this file), `steps`, `seeds`,
@@ -77,8 +77,8 @@ def final_validation(run_dir: Path, steps: int) -> dict:
     (the fine pass's, else the coarse one's) gain over copying frame t."""
     rows = [r for r in ablate.read_csv(run_dir / "val.csv") if int(r["step"]) == steps and r["source"] == "all"]
     out = {r["mode"]: {m: float(r[m]) for m in METRICS if r.get(m) not in (None, "")} for r in rows}
-    for v in out.values():
-        v["over_copy"] = (v["copy_loss"] - predicted(v)) / v["copy_loss"]
+    for v in out.values():  # still clips (copy_loss 0) have nothing to predict: no gain to give
+        v["over_copy"] = (v["copy_loss"] - predicted(v)) / v["copy_loss"] if v["copy_loss"] else float("nan")
     return out
 
 
@@ -106,7 +106,7 @@ def table(runs: dict, summary: dict, args) -> str:
             f"{per_seed[m][0]:.5g} ± {per_seed[m][1]:.2g}" if m in per_seed else "–" for m in METRICS) + " |")
     seeds = ", ".join(map(str, args.seeds))
     verdicts = []
-    for mode, s in summary.items():
+    for mode, s in ((m, s) for m, s in summary.items() if "over_copy" in s):  # modes every seed validated
         against = (f"against copying frame t {s['copy_loss'][0]:.5g} (over_copy {100 * s['over_copy'][0]:+.3g} % ± "
                    f"{100 * s['over_copy'][1]:.2g} %) and the batch mean {s['mean_loss'][0]:.5g}")
         if "improvement" in s:
@@ -135,17 +135,21 @@ def main(argv=None) -> dict:
         args.base = load_config(poc.base, [f"{k}={v}" for k, v in poc.train.items()])
         if args.base.stage != "next_frame":
             raise ConfigError(f"{poc.base}: the proof of concept trains stage next_frame, not {args.base.stage!r}")
+        args.steps, args.seeds = args.steps or poc.steps, list(dict.fromkeys(args.seeds or poc.seeds))
+        for seed in args.seeds:  # a run of another config under --out is an error, before any work
+            ablate.check_run(args.out / "runs" / f"seed{seed}", {"mode": args.base.mode, "model.tokens_per_frame": args.base.model.tokens_per_frame, **poc.train},
+                             args.config)
         args.dino = ablate.vision_folder(poc, args)
         args.out.mkdir(parents=True, exist_ok=True)
         data = ablate.ensure_data(args, poc)
     except ConfigError as e:
         raise SystemExit(f"poc.py: error: {e}") from None
-    args.steps, args.seeds = args.steps or poc.steps, args.seeds or poc.seeds
     runs = {seed: final_validation(train_seed(args, poc, data, seed), args.steps) for seed in args.seeds}
     modes = sorted({mode for r in runs.values() for mode in r})
     summary = {mode: {m: ablate.spread([runs[s][mode][m] for s in args.seeds]) for m in METRICS
                       if all(m in runs[s].get(mode, {}) for s in args.seeds)} for mode in modes}
-    mode = args.base.mode  # the best seed: the lowest prediction loss in the mode it trained in
+    # the best seed: the lowest prediction loss in the mode it trained in (else the first validated)
+    mode = args.base.mode if args.base.mode in summary else modes[0]
     best = min(args.seeds, key=lambda s: predicted(runs[s][mode]) if mode in runs[s] else float("inf"))
     subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(args.out / "runs" / f"seed{best}")],
                    check=True)

@@ -289,9 +289,10 @@ def training_curves(run) -> Section:
     panels = [Panel(f"training loss ({run.cfg.stage})", "loss", [Line("loss", *column(m, "loss"), colour="black"),
                                                                 *(Line(c, *column(m, c)) for c in objectives)])]
     panels += [Panel(f"training {c}", c, [Line(c, *column(m, c), colour="black")]) for c in TRAIN_CURVES if has(m, c)]
-    if all(has(m, c) for c in NEXT_FRAME):
+    predicted = [c for c in NEXT_FRAME if has(m, c)]  # loss_coarse alone: one pass (coarse_only, the pooled baseline)
+    if "loss_coarse" in predicted:
         panels.append(Panel("next-frame prediction (training)", "loss",
-                            [Line(c, *column(m, c), colour=f"C{i}") for i, c in enumerate(NEXT_FRAME)]
+                            [Line(c, *column(m, c), colour=f"C{i}") for i, c in enumerate(predicted)]
                             + [Line(f"{c} (reference)", *column(m, c), colour=f"C{i + 2}", dashed=True)
                                for i, c in enumerate(REFERENCE_LOSSES) if has(m, c)]))
     by_mode = val_by_mode(run)
@@ -303,7 +304,7 @@ def training_curves(run) -> Section:
             panels.append(Panel(f"validation {name}{what}", name, lines))
     path = draw_panels(panels, run.out_dir / "fig1_training_curves.png", f"{run.run_dir.name}: training curves")
     notes = "Training panels: metrics.csv, one point per logged step"
-    if all(has(m, c) for c in NEXT_FRAME):
+    if "loss_coarse" in predicted:
         notes += " (dashed: the reference losses of copying frame t and of predicting the mean frame)"
     notes += (". Validation panels: val.csv, source `all`, one line per mode." if by_mode else
               ". No validation: the run has no val.csv.")
@@ -320,7 +321,9 @@ def coarse_fine_ratio(run) -> Section:
     lines += [Line(f"val {mode}", *ratio(rows), colour=MODE_COLOURS.get(mode), width=mode_width(i))
               for i, (mode, rows) in enumerate(val_by_mode(run).items()) if ratio(rows)[0]]
     if not lines:
-        return Section(f"{head}\n\nNot drawn: this run logs no `loss_coarse` / `loss_fine` (no next-frame objective).")
+        why = ("one pass, no `loss_fine` (coarse_only, or the pooled baseline)" if has(run.metrics, "loss_coarse")
+               else "no `loss_coarse` / `loss_fine` (no next-frame objective)")
+        return Section(f"{head}\n\nNot drawn: this run logs {why}.")
     path = draw_panels([Panel("loss_coarse / loss_fine", "ratio", lines, hline=(1.0, "1: fine no better"))],
                        run.out_dir / "fig2_coarse_fine_ratio.png", f"{run.run_dir.name}: coarse / fine ratio")
     last = ", ".join(f"{line.label} {line.values[-1]:.3f} (step {int(line.steps[-1])})" for line in lines)
@@ -384,8 +387,9 @@ PREDICTION_CLIPS = 3  # clips drawn in Fig. 4
 
 
 def predictions(run) -> Section:
-    """Fig. 4 (next-frame runs): frame t, the fine and the coarse prediction of frame t + 1, the actual
-    frame t + 1 (pixels targets upsampled; latents decoded through --autoencoder)."""
+    """Fig. 4 (next-frame runs): frame t, the fine and the coarse prediction of frame t + 1 (a run with
+    one pass: its prediction), the actual frame t + 1 (pixels targets upsampled; latents decoded through
+    --autoencoder)."""
     head = "## Fig. 4: next-frame predictions"
     if run.cfg.stage != "next_frame":
         return Section("")

@@ -200,6 +200,9 @@ def table(results: dict, analysis: dict, args, tasks) -> str:
     for (a, b), cells in by_pair.items():
         row = [diff_text(cells[g]) if g in cells else "–" for g in ["all", *families]]
         comparisons.append(f"| {a} − {b} | {seed_text(cells['all']['seeds'])} | " + " | ".join(row) + " |")
+    apart = [f"{a} − {b}" for a, b in pairs(list(results)) if (a, b) not in by_pair and analysis["verified"]]
+    if apart:
+        comparisons.append(f"\nNot compared (no seed in common): {', '.join(apart)}.")
     levels = ["", "| variant | " + " | ".join(f"{FAMILY_NAMES[f]}: {lv}" for f in families for lv in ("few", "many"))
               + " |", "|---|" + "---|" * (2 * len(families))]
     for name in results:

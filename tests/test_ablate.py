@@ -157,9 +157,19 @@ def test_a_comparison_pairs_runs_by_seed_and_skips_variants_that_share_none():
     assert next(c for c in by_row["comparisons"] if c["b"] == "static")["difference"] != 0
 
 
-def fake_run(run_dir: Path, steps: int, probe=True, looked=True):
-    """The files a finished run leaves (train.py's final model and val.csv, the scores)."""
+def fake_run(run_dir: Path, steps: int, probe=True, looked=True, trained=None, **keys):
+    """The files a finished run leaves (train.py's config, final model and val.csv, the scores);
+    trained: the steps its config says (default `steps`), keys: config keys (default: the variant's)."""
+    tree = {"optim": {"steps": trained or steps}}
+    for key, value in ablate.variants(8)[run_dir.parent.name][0].items():  # dotted keys -> the saved tree
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    tree.update(keys)
     (run_dir / "final").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(tree))
     (run_dir / "final" / "config.json").write_text("{}")
     (run_dir / "val.csv").write_text(f"step,source,loss\n{steps},all,0.5\n")
     for name, present in (("probe.json", probe), ("looked.json", looked)):
@@ -173,10 +183,21 @@ def test_the_report_covers_every_scored_run_in_the_folder(tmp_path):
     fake_run(runs / "static" / "seed4", 30)
     fake_run(runs / "static" / "seed1", 30, probe=False)  # trained, not scored yet
     fake_run(runs / "static" / "seed2", 20)  # trained to other steps
+    fake_run(runs / "static" / "seed5", 30, trained=60)  # a longer run, validated at 30 on the way
     fake_run(runs / "prompt_first" / "seed0", 30, looked=False)  # where it looked not scored yet
     fake_run(runs / "pooled_4" / "seed3", 30, looked=False)  # no queries: nothing to look at
-    args = argparse.Namespace(out=tmp_path, steps=30)
-    assert ablate.scored_seeds(args, ablate.variants(8)) == {"static": [0, 4], "pooled_4": [3]}
+    (runs / "static" / "seed01").mkdir()  # not a run directory of ours
+    study = ablate.StudyConfig(base="base.yaml")
+    args = argparse.Namespace(out=tmp_path, steps=30, config=Path("study.yaml"))
+    assert ablate.scored_seeds(args, study, ablate.variants(8)) == {"static": [0, 4], "pooled_4": [3]}
+    # a run of another study config (here: the vision backbone trained) is an error, not a row
+    fake_run(runs / "pooled_1" / "seed0", 30, optim={"steps": 30, "freeze": ["dino"]})
+    frozen = ablate.StudyConfig(base="base.yaml", train={"optim.freeze": "[dino]"})
+    pooled_1 = {"pooled_1": ablate.variants(8)["pooled_1"]}
+    assert ablate.scored_seeds(args, frozen, pooled_1) == {"pooled_1": [0]}
+    with pytest.raises(ablate.ConfigError, match=r"pooled_1/seed0 was trained with optim.freeze: \['dino'\], not \[\] "
+                                                 r"as study.yaml sets it"):
+        ablate.scored_seeds(args, ablate.StudyConfig(base="base.yaml", train={"optim.freeze": "[]"}), pooled_1)
 
 
 @pytest.mark.slow

@@ -100,6 +100,8 @@ def test_the_pooled_baseline_trains_next_frame_in_coarse_only(pooled, tmp_path):
     with pytest.raises(ConfigError, match="key 'mode' must be coarse_only for the pooled baseline"):
         load_config(path)
     assert load_config(path, ["mode=coarse_only"]).model.tokens_per_frame == 4
+    with pytest.raises(ConfigError, match="key 'next_frame.entropy_weight' sharpens the queries' attention"):
+        load_config(path, ["mode=coarse_only", "next_frame.entropy_weight=0.1"])
 
 
 def test_head_shape_and_size():

@@ -3,6 +3,7 @@ one next-frame run per seed trained, the improvement summarised against the refe
 report.py run on the best seed; and a config of another stage is refused before anything is made."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,16 @@ def test_the_configs_train_keys_are_checked_before_anything_is_made(tmp_path, tr
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_of_the_other_poc_config_under_out_is_an_error(tmp_path):
+    """The positive control pointed at the foveated PoC's folder: its runs are not reused as the control's."""
+    out = tmp_path / "out"
+    (out / "runs" / "seed0").mkdir(parents=True)
+    (out / "runs" / "seed0" / "config.yaml").write_text(yaml.safe_dump({"mode": "coarse_fine", "model": {}}))
+    with pytest.raises(SystemExit, match=r"seed0 was trained with mode: 'coarse_fine', not 'coarse_only' as .*pooled"):
+        poc.main(["--config", str(ROOT / "configs" / "poc_testbed_pooled.yaml"), "--out", str(out), "--seeds", "0"])
+    assert not (out / "data").exists()
+
+
 def test_over_copy_is_the_predictions_gain_over_copying(tmp_path):
     (tmp_path / "val.csv").write_text("step,source,mode,loss_fine,loss_coarse,copy_loss,mean_loss\n"
                                       "5,all,coarse_fine,0.8,0.9,1.0,2.0\n5,all,coarse_only,,0.75,1.0,2.0\n"
@@ -46,6 +57,8 @@ def test_over_copy_is_the_predictions_gain_over_copying(tmp_path):
     final = poc.final_validation(tmp_path, 5)
     assert final["coarse_fine"]["over_copy"] == pytest.approx(0.2)  # the fine pass's prediction
     assert final["coarse_only"]["over_copy"] == pytest.approx(0.25) and "loss_fine" not in final["coarse_only"]
+    (tmp_path / "val.csv").write_text("step,source,mode,loss_coarse,copy_loss,mean_loss\n5,all,coarse_only,0.1,0.0,2.0\n")
+    assert math.isnan(poc.final_validation(tmp_path, 5)["coarse_only"]["over_copy"])  # still clips: nothing to gain
 
 
 @pytest.mark.slow
