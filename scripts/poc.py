@@ -110,8 +110,9 @@ def table(runs: dict, summary: dict, args) -> str:
         against = (f"against copying frame t {s['copy_loss'][0]:.5g} (over_copy {100 * s['over_copy'][0]:+.3g} % ± "
                    f"{100 * s['over_copy'][1]:.2g} %) and the batch mean {s['mean_loss'][0]:.5g}")
         if "improvement" in s:
-            verdicts.append(f"{mode}: improvement {100 * s['improvement'][0]:+.3g} % ± {100 * s['improvement'][1]:.2g} % "
-                            f"(seeds {seeds}): {bar(s['improvement'][0])}; loss_fine {s['loss_fine'][0]:.5g} {against}")
+            gain = f"{100 * s['improvement'][0]:+.3g} % ± {100 * s['improvement'][1]:.2g} %"
+            verdicts.append(f"{mode}: improvement {gain} (seeds {seeds}): {bar(s['improvement'][0])}; "
+                            f"loss_fine {s['loss_fine'][0]:.5g} {against}")
         else:  # one pass (the pooled baseline): what the control must show is a gain over copying
             verdicts.append(f"{mode}: one pass (seeds {seeds}): loss {s['loss_coarse'][0]:.5g} {against}")
     return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
@@ -136,9 +137,10 @@ def main(argv=None) -> dict:
         if args.base.stage != "next_frame":
             raise ConfigError(f"{poc.base}: the proof of concept trains stage next_frame, not {args.base.stage!r}")
         args.steps, args.seeds = args.steps or poc.steps, list(dict.fromkeys(args.seeds or poc.seeds))
-        for seed in args.seeds:  # a run of another config under --out is an error, before any work
-            ablate.check_run(args.out / "runs" / f"seed{seed}", {"mode": args.base.mode, "model.tokens_per_frame": args.base.model.tokens_per_frame, **poc.train},
-                             args.config)
+        # what tells the PoC's runs apart: a run of another config under --out is an error, before any work
+        expected = {"mode": args.base.mode, "model.tokens_per_frame": args.base.model.tokens_per_frame, **poc.train}
+        for seed in args.seeds:
+            ablate.check_run(args.out / "runs" / f"seed{seed}", expected, args.config)
         args.dino = ablate.vision_folder(poc, args)
         args.out.mkdir(parents=True, exist_ok=True)
         data = ablate.ensure_data(args, poc)

@@ -30,7 +30,8 @@ def test_only_next_frame_configs(tmp_path):
 
 
 @pytest.mark.parametrize("train, message", [
-    ({"model.tokens_per_frame": "16", "coarse_weight": "0.0"}, "key 'mode' must be coarse_only for the pooled baseline"),
+    ({"model.tokens_per_frame": "16", "coarse_weight": "0.0"},
+     "key 'mode' must be coarse_only for the pooled baseline"),
     ({"optim.stepz": "3"}, "unknown key 'optim.stepz'"),
 ])
 def test_the_configs_train_keys_are_checked_before_anything_is_made(tmp_path, train, message):
@@ -57,7 +58,8 @@ def test_over_copy_is_the_predictions_gain_over_copying(tmp_path):
     final = poc.final_validation(tmp_path, 5)
     assert final["coarse_fine"]["over_copy"] == pytest.approx(0.2)  # the fine pass's prediction
     assert final["coarse_only"]["over_copy"] == pytest.approx(0.25) and "loss_fine" not in final["coarse_only"]
-    (tmp_path / "val.csv").write_text("step,source,mode,loss_coarse,copy_loss,mean_loss\n5,all,coarse_only,0.1,0.0,2.0\n")
+    (tmp_path / "val.csv").write_text("step,source,mode,loss_coarse,copy_loss,mean_loss\n"
+                                      "5,all,coarse_only,0.1,0.0,2.0\n")
     assert math.isnan(poc.final_validation(tmp_path, 5)["coarse_only"]["over_copy"])  # still clips: nothing to gain
 
 
