@@ -183,7 +183,8 @@ def ensure_data(args, study: StudyConfig) -> Path:
     folder = args.out / "data" / "probe"
     argv = study.probe.args(args.base.data.frame_size)
     expected = vars(make_synthetic.build_parser().parse_args(["--out", str(folder), *argv]))
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items() if k != "out"}
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()
+                if k not in make_synthetic.UNRECORDED}
     readme = folder / "README.json"
     if readme.is_file():
         if json.loads(readme.read_text())["arguments"] != expected:
@@ -191,7 +192,7 @@ def ensure_data(args, study: StudyConfig) -> Path:
                               f"use another --out")
         return folder
     print(f"making the probe in {folder}", flush=True)
-    make_synthetic.main(["--out", str(folder), *argv])
+    make_synthetic.main(["--out", str(folder), *argv, "--workers", str(os.cpu_count() or 1)])
     return folder
 
 

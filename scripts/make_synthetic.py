@@ -36,9 +36,12 @@ palette and each task's answer vocabulary. Output is byte-identical for the same
 """
 
 import argparse
+import functools
 import json
+import multiprocessing
 import random
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw
@@ -60,6 +63,7 @@ DEFAULT_TASKS = ("colour", "shape", "motion")
 NAMED = 4  # qshape's coloured candidates
 SPLITS = ("alignment", "sft", "dpo", "eval", "text", "val_alignment", "val_sft", "val_dpo")
 SHARD_SAMPLES = 500
+UNRECORDED = ("out", "workers")  # arguments that do not change the output, left out of README.json
 JPEG_QUALITY = 90  # object centres stay within ~20 levels of their palette colour (~35 at 10 px)
 MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
 WORDS = ("apple", "river", "candle", "garden", "window", "planet", "silver", "forest", "pencil", "basket",
@@ -331,21 +335,27 @@ def split_sizes(size, held_out=None):
             "val_alignment": held_out, "val_sft": held_out, "val_dpo": held_out}
 
 
-def write_split(out, split, split_seed, count, args):
-    """Write one split; returns {task: count}. Each sample draws from its own sub-seeded Random, so a
-    sample does not depend on the ones before it (a larger --size only appends samples)."""
+def make_sample(split, split_seed, args, i):
+    """Sample i of a split: (task, {extension: data}). It draws from its own sub-seeded Random, so it does
+    not depend on the samples before it (a larger --size only appends samples; workers may draw it)."""
+    rng = random.Random(split_seed * 2**32 + i)
+    if split == "text":
+        kind, question, answer = text_sample(rng)
+        return "text", {"json": {
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "source": "synthetic/text", "meta": {"task": "text", "kind": kind}}}
+    task = args.tasks[i % len(args.tasks)]
+    return task, video_sample(split, rng, task, args)
+
+
+def write_split(out, split, split_seed, count, args, pool=None):
+    """Write one split; returns {task: count}. With a pool its workers draw the samples and this process
+    writes them in order, so the shards are the same bytes as without one."""
     counts = {}
+    draw = functools.partial(make_sample, split, split_seed, args)
+    samples = pool.imap(draw, range(count), chunksize=32) if pool else map(draw, range(count))
     with ShardWriter(out / split, prefix=split, max_samples=SHARD_SAMPLES) as writer:
-        for i in range(count):
-            rng = random.Random(split_seed * 2**32 + i)
-            if split == "text":
-                kind, question, answer = text_sample(rng)
-                task, files = "text", {"json": {
-                    "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-                    "source": "synthetic/text", "meta": {"task": "text", "kind": kind}}}
-            else:
-                task = args.tasks[i % len(args.tasks)]
-                files = video_sample(split, rng, task, args)
+        for i, (task, files) in enumerate(samples):
             writer.write(f"{split}-{i:06d}", files)
             counts[task] = counts.get(task, 0) + 1
     return counts
@@ -369,12 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--held-out", type=int, help="samples in eval and in each val split "
                                                      "(default max(100, size // 10))")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="the splits to write")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes drawing clips (the output does not depend on it)")
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("need --workers >= 1")
     if args.size < 1 or args.frames < 2 or args.frame_size < 96 or (args.held_out is not None and args.held_out < 1):
         parser.error("need --size >= 1, --held-out >= 1, --frames >= 2 (for motion), --frame-size >= 96 "
                      "(room for 13 objects)")
@@ -386,10 +400,13 @@ def main(argv=None):
         parser.error(f"{args.out / stale[0]} already holds shards; choose an empty --out")
     master = random.Random(args.seed)
     split_seeds = {split: master.getrandbits(64) for split in SPLITS}  # independent clips per split
-    counts = {split: write_split(args.out, split, split_seeds[split], n, args)
-              for split, n in split_sizes(args.size, args.held_out).items() if split in args.splits}
-    # --out is left out so that the whole folder is byte-identical wherever it is generated
-    summary = {"description": __doc__, "arguments": {k: v for k, v in vars(args).items() if k != "out"},
+    sizes = {split: n for split, n in split_sizes(args.size, args.held_out).items() if split in args.splits}
+    # spawn, not fork: a caller (scripts/ablate.py) may hold torch's threads, which a fork would copy mid-state
+    with multiprocessing.get_context("spawn").Pool(args.workers) if args.workers > 1 else nullcontext() as pool:
+        counts = {split: write_split(args.out, split, split_seeds[split], n, args, pool) for split, n in sizes.items()}
+    # the folder and the worker count are left out, so that the whole folder is byte-identical wherever and
+    # however it is generated
+    summary = {"description": __doc__, "arguments": {k: v for k, v in vars(args).items() if k not in UNRECORDED},
                "counts": counts, "palette": PALETTE, "grey": GREY, "shapes": SHAPES, "directions": list(DIRECTIONS),
                "vocabulary": {task: vocabulary(task) for task in args.tasks}, "shard_samples": SHARD_SAMPLES,
                "jpeg_quality": JPEG_QUALITY}

@@ -5,6 +5,8 @@ target-coloured centroid) rather than against the generator's own variables."""
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +260,18 @@ def test_deterministic_and_seeded(tmp_path):
     # samples are sub-seeded one by one: a larger --size appends to the same samples
     d = generate(tmp_path / "d", "--size", "9", *args[2:])
     assert load(d, "sft")[:6] == load(a, "sft")
+
+
+def test_workers_write_the_same_bytes(tmp_path):
+    # through the command line, as scripts/ablate.py's probe is made: the spawned workers import the script
+    args = ["--size", "70", "--held-out", "5", "--frames", "2", "--frame-size", "96", "--splits", "sft", "text"]
+    one = generate(tmp_path / "one", *args)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic.py"), "--out", str(tmp_path / "two"),
+                    *args, "--workers", "2"], check=True, capture_output=True)
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert len(files) == 3 and all((one / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
+    assert len(load(one, "sft")) == 70
 
 
 def test_refuses_to_mix_with_existing_shards(tmp_path):
