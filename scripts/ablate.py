@@ -7,6 +7,7 @@ loss and where its queries look.
     python scripts/ablate.py --config configs/study_cpu.yaml --out runs/study            # the grid
     python scripts/ablate.py --config configs/study_cpu.yaml --out runs/study --quick    # a first look
     python scripts/ablate.py --config configs/study_cpu.yaml --out runs/study --variants pooled_64 --seeds 0
+    python scripts/ablate.py --config configs/study_cpu.yaml --out runs/study --report-only  # after a stop
 
 The study config (StudyConfig; every key checked): `base` (the train config every run shares, relative
 to the study file), `steps`, `seeds`, `variants`, `quick` (the variants of --quick), `probe`
@@ -274,7 +275,7 @@ def run_one(args, study, data: Path, bench_root: Path, name: str, keys: dict, mo
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
         if not finished(run_dir, args.steps):
-            print(f"training {name} seed {seed}", flush=True)
+            print(f"training {name} seed {seed}\n", end="", flush=True)  # one write: the jobs' lines stay whole
             cmd = [sys.executable, str(ROOT / "train.py"), "--config", study.base,
                    *overrides(args, study, data, run_dir, seed, keys, mode)]
             subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -367,6 +368,8 @@ def parse_args(argv):
     parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: the config's)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (each with cores / jobs threads)")
     parser.add_argument("--limit", type=int, help="score only the first N probe questions (default: all)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and score nothing: report every finished run in --out (a grid stopped early)")
     args = parser.parse_args(argv)
     try:
         study = load_study(args.config)
@@ -404,7 +407,7 @@ def main(argv=None) -> dict:
         (bench_root / "synthetic").symlink_to(data.resolve())
     start = time.perf_counter()
     # seed-major: a grid stopped early has every variant at the first seeds
-    jobs = [(name, *grid[name], seed) for seed in args.seeds for name in args.variants]
+    jobs = [] if args.report_only else [(name, *grid[name], seed) for seed in args.seeds for name in args.variants]
     with ThreadPoolExecutor(args.jobs) as pool:
         for f in [pool.submit(run_one, args, study, data, bench_root, *job) for job in jobs]:
             f.result()

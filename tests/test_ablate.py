@@ -6,6 +6,7 @@ a rerun resumes without training anything again."""
 import argparse
 import json
 import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -233,3 +234,9 @@ def test_a_tiny_study_runs_scores_and_resumes(tmp_path):
     assert final.stat().st_mtime_ns == before and again["variants"]["coarse_fine"]["runs"] == fine["runs"]
     one = ablate.main(args + ["--variants", "pooled_4", "--seeds", "0"])  # a call for one cell reports them all
     assert one["seeds"] == {"coarse_fine": [0, 1], "pooled_4": [0, 1]} and one["variants"] == again["variants"]
+    shutil.rmtree(study / "runs" / "pooled_4" / "seed1")  # as if a grid were stopped before this run finished
+    (study / "results.json").unlink()
+    only = ablate.main(args + ["--report-only"])  # the report on what finished; nothing trained again
+    assert only["seeds"] == {"coarse_fine": [0, 1], "pooled_4": [0]}
+    assert not (study / "runs" / "pooled_4" / "seed1").exists()
+    assert only["variants"]["coarse_fine"] == again["variants"]["coarse_fine"] and (study / "results.json").is_file()
