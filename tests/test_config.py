@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # configs that describe a study over train configs (their `base`), not a train run: script and dataclass
 STUDY_CONFIGS = {"study_cpu.yaml": ("ablate", "StudyConfig"), "study_gpu.yaml": ("ablate", "StudyConfig"),
                  "study_cpu_dino.yaml": ("ablate", "StudyConfig"),
-                 "poc_testbed.yaml": ("poc", "PocConfig"), "poc_testbed_pooled.yaml": ("poc", "PocConfig")}
+                 **{f"poc_testbed{kind}.yaml": ("poc", "PocConfig")
+                    for kind in ("", "_pooled", "_4frames", "_4frames_pooled")}}
 MINIMAL = {"stage": "sft", "run_dir": "runs/x", "data": {"train": [{"name": "a", "shards": "a/*.tar"}]}}
 
 
