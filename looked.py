@@ -188,9 +188,9 @@ def draw_looked(path, frames: torch.Tensor, attention: dict, boxes_scaled, title
                 ax.set_title(f"frame {t + 1}/{t_total}", fontsize=9)
             if t == 0:
                 ax.set_ylabel(name, fontsize=9)
-    if len(rows) > 1:
-        fig.colorbar(plt.cm.ScalarMappable(plt.Normalize(0, vmax), CMAP), ax=axes[1:].ravel().tolist(), shrink=0.8,
-                     label="attention (last block, mean over heads)")
+    if len(rows) > 1:  # the label in three short lines: beside a single row a one-line label was cut off
+        fig.colorbar(plt.cm.ScalarMappable(plt.Normalize(0, vmax), CMAP), ax=axes[1:].ravel().tolist(),
+                     shrink=0.8 if len(rows) > 2 else 1.0, label="attention\n(last block,\nmean over heads)")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -32,7 +32,7 @@ from shards import expand, read_samples  # noqa: E402
 
 FAMILY_NAMES = {"content": "content-findable", "question": "question-dependent", "history": "history-dependent"}
 FEW = 3  # other objects in a clip: at most FEW is "few", more is "many"
-DIFFICULTY_VARIANTS = ("static", "prompt_first", "autoregressive", "pooled_1", "pooled_16", "pooled_64")
+DIFFICULTY_VARIANTS = ("static", "coarse_fine", "prompt_first", "autoregressive", "pooled_1", "pooled_16", "pooled_64")
 # the clips drawn for attention: the first of each of these tasks, as each run's looked.json stores them
 DRAWN_TASKS = ("qcolour", "qshape", "mcolour")
 # the probe check: what the full-grid baseline must reach on held-out clips (mean over seeds) before a
