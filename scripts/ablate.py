@@ -183,9 +183,7 @@ def ensure_data(args, study: StudyConfig) -> Path:
     """The probe folder (a make_synthetic output); made when absent, refused when made otherwise."""
     folder = args.out / "data" / "probe"
     argv = study.probe.args(args.base.data.frame_size)
-    expected = vars(make_synthetic.build_parser().parse_args(["--out", str(folder), *argv]))
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()
-                if k not in make_synthetic.UNRECORDED}
+    expected = make_synthetic.recorded(make_synthetic.build_parser().parse_args(["--out", str(folder), *argv]))
     readme = folder / "README.json"
     if readme.is_file():
         if json.loads(readme.read_text())["arguments"] != expected:

@@ -361,6 +361,12 @@ def write_split(out, split, split_seed, count, args, pool=None):
     return counts
 
 
+def recorded(args: argparse.Namespace) -> dict:
+    """The arguments README.json records (as JSON reads them back), without those that do not change the
+    output: what a caller compares to decide whether a folder holds the dataset it asks for."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k not in UNRECORDED}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder (its split folders must hold no shards)")
@@ -406,7 +412,7 @@ def main(argv=None):
         counts = {split: write_split(args.out, split, split_seeds[split], n, args, pool) for split, n in sizes.items()}
     # the folder and the worker count are left out, so that the whole folder is byte-identical wherever and
     # however it is generated
-    summary = {"description": __doc__, "arguments": {k: v for k, v in vars(args).items() if k not in UNRECORDED},
+    summary = {"description": __doc__, "arguments": recorded(args),
                "counts": counts, "palette": PALETTE, "grey": GREY, "shapes": SHAPES, "directions": list(DIRECTIONS),
                "vocabulary": {task: vocabulary(task) for task in args.tasks}, "shard_samples": SHARD_SAMPLES,
                "jpeg_quality": JPEG_QUALITY}

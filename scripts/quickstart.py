@@ -46,8 +46,7 @@ CHANCE = (1 / len(make_synthetic.PALETTE) + 1 / len(make_synthetic.SHAPES) + 1 /
 
 def ensure_data():
     readme = DATA / "README.json"
-    expected = vars(make_synthetic.build_parser().parse_args(["--out", str(DATA), *SYNTHETIC_ARGS]))
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items() if k != "out"}
+    expected = make_synthetic.recorded(make_synthetic.build_parser().parse_args(["--out", str(DATA), *SYNTHETIC_ARGS]))
     if readme.is_file():
         if json.loads(readme.read_text())["arguments"] != expected:
             sys.exit(f"{DATA} holds a synthetic dataset made with other settings; move it away or delete it")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_script
 from media import decode_image
 from shards import expand, read_samples
 
@@ -272,6 +273,19 @@ def test_workers_write_the_same_bytes(tmp_path):
     assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
     assert len(files) == 3 and all((one / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
     assert len(load(one, "sft")) == 70
+    # what callers (ablate.py, quickstart.py) compare to reuse a folder: the same for either worker count
+    readme = json.loads((one / "README.json").read_text())["arguments"]
+    for workers in ("1", "2"):
+        argv = ["--out", "elsewhere", *args, "--workers", workers]
+        assert make_synthetic.recorded(make_synthetic.build_parser().parse_args(argv)) == readme
+
+
+def test_the_quickstart_reuses_its_dataset(tmp_path, monkeypatch, capsys):
+    quickstart = load_script("quickstart")
+    monkeypatch.setattr(quickstart, "DATA", tmp_path / "synthetic")
+    quickstart.ensure_data()
+    quickstart.ensure_data()  # a second run finds the folder it made (not "made with other settings")
+    assert capsys.readouterr().out.rstrip().endswith("(already there)")
 
 
 def test_refuses_to_mix_with_existing_shards(tmp_path):
