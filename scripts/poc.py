@@ -3,7 +3,8 @@ clips (scripts/make_synthetic.py), pretrains the vision backbone (scripts/pretra
 the study does), trains stage next_frame once per seed from the config's base, and reports the final
 validation of every mode: loss_fine (the LLM-chosen queries), loss_coarse (the static query), the
 improvement (coarse - fine) / coarse against the guide's bar (5-15 % solid, > 15 % strong), the copy and
-batch-mean references, and (a model with queries) the static and dynamic attention entropy; then
+batch-mean references, and (a model with queries) the static and dynamic attention entropy, each as the
+mean over seeds with its 95 % t interval (intervals.over_seeds); then
 scripts/report.py on the best seed's run (its figures: learning curves, where the queries looked,
 predictions).
 
@@ -23,6 +24,7 @@ finished runs are kept. Writes table.md and results.json under --out.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import ablate  # noqa: E402
+import intervals  # noqa: E402
 import pretrain_vision  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 
@@ -103,19 +106,30 @@ def table(runs: dict, summary: dict, args) -> str:
             v = runs[seed].get(mode, {})
             lines.append(f"| {mode} | {seed} | " + " | ".join(f"{v[m]:.5g}" if m in v else "–" for m in METRICS) + " |")
         lines.append(f"| {mode} | mean ± std | " + " | ".join(
-            f"{per_seed[m][0]:.5g} ± {per_seed[m][1]:.2g}" if m in per_seed else "–" for m in METRICS) + " |")
+            f"{per_seed[m]['mean']:.5g} ± {per_seed[m]['std']:.2g}" if m in per_seed else "–" for m in METRICS) + " |")
+        if len(args.seeds) > 1:
+            lines.append(f"| {mode} | 95 % interval | " + " | ".join(
+                f"[{per_seed[m]['low']:.5g}, {per_seed[m]['high']:.5g}]" if m in per_seed else "–" for m in METRICS) + " |")
     seeds = ", ".join(map(str, args.seeds))
     verdicts = []
     for mode, s in ((m, s) for m, s in summary.items() if "over_copy" in s):  # modes every seed validated
-        against = (f"against copying frame t {s['copy_loss'][0]:.5g} (over_copy {100 * s['over_copy'][0]:+.3g} % ± "
-                   f"{100 * s['over_copy'][1]:.2g} %) and the batch mean {s['mean_loss'][0]:.5g}")
+        against = (f"against copying frame t {s['copy_loss']['mean']:.5g} (over_copy {percent(s['over_copy'])}) and "
+                   f"the batch mean {s['mean_loss']['mean']:.5g}")
         if "improvement" in s:
-            gain = f"{100 * s['improvement'][0]:+.3g} % ± {100 * s['improvement'][1]:.2g} %"
-            verdicts.append(f"{mode}: improvement {gain} (seeds {seeds}): {bar(s['improvement'][0])}; "
-                            f"loss_fine {s['loss_fine'][0]:.5g} {against}")
+            verdicts.append(f"{mode}: improvement {percent(s['improvement'])} (seeds {seeds}): "
+                            f"{bar(s['improvement']['mean'])}; loss_fine {s['loss_fine']['mean']:.5g} {against}")
         else:  # one pass (the pooled baseline): what the control must show is a gain over copying
-            verdicts.append(f"{mode}: one pass (seeds {seeds}): loss {s['loss_coarse'][0]:.5g} {against}")
-    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
+            verdicts.append(f"{mode}: one pass (seeds {seeds}): loss {s['loss_coarse']['mean']:.5g} {against}")
+    note = ("95 % interval: Student's t over the seeds' final validations (training noise; the held-out clips are "
+            "the same for every seed)." if len(args.seeds) > 1 else "One seed: no interval.")
+    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n\n" + note + "\n"
+
+
+def percent(ci: dict) -> str:
+    """A fraction's mean over seeds in percent, with its 95 % interval when there is one."""
+    if math.isnan(ci["low"]):  # one seed
+        return f"{100 * ci['mean']:+.3g} %"
+    return f"{100 * ci['mean']:+.3g} % [{100 * ci['low']:+.3g}, {100 * ci['high']:+.3g}]"
 
 
 def main(argv=None) -> dict:
@@ -148,7 +162,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"poc.py: error: {e}") from None
     runs = {seed: final_validation(train_seed(args, poc, data, seed), args.steps) for seed in args.seeds}
     modes = sorted({mode for r in runs.values() for mode in r})
-    summary = {mode: {m: ablate.spread([runs[s][mode][m] for s in args.seeds]) for m in METRICS
+    summary = {mode: {m: intervals.over_seeds([runs[s][mode][m] for s in args.seeds]) for m in METRICS
                       if all(m in runs[s].get(mode, {}) for s in args.seeds)} for mode in modes}
     # the best seed: the lowest prediction loss in the mode it trained in (else the first validated)
     mode = args.base.mode if args.base.mode in summary else modes[0]

@@ -2,6 +2,7 @@
 one next-frame run per seed trained, the improvement summarised against the references and the bar, and
 report.py run on the best seed; and a config of another stage is refused before anything is made."""
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -63,6 +64,23 @@ def test_over_copy_is_the_predictions_gain_over_copying(tmp_path):
     assert math.isnan(poc.final_validation(tmp_path, 5)["coarse_only"]["over_copy"])  # still clips: nothing to gain
 
 
+def test_the_table_gives_each_mean_with_its_interval_over_seeds():
+    """Three seeds of a foveated run: the verdict states the improvement's mean and t interval in percent,
+    and the interval row the same numbers as intervals.over_seeds."""
+    improvements = {0: 0.01, 1: 0.02, 2: 0.03}
+    runs = {s: {"coarse_fine": {"loss_fine": 1 - i, "loss_coarse": 1.0, "improvement": i, "copy_loss": 1.0,
+                                "mean_loss": 2.0, "over_copy": i}} for s, i in improvements.items()}
+    summary = {"coarse_fine": {m: poc.intervals.over_seeds([runs[s]["coarse_fine"][m] for s in runs])
+                               for m in runs[0]["coarse_fine"]}}
+    text = poc.table(runs, summary, argparse.Namespace(seeds=[0, 1, 2]))
+    half = 100 * poc.intervals.t_quantile(0.975, 2) * 0.01 / math.sqrt(3)  # std 0.01 over 3 seeds
+    assert f"improvement +2 % [{2 - half:+.3g}, {2 + half:+.3g}] (seeds 0, 1, 2): below the guide's 5 %" in text
+    assert f"| coarse_fine | 95 % interval | [{0.98 - half / 100:.5g}, {0.98 + half / 100:.5g}]" in text  # loss_fine's row
+    one = poc.table({0: runs[0]}, {"coarse_fine": {m: poc.intervals.over_seeds([v]) for m, v in
+                                                   runs[0]["coarse_fine"].items()}}, argparse.Namespace(seeds=[0]))
+    assert "improvement +1 % (seeds 0)" in one and "95 % interval" not in one.split("\n\n")[0]
+
+
 @pytest.mark.slow
 def test_a_tiny_poc_runs_and_reports(tmp_path):
     base = (ROOT / "configs" / "poc_testbed_train.yaml").read_text().replace("random:small", "random:tiny")
@@ -75,7 +93,7 @@ def test_a_tiny_poc_runs_and_reports(tmp_path):
     assert set(report["runs"]) == {0, 1} and report["vision"].startswith(str(tmp_path / "backbones"))
     fine = report["summary"]["coarse_fine"]
     assert {"loss_fine", "loss_coarse", "improvement", "copy_loss", "mean_loss"} <= set(fine)
-    mean = fine["improvement"][0]  # the summary is the mean over the seeds of each run's final validation
+    mean = fine["improvement"]["mean"]  # the summary is the mean over the seeds of each run's final validation
     runs = [report["runs"][s]["coarse_fine"] for s in (0, 1)]
     assert mean == pytest.approx(sum(r["improvement"] for r in runs) / 2)
     for r in runs:
@@ -94,5 +112,5 @@ def test_a_tiny_poc_runs_and_reports(tmp_path):
     one = pooled["summary"]["coarse_only"]
     assert "improvement" not in one and "loss_fine" not in one
     run = pooled["runs"][0]["coarse_only"]
-    assert one["over_copy"][0] == pytest.approx((run["copy_loss"] - run["loss_coarse"]) / run["copy_loss"])
+    assert one["over_copy"]["mean"] == pytest.approx((run["copy_loss"] - run["loss_coarse"]) / run["copy_loss"])
     assert "coarse_only: one pass (seeds 0): loss" in (tmp_path / "pooled" / "table.md").read_text()
