@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIGS = {"study_cpu.yaml": ("ablate", "StudyConfig"), "study_gpu.yaml": ("ablate", "StudyConfig"),
                  "study_cpu_dino.yaml": ("ablate", "StudyConfig"),
                  **{f"poc_testbed{kind}.yaml": ("poc", "PocConfig")
-                    for kind in ("", "_pooled", "_4frames", "_4frames_pooled")}}
+                    for kind in ("", "_pooled", "_4frames", "_4frames_pooled", "_4frames_pooled1")}}
 MINIMAL = {"stage": "sft", "run_dir": "runs/x", "data": {"train": [{"name": "a", "shards": "a/*.tar"}]}}
 
 
