@@ -42,6 +42,21 @@ def test_shipped_configs_load(path):
     assert cfg.to_dict()["stage"] in ("alignment", "sft", "dpo", "next_frame")
 
 
+# the PoC's controls and the foveated config each compares with: a control means something only on the same
+# clips, backbone, base, steps and seeds, and each control file repeats those blocks
+POC_CONTROLS = {"poc_testbed_pooled.yaml": "poc_testbed.yaml",
+                "poc_testbed_4frames_pooled.yaml": "poc_testbed_4frames.yaml",
+                "poc_testbed_4frames_pooled1.yaml": "poc_testbed_4frames.yaml"}
+
+
+@pytest.mark.parametrize("control", sorted(POC_CONTROLS))
+def test_poc_controls_match_their_foveated_config(control):
+    load = lambda name: yaml.safe_load((ROOT / "configs" / name).read_text())  # noqa: E731
+    ours, theirs = load(control), load(POC_CONTROLS[control])
+    for key in ("base", "steps", "seeds", "probe", "vision"):
+        assert ours.get(key) == theirs.get(key), f"{control}: '{key}' differs from {POC_CONTROLS[control]}'s"
+
+
 def test_published_recipe_values():
     s1 = load_config(ROOT / "configs" / "stage1_135M.yaml")
     assert (s1.optim.schedule, s1.optim.lr, s1.optim.target_lr) == ("converging", {"connector": 1e-3, "dino": 1e-5,
