@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIGS = {"study_cpu.yaml": ("ablate", "StudyConfig"), "study_gpu.yaml": ("ablate", "StudyConfig"),
                  "study_cpu_dino.yaml": ("ablate", "StudyConfig"),
                  **{f"poc_testbed{kind}.yaml": ("poc", "PocConfig")
-                    for kind in ("", "_pooled", "_4frames", "_4frames_pooled", "_4frames_pooled1")}}
+                    for kind in ("", "_pooled", "_4frames", "_4frames_pooled", "_4frames_pooled1",
+                                 "_4frames_pooled4")}}
 MINIMAL = {"stage": "sft", "run_dir": "runs/x", "data": {"train": [{"name": "a", "shards": "a/*.tar"}]}}
 
 
@@ -46,7 +47,8 @@ def test_shipped_configs_load(path):
 # clips, backbone, base, steps and seeds, and each control file repeats those blocks
 POC_CONTROLS = {"poc_testbed_pooled.yaml": "poc_testbed.yaml",
                 "poc_testbed_4frames_pooled.yaml": "poc_testbed_4frames.yaml",
-                "poc_testbed_4frames_pooled1.yaml": "poc_testbed_4frames.yaml"}
+                "poc_testbed_4frames_pooled1.yaml": "poc_testbed_4frames.yaml",
+                "poc_testbed_4frames_pooled4.yaml": "poc_testbed_4frames.yaml"}
 
 
 @pytest.mark.parametrize("control", sorted(POC_CONTROLS))
